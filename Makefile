@@ -1,0 +1,40 @@
+# The only entry point: CI and the README call these targets and nothing else.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all lint typecheck bench docs clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# Install the CPU build of torch first when none is importable: an unpinned torch
+	# would pull a CUDA build of several GB.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[dev,tensorboard]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/diloco-island --config configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check diloco islands tests bench examples
+	$(BIN)/ruff format --check diloco islands tests bench examples
+
+typecheck: $(STAMP)
+	$(BIN)/mypy diloco islands
+
+bench: $(STAMP)
+	$(BIN)/python bench/baselines.py
+
+docs: $(STAMP)
+	$(BIN)/python -m diloco.config.docs > docs/config.md
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache .mypy_cache

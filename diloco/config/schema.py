@@ -1,0 +1,296 @@
+"""The one typed schema of every option: each component owns a small config dataclass.
+
+`IslandConfig` composes them. omegaconf turns it into a structured config, so YAML files and
+dotted overrides are checked against these types (unknown keys, wrong types); the
+`__post_init__` checks, run by `OmegaConf.to_object`, refuse impossible values and name the
+YAML path. The string under each field is its documentation: `docs/config.md` is generated
+from it (`make docs`), so write the unit and the paper's symbol there.
+
+Paper: DiLoCo, Douillard et al. 2023, https://arxiv.org/abs/2311.08105
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from diloco.errors import ConfigError
+
+
+class Device(enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(enum.Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Progress(enum.Enum):
+    auto = "auto"
+    bar = "bar"
+    lines = "lines"
+    none = "none"
+
+
+class TransportKind(enum.Enum):
+    local = "local"
+    torch = "torch"
+    grpc = "grpc"
+    hivemind = "hivemind"
+
+
+class TorchBackend(enum.Enum):
+    auto = "auto"
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class CodecName(enum.Enum):
+    none = "none"
+
+
+class SelectorName(enum.Enum):
+    uniform = "uniform"
+
+
+class TokenDtype(enum.Enum):
+    uint16 = "uint16"
+    uint32 = "uint32"
+
+
+def _require(ok: bool, key: str, expected: str, got: object) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {expected}, got {got!r}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    dir: str = "runs/default"
+    """Output directory: metrics.jsonl, summary.json, checkpoints/ (see docs/output.md)."""
+    seed: int = 0
+    """Seed of model initialisation and of every island's data stream."""
+    device: Device = Device.auto
+    """auto (cuda when available, else cpu), cpu or cuda."""
+    precision: Precision = Precision.auto
+    """Inner-loop compute precision: auto (bf16 autocast on cuda, fp32 on cpu), fp32, bf16.
+    Parameters, optimizer state and everything the outer loop touches stay fp32."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every this many outer rounds (0: only at the end of the run)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep on disk."""
+    resume: bool = True
+    """Resume from the newest checkpoint in run.dir when there is one."""
+    progress: Progress = Progress.auto
+    """auto (a bar on a terminal, plain lines otherwise), bar, lines or none."""
+    tensorboard: bool = False
+    """Also write TensorBoard events to run.dir/tensorboard (needs the tensorboard package)."""
+    threads: int = 0
+    """torch intra-op threads on cpu (0: leave torch's default)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.dir), "run.dir", "a non-empty path", self.dir)
+        _require(self.checkpoint_every >= 0, "run.checkpoint_every", ">= 0", self.checkpoint_every)
+        _require(self.keep_checkpoints >= 1, "run.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        _require(self.threads >= 0, "run.threads", ">= 0", self.threads)
+
+
+@dataclass(kw_only=True)
+class TorchTransportConfig:
+    init_method: str = "env://"
+    """torch.distributed rendezvous: env:// (torchrun's MASTER_ADDR/PORT), tcp://host:port or
+    file:///shared/path."""
+    backend: TorchBackend = TorchBackend.auto
+    """auto (nccl on cuda, gloo on cpu), gloo or nccl."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for the slowest island before the run fails."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.init_method.startswith(("env://", "tcp://", "file://")),
+            "transport.torch.init_method",
+            "env://, tcp://host:port or file:///path",
+            self.init_method,
+        )
+        _require(self.timeout_s > 0, "transport.torch.timeout_s", "> 0", self.timeout_s)
+
+
+@dataclass(kw_only=True)
+class TransportConfig:
+    kind: TransportKind = TransportKind.local
+    """local (all islands in this process), torch (one process per island)."""
+    islands: int = 1
+    """Number of islands in the group (k in the paper; the world size for torch)."""
+    rank: int = -1
+    """This island's index in [0, islands) for multi-process kinds; -1: read torchrun's RANK."""
+    torch: TorchTransportConfig = field(default_factory=TorchTransportConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.islands >= 1, "transport.islands", ">= 1", self.islands)
+        _require(self.rank >= -1, "transport.rank", ">= -1", self.rank)
+        if self.rank >= self.islands:
+            raise ConfigError(
+                f"transport.rank must be in [0, transport.islands={self.islands}), got {self.rank}"
+            )
+        if self.kind in (TransportKind.grpc, TransportKind.hivemind):
+            raise ConfigError(
+                f"transport.kind {self.kind.value!r} is not available yet (issues #4, #5); "
+                "use local or torch"
+            )
+
+
+@dataclass(kw_only=True)
+class OuterConfig:
+    rounds: int = 10
+    """Outer rounds to run (T in the paper)."""
+    inner_steps: int = 50
+    """Inner AdamW steps between two synchronisations (H in the paper)."""
+    lr: float = 0.7
+    """Outer learning rate (the paper's best: 0.7)."""
+    momentum: float = 0.9
+    """Outer momentum mu in [0, 1) (the paper's best: 0.9)."""
+    nesterov: bool = True
+    """Nesterov momentum for the outer SGD step."""
+    codec: CodecName = CodecName.none
+    """How pseudo-gradients travel: none (fp32)."""
+    reset_inner_optimizer: bool = False
+    """Reset the inner AdamW state at every round (the paper keeps it)."""
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "outer.rounds", ">= 1", self.rounds)
+        _require(self.inner_steps >= 1, "outer.inner_steps", ">= 1 (H)", self.inner_steps)
+        _require(self.lr > 0, "outer.lr", "> 0", self.lr)
+        _require(0 <= self.momentum < 1, "outer.momentum", "in [0, 1)", self.momentum)
+
+
+@dataclass(kw_only=True)
+class InnerConfig:
+    lr: float = 4e-4
+    """Peak inner AdamW learning rate (the paper: 4e-4)."""
+    warmup_steps: int = 1000
+    """Linear warm-up, in inner steps (the paper: 1000)."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at lr * min_lr_ratio after outer.rounds * outer.inner_steps steps."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (the paper: 0.1)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2 (the paper: 0.95)."""
+    grad_clip: float = 1.0
+    """Clip the gradient's global norm to this (0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "inner.lr", "> 0", self.lr)
+        _require(self.warmup_steps >= 0, "inner.warmup_steps", ">= 0", self.warmup_steps)
+        _require(0 <= self.min_lr_ratio <= 1, "inner.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        _require(self.weight_decay >= 0, "inner.weight_decay", ">= 0", self.weight_decay)
+        _require(0 <= self.beta1 < 1, "inner.beta1", "in [0, 1)", self.beta1)
+        _require(0 <= self.beta2 < 1, "inner.beta2", "in [0, 1)", self.beta2)
+        _require(self.grad_clip >= 0, "inner.grad_clip", ">= 0", self.grad_clip)
+
+
+@dataclass(kw_only=True)
+class SelectorConfig:
+    name: SelectorName = SelectorName.uniform
+    """Which examples of the stream the inner loop trains on: uniform (all of them)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    name: str = "stdlib"
+    """stdlib (the running Python's standard-library sources), text (data.path is a text
+    file), tokens (data.path is a nanoGPT-style .bin token file) or module:factory."""
+    path: str = ""
+    """The training file for text and tokens."""
+    val_path: str = ""
+    """A separate validation file; empty: the last data.val_fraction of data.path."""
+    val_fraction: float = 0.02
+    """Share held out for validation: of the files for stdlib, of the tokens otherwise."""
+    token_dtype: TokenDtype = TokenDtype.uint16
+    """Element type of a tokens file: uint16 or uint32."""
+    batch_size: int = 16
+    """Sequences per inner step, per island."""
+    seq_len: int = 128
+    """Tokens per sequence (the model's context)."""
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for a module:factory data source (its own options)."""
+
+    def __post_init__(self) -> None:
+        known = ("stdlib", "text", "tokens")
+        _require(
+            self.name in known or ":" in self.name,
+            "data.name",
+            "stdlib, text, tokens or module:factory",
+            self.name,
+        )
+        if self.name in ("text", "tokens") and not self.path:
+            raise ConfigError(f"data.path must name a file when data.name is {self.name!r}")
+        _require(0 < self.val_fraction < 1, "data.val_fraction", "in (0, 1)", self.val_fraction)
+        _require(self.batch_size >= 1, "data.batch_size", ">= 1", self.batch_size)
+        _require(self.seq_len >= 1, "data.seq_len", ">= 1", self.seq_len)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "gpt"
+    """gpt (the built-in small GPT) or module:factory returning an nn.Module whose forward
+    on a batch returns the scalar loss."""
+    n_layer: int = 4
+    """GPT: transformer blocks."""
+    n_head: int = 4
+    """GPT: attention heads per block."""
+    d_model: int = 128
+    """GPT: width of the residual stream."""
+    vocab_size: int = 256
+    """GPT: vocabulary size (256 for byte-level data)."""
+    dropout: float = 0.0
+    """GPT: dropout probability."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for a module:factory model."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.name == "gpt" or ":" in self.name, "model.name", "gpt or module:factory", self.name
+        )
+        _require(self.n_layer >= 1, "model.n_layer", ">= 1", self.n_layer)
+        _require(self.n_head >= 1, "model.n_head", ">= 1", self.n_head)
+        if self.d_model < 1 or self.d_model % self.n_head:
+            raise ConfigError(
+                f"model.d_model must be a positive multiple of model.n_head={self.n_head}, "
+                f"got {self.d_model}"
+            )
+        _require(self.vocab_size >= 2, "model.vocab_size", ">= 2", self.vocab_size)
+        _require(0 <= self.dropout < 1, "model.dropout", "in [0, 1)", self.dropout)
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 1
+    """Evaluate the shared parameters every this many rounds (0: only at the end)."""
+    batches: int = 8
+    """Validation batches (of data.batch_size sequences) per evaluation."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", ">= 0", self.every)
+        _require(self.batches >= 1, "eval.batches", ">= 1", self.batches)
+
+
+@dataclass(kw_only=True)
+class IslandConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.run.device is Device.cpu and self.transport.torch.backend is TorchBackend.nccl:
+            raise ConfigError("transport.torch.backend nccl needs run.device cuda or auto")

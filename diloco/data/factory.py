@@ -1,0 +1,97 @@
+"""Build each hosted island's data source from the `data` config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from diloco.config.schema import DataConfig
+from diloco.data.base import DataSource
+from diloco.data.corpus import load_stdlib_corpus
+from diloco.data.token_files import read_text_tokens, read_token_file, split_tail
+from diloco.data.windows import TokenWindows
+from diloco.errors import ConfigError
+from diloco.resolve import resolve_factory
+
+
+def build_data_sources(
+    config: DataConfig, *, islands: Sequence[int], num_islands: int, seed: int, vocab_size: int
+) -> list[DataSource]:
+    """One data source per island in `islands` (the files are read once and shared).
+
+    Raises:
+        ConfigError: a named file is missing or unreadable, or a factory is not importable.
+    """
+    if ":" in config.name:
+        return [_from_factory(config, island, num_islands, seed) for island in islands]
+    train, val = _load_tokens(config)
+    try:
+        return [
+            TokenWindows(
+                train,
+                val,
+                batch_size=config.batch_size,
+                seq_len=config.seq_len,
+                island=island,
+                num_islands=num_islands,
+                seed=seed,
+                vocab_size=vocab_size,
+            )
+            for island in islands
+        ]
+    except ValueError as error:
+        raise ConfigError(f"data: {error}") from None
+
+
+def _load_tokens(config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    if config.name == "stdlib":
+        try:
+            return load_stdlib_corpus(config.val_fraction)
+        except FileNotFoundError as error:
+            raise ConfigError(f"data.name stdlib: {error}") from None
+    read = _reader(config)
+    train = read(_existing(config.path, "data.path"))
+    if config.val_path:
+        return train, read(_existing(config.val_path, "data.val_path"))
+    return split_tail(train, config.val_fraction)
+
+
+def _reader(config: DataConfig):  # type: ignore[no-untyped-def]
+    if config.name == "text":
+        return read_text_tokens
+    dtype = config.token_dtype.value
+
+    def read_tokens(path: Path) -> np.ndarray:
+        try:
+            return read_token_file(path, dtype)
+        except ValueError as error:
+            raise ConfigError(f"data.path: {error}") from None
+
+    return read_tokens
+
+
+def _existing(path: str, key: str) -> Path:
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: file {path!r} does not exist")
+    return Path(path)
+
+
+def _from_factory(config: DataConfig, island: int, num_islands: int, seed: int) -> DataSource:
+    factory = resolve_factory(config.name, "data.name")
+    source = factory(
+        island=island,
+        num_islands=num_islands,
+        seed=seed,
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        **config.args,
+    )
+    missing = [m for m in ("next_batch", "val_batches") if not callable(getattr(source, m, None))]
+    if missing:
+        raise ConfigError(
+            f"data.name: {config.name!r} returned {type(source).__name__}, which lacks "
+            f"{', '.join(missing)} (see docs/plugins.md)"
+        )
+    return source  # type: ignore[no-any-return]

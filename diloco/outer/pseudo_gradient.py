@@ -1,0 +1,52 @@
+"""Pseudo-gradients: where the round started minus where an island is now.
+
+All shared state travels as one flat fp32 vector (`_N` = number of shared elements), so that
+codecs, transports and the outer optimizer see a single buffer whatever the model.
+DiLoCo, Douillard et al. 2023, Algorithm 1: https://arxiv.org/abs/2311.08105
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def flatten_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A new flat fp32 copy of `params`, in order."""
+    if not params:
+        return torch.zeros(0, dtype=torch.float32)
+    return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params])
+
+
+@torch.no_grad()
+def copy_flat_into_(params: Sequence[torch.Tensor], flat_N: torch.Tensor) -> None:
+    """Write the flat vector back into the parameters, in place."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.copy_(flat_N[offset : offset + n].view_as(p))
+        offset += n
+    assert offset == flat_N.numel(), f"flat vector has {flat_N.numel()} elements, params {offset}"
+
+
+def pseudo_gradient(anchor_N: torch.Tensor, local_N: torch.Tensor) -> torch.Tensor:
+    """anchor - local: the direction the outer optimizer treats as a gradient."""
+    return anchor_N - local_N
+
+
+def weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum(w_i * v_i) / sum(w_i), summed in fp32 in the given order.
+
+    The order is fixed by the caller (island index) so every island that computes the mean of
+    the same vectors gets the same bits.
+    """
+    if not vectors or len(vectors) != len(weights):
+        raise ValueError(f"need one weight per vector, got {len(vectors)} and {len(weights)}")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to > 0, got {list(weights)}")
+    mean = torch.zeros_like(vectors[0], dtype=torch.float32)
+    for vector, weight in zip(vectors, weights, strict=True):
+        mean.add_(vector.to(torch.float32), alpha=weight / total)
+    return mean

@@ -1,0 +1,146 @@
+"""The outer synchronisation of one island: pseudo-gradient, average, Nesterov step.
+
+`OuterSync` owns the shared state of a run (the anchor: the shared parameters at the start of
+the round, and the outer momentum) and hooks into any training loop: call `after_inner_step`
+after each optimizer step, or `sync` yourself every H steps.
+
+Data path of a round (docs/architecture.md): delta = anchor - local -> codec.encode ->
+transport.average (weighted by tokens) -> nesterov_step_(anchor) -> local = anchor.
+DiLoCo, Douillard et al. 2023, Algorithm 1: https://arxiv.org/abs/2311.08105
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from diloco.codecs import Codec
+from diloco.outer.nesterov import nesterov_step_
+from diloco.outer.pseudo_gradient import copy_flat_into_, flatten_params, pseudo_gradient
+from diloco.transports.base import Transport
+
+
+@dataclass(frozen=True)
+class OuterHyperparams:
+    lr: float = 0.7
+    momentum: float = 0.9
+    nesterov: bool = True
+    inner_steps: int = 50
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What one outer round did, as seen by this island."""
+
+    round: int
+    """Index of the round just completed (0-based)."""
+    participants: int
+    bytes_sent: int
+    bytes_received: int
+    sync_s: float
+
+
+class OuterSync:
+    """Every H inner steps: average the islands' pseudo-gradients and take the outer step.
+
+    Args:
+        params: the model's parameters, updated in place after each round.
+        transport: this island's handle on the group.
+        codec: how this island's pseudo-gradient is written on the wire.
+        hyper: outer lr, momentum, Nesterov and H.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        transport: Transport,
+        codec: Codec,
+        hyper: OuterHyperparams,
+    ):
+        self.params = [p for p in params]
+        self.transport = transport
+        self.codec = codec
+        self.hyper = hyper
+        self.anchor_N = flatten_params(self.params)
+        self.momentum_N = torch.zeros_like(self.anchor_N)
+        self.round = 0
+        self._steps_this_round = 0
+        self._tokens_this_round = 0.0
+
+    @property
+    def numel(self) -> int:
+        return self.anchor_N.numel()
+
+    def after_inner_step(self, tokens: float) -> SyncResult | None:
+        """Count one inner step of `tokens` tokens; sync when it was the H-th of the round."""
+        self._steps_this_round += 1
+        self._tokens_this_round += tokens
+        if self._steps_this_round < self.hyper.inner_steps:
+            return None
+        return self.sync(self._tokens_this_round)
+
+    def sync(self, tokens: float) -> SyncResult:
+        """Average this round's pseudo-gradient with the group and apply the outer step.
+
+        Args:
+            tokens: tokens this island trained on this round: its weight in the average.
+        """
+        start = time.perf_counter()
+        delta_N = pseudo_gradient(self.anchor_N, flatten_params(self.params))
+        payload = self.codec.encode(delta_N)
+        result = self.transport.average(payload, weight=tokens, round=self.round)
+        nesterov_step_(
+            self.anchor_N,
+            result.mean,
+            self.momentum_N,
+            lr=self.hyper.lr,
+            mu=self.hyper.momentum,
+            nesterov=self.hyper.nesterov,
+        )
+        copy_flat_into_(self.params, self.anchor_N)
+        done = SyncResult(
+            self.round,
+            result.participants,
+            result.bytes_sent,
+            result.bytes_received,
+            time.perf_counter() - start,
+        )
+        self.round += 1
+        self._steps_this_round = 0
+        self._tokens_this_round = 0.0
+        return done
+
+    def params_sha256(self) -> str:
+        """sha256 of the shared parameters: equal on every island after every round."""
+        return params_sha256(self.anchor_N)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "anchor": self.anchor_N.cpu(),
+            "momentum": self.momentum_N.cpu(),
+            "round": self.round,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        anchor, momentum = state["anchor"], state["momentum"]
+        if anchor.shape != self.anchor_N.shape:
+            raise ValueError(
+                f"checkpoint holds {anchor.numel()} shared elements, the model has {self.numel}"
+            )
+        self.anchor_N.copy_(anchor)
+        self.momentum_N.copy_(momentum)
+        self.round = int(state["round"])
+        self._steps_this_round = 0
+        self._tokens_this_round = 0.0
+        copy_flat_into_(self.params, self.anchor_N)
+
+
+def params_sha256(flat_N: torch.Tensor) -> str:
+    """sha256 of the fp32 bytes of a flat parameter vector."""
+    data = flat_N.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()

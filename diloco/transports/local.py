@@ -1,0 +1,87 @@
+"""The local transport: N islands hosted by one process, averaging through shared memory.
+
+Each island calls `average` from its own thread; a barrier collects the N payloads and its
+action, run once, decodes them and sums them in island order. The maths are those of N
+processes, and every island receives the same bits. Bytes are counted as a ring all-reduce
+of the payloads would move them, so local runs report what a real group would send.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from diloco.codecs import Codec
+from diloco.outer.pseudo_gradient import weighted_mean
+from diloco.transports.base import AverageResult, ring_allreduce_bytes
+
+
+class LocalGroup:
+    """The shared meeting point of N in-process islands; `transport(rank)` hands out handles."""
+
+    def __init__(self, num_islands: int, codec: Codec, numel: int, timeout_s: float = 600.0):
+        if num_islands < 1:
+            raise ValueError(f"num_islands must be >= 1, got {num_islands}")
+        self.num_islands = num_islands
+        self.codec = codec
+        self.numel = numel
+        self._slots: list[tuple[torch.Tensor, float, int] | None] = [None] * num_islands
+        self._mean: torch.Tensor | None = None
+        self._error: BaseException | None = None
+        self._barrier = threading.Barrier(num_islands, action=self._reduce, timeout=timeout_s)
+
+    def transport(self, rank: int) -> LocalTransport:
+        if not 0 <= rank < self.num_islands:
+            raise ValueError(f"rank must be in [0, {self.num_islands}), got {rank}")
+        return LocalTransport(self, rank)
+
+    def abort(self) -> None:
+        """Release every island waiting in `average` with an error (one of them failed)."""
+        self._barrier.abort()
+
+    def _reduce(self) -> None:
+        # Runs once per round, in whichever thread arrived last, before any is released.
+        self._error, self._mean = None, None
+        try:
+            slots = [slot for slot in self._slots if slot is not None]
+            assert len(slots) == self.num_islands, "every island must have posted a payload"
+            rounds = {round for _, _, round in slots}
+            if len(rounds) != 1:
+                raise RuntimeError(f"islands disagree on the round: {sorted(rounds)}")
+            decoded = [self.codec.decode(payload, self.numel) for payload, _, _ in slots]
+            self._mean = weighted_mean(decoded, [weight for _, weight, _ in slots])
+        except BaseException as error:  # handed to every island, not lost in one thread
+            self._error = error
+        finally:
+            self._slots = [None] * self.num_islands
+
+    def _average(self, rank: int, payload: torch.Tensor, weight: float, round: int) -> torch.Tensor:
+        self._slots[rank] = (payload, weight, round)
+        self._barrier.wait()
+        if self._error is not None:
+            raise RuntimeError(f"local average of round {round} failed: {self._error}")
+        assert self._mean is not None
+        return self._mean.clone()
+
+
+class LocalTransport:
+    """One in-process island's handle on its `LocalGroup`."""
+
+    def __init__(self, group: LocalGroup, rank: int):
+        self.group = group
+        self.rank = rank
+        self.num_islands = group.num_islands
+
+    def join(self, available_rounds: Sequence[int]) -> int | None:
+        # Local islands are checkpointed together, so the caller's rounds are everyone's.
+        return max(available_rounds) if available_rounds else None
+
+    def average(self, payload: torch.Tensor, weight: float, round: int) -> AverageResult:
+        mean = self.group._average(self.rank, payload, weight, round)
+        wire_bytes = ring_allreduce_bytes(payload.numel(), self.num_islands)
+        return AverageResult(mean, self.num_islands, wire_bytes, wire_bytes)
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,95 @@
+"""`diloco-island --config FILE [dotted.key=value ...]`: parse, run, report, exit.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or config error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from diloco.config import load_config, to_yaml
+from diloco.errors import ConfigError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="diloco-island",
+        description="Run one DiLoCo island (or, with transport.kind=local, a whole group).",
+        epilog="Example: diloco-island --config configs/demo.yaml outer.inner_steps=100",
+    )
+    parser.add_argument("--config", required=True, help="the island's YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("--print-config", action="store_true", help="print the config and exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(to_yaml(config), end="")
+            return 0
+        return _run(config)
+    except ConfigError as error:
+        return _fail(2, f"config error: {error}")
+    except KeyboardInterrupt:
+        return _fail(
+            130, "interrupted; run the same command again to resume from the last checkpoint"
+        )
+    except Exception as error:
+        if args.debug:
+            raise
+        return _fail(1, f"{type(error).__name__}: {error} (run with --debug for the traceback)")
+
+
+def _run(config: Any) -> int:
+    # Imported here so that `--help` and config errors answer without loading torch.
+    from islands.island import run_island
+    from islands.progress import ProgressDisplay
+
+    display = ProgressDisplay(config.run.progress)
+    try:
+        summary = run_island(config, events=display)
+    finally:
+        display.close()
+    print(_format_summary(summary, config.run.dir))
+    return 0
+
+
+def _format_summary(summary: dict[str, Any], run_dir: str) -> str:
+    sent, ddp = summary["bytes_sent"], summary["ddp_bytes_sent"]
+    ratio = f"{ddp / sent:.0f}x fewer" if sent else "no network"
+    val = summary["val_loss"]
+    lines = [
+        f"diloco: {summary['rounds']} rounds of {summary['islands']} island(s), "
+        f"{summary['inner_steps']} inner steps each",
+        f"  val loss        {'-' if val is None else f'{val:.4f}'}",
+        f"  tokens          {summary['tokens_all_islands']:,} ({summary['tokens']:,} per island)",
+        f"  bytes sent      {sent / 1e6:,.1f} MB per island",
+        f"  DDP would send  {ddp / 1e6:,.1f} MB per island for the same tokens ({ratio})",
+        f"  inner loop      {summary['inner_tokens_per_s']:,.0f} tokens/s on {summary['device']}",
+        f"  params_sha256   {summary['params_sha256'][:16]}…",
+        f"  outputs         {run_dir}/ (metrics.jsonl, summary.json, checkpoints/)",
+    ]
+    return "\n".join(lines)
+
+
+def _interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"diloco-island: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""One island's pieces inside this process: its replica, inner trainer, data and outer sync.
+
+A process hosts one island (torch transport: one process per island) or several (local
+transport: the islands run their inner loops in turn on one device, then average together).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from diloco.data.base import Batch, DataSource
+from diloco.data.selectors import Selector
+from diloco.inner import InnerTrainer
+from diloco.outer import OuterSync, SyncResult
+
+
+@dataclass
+class RoundWork:
+    """What one island's inner phase did this round."""
+
+    loss_sum: torch.Tensor
+    steps: int
+    tokens: int
+
+
+@dataclass
+class HostedIsland:
+    rank: int
+    model: nn.Module
+    trainer: InnerTrainer
+    data: DataSource
+    selector: Selector
+    outer: OuterSync
+    tokens: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def run_inner(self, steps: int, on_step: Callable[[], None] | None = None) -> RoundWork:
+        """`steps` AdamW steps on this island's own stream."""
+        loss_sum = torch.zeros((), device=self.trainer.device)
+        tokens = 0
+        for _ in range(steps):
+            batch = self._next_batch()
+            loss_sum += self.trainer.train_step(batch.inputs)
+            tokens += batch.num_tokens
+            if on_step is not None:
+                on_step()
+        self.tokens += tokens
+        return RoundWork(loss_sum, steps, tokens)
+
+    def sync(self, tokens: int) -> SyncResult:
+        result = self.outer.sync(tokens)
+        self.bytes_sent += result.bytes_sent
+        self.bytes_received += result.bytes_received
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "trainer": self.trainer.state_dict(),
+            "data": self.data.state_dict(),
+            "tokens": self.tokens,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        self.data.load_state_dict(state["data"])
+        self.tokens = int(state["tokens"])
+        self.bytes_sent = int(state["bytes_sent"])
+        self.bytes_received = int(state["bytes_received"])
+
+    def _next_batch(self) -> Batch:
+        factor = self.selector.super_batch_factor
+        if factor == 1:
+            return self.selector.select(self.data.next_batch(), self.model)
+        parts = [self.data.next_batch() for _ in range(factor)]
+        super_batch = Batch(
+            torch.cat([part.inputs for part in parts]), sum(p.num_tokens for p in parts)
+        )
+        return self.selector.select(super_batch, self.model)
+
+
+def sync_all(
+    hosted: list[HostedIsland], works: list[RoundWork], abort: Callable[[], None]
+) -> list[SyncResult]:
+    """Every hosted island's sync, concurrently: each blocks until the group has averaged.
+
+    `abort` releases the others when one fails, so a failure never leaves them waiting.
+    """
+    if len(hosted) == 1:
+        return [hosted[0].sync(works[0].tokens)]
+    results: list[SyncResult | None] = [None] * len(hosted)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = hosted[index].sync(works[index].tokens)
+        except BaseException as error:  # re-raised below, in the caller's thread
+            errors.append(error)
+            abort()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(hosted))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [result for result in results if result is not None]
