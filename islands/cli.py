@@ -60,11 +60,11 @@ def _run(config: Any) -> int:
         summary = run_island(config, events=display)
     finally:
         display.close()
-    print(_format_summary(summary, config.run.dir))
+    print(_format_summary(summary))
     return 0
 
 
-def _format_summary(summary: dict[str, Any], run_dir: str) -> str:
+def _format_summary(summary: dict[str, Any]) -> str:
     sent, ddp = summary["bytes_sent"], summary["ddp_bytes_sent"]
     ratio = f"{ddp / sent:.0f}x fewer" if sent else "no network"
     val = summary["val_loss"]
@@ -77,7 +77,7 @@ def _format_summary(summary: dict[str, Any], run_dir: str) -> str:
         f"  DDP would send  {ddp / 1e6:,.1f} MB per island for the same tokens ({ratio})",
         f"  inner loop      {summary['inner_tokens_per_s']:,.0f} tokens/s on {summary['device']}",
         f"  params_sha256   {summary['params_sha256'][:16]}…",
-        f"  outputs         {run_dir}/ (metrics.jsonl, summary.json, checkpoints/)",
+        f"  outputs         {summary['run_dir']}/ (metrics.jsonl, summary.json, checkpoints/)",
     ]
     return "\n".join(lines)
 

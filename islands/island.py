@@ -252,6 +252,7 @@ def finish(runtime: Runtime) -> dict[str, Any]:
         "inner_tokens_per_s": round(group_tokens / compute_s, 1) if compute_s > 0 else None,
         "params_sha256": first.outer.params_sha256(),
         "device": str(runtime.device),
+        "run_dir": str(runtime.out_dir),
         "config": to_container(runtime.config),
     }
     temporary = runtime.out_dir / "summary.json.tmp"
