@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/diloco-island --config configs/demo.yaml
 
+# One torch thread per process: the multi-process tests run several islands on 2 cores, and
+# oversubscribed OpenMP threads spin, making them many times slower.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow and not gpu" -q
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check diloco islands tests bench examples

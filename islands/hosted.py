@@ -7,9 +7,10 @@ transport: the islands run their inner loops in turn on one device, then average
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +19,8 @@ from diloco.data.base import Batch, DataSource
 from diloco.data.selectors import Selector
 from diloco.inner import InnerTrainer
 from diloco.outer import OuterSync, SyncResult
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -94,23 +97,38 @@ def sync_all(
 
     `abort` releases the others when one fails, so a failure never leaves them waiting.
     """
-    if len(hosted) == 1:
-        return [hosted[0].sync(works[0].tokens)]
-    results: list[SyncResult | None] = [None] * len(hosted)
+    calls = [partial(island.sync, work.tokens) for island, work in zip(hosted, works, strict=True)]
+    return _concurrently(calls, abort)
+
+
+def join_all(
+    hosted: list[HostedIsland], available_rounds: list[int], abort: Callable[[], None]
+) -> int | None:
+    """Every hosted island's join, concurrently: a collective, like the average."""
+    calls = [partial(island.outer.transport.join, available_rounds) for island in hosted]
+    rounds = _concurrently(calls, abort)
+    assert len(set(rounds)) == 1, f"hosted islands joined at different rounds: {rounds}"
+    return rounds[0]
+
+
+def _concurrently(calls: Sequence[Callable[[], T]], abort: Callable[[], None]) -> list[T]:
+    if len(calls) == 1:
+        return [calls[0]()]
+    results: list[Any] = [None] * len(calls)  # None may be a call's answer (join)
     errors: list[BaseException] = []
 
     def run(index: int) -> None:
         try:
-            results[index] = hosted[index].sync(works[index].tokens)
+            results[index] = calls[index]()
         except BaseException as error:  # re-raised below, in the caller's thread
             errors.append(error)
             abort()
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(hosted))]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(calls))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
-    return [result for result in results if result is not None]
+    return results

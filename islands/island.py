@@ -33,7 +33,7 @@ from diloco.models import build_model
 from diloco.outer import OuterHyperparams, OuterSync, flatten_params
 from diloco.transports import LocalGroup, TorchDistributedTransport, Transport
 from diloco.transports.base import ring_allreduce_bytes
-from islands.hosted import HostedIsland, sync_all
+from islands.hosted import HostedIsland, join_all, sync_all
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def resume(runtime: Runtime) -> int:
     """Load the newest checkpoint the whole group holds; returns the round to start at."""
     checkpoints = runtime.out_dir / "checkpoints"
     available = list_checkpoints(checkpoints) if runtime.config.run.resume else []
-    round = runtime.hosted[0].outer.transport.join(available)
+    round = join_all(runtime.hosted, available, runtime.abort)
     if round is None:
         runtime.metrics.reset()
         return 0

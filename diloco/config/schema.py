@@ -71,7 +71,8 @@ def _require(ok: bool, key: str, expected: str, got: object) -> None:
 @dataclass(kw_only=True)
 class RunConfig:
     dir: str = "runs/default"
-    """Output directory: metrics.jsonl, summary.json, checkpoints/ (see docs/output.md)."""
+    """Output directory: metrics.jsonl, summary.json, checkpoints/ (see docs/output.md).
+    Multi-process transports write to run.dir/island-{rank}/."""
     seed: int = 0
     """Seed of model initialisation and of every island's data stream."""
     device: Device = Device.auto
@@ -80,11 +81,14 @@ class RunConfig:
     """Inner-loop compute precision: auto (bf16 autocast on cuda, fp32 on cpu), fp32, bf16.
     Parameters, optimizer state and everything the outer loop touches stay fp32."""
     checkpoint_every: int = 1
-    """Write a checkpoint every this many outer rounds (0: only at the end of the run)."""
+    """Write a checkpoint every this many outer rounds, and always after the last round
+    (0: only after the last round)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep on disk."""
     resume: bool = True
-    """Resume from the newest checkpoint in run.dir when there is one."""
+    """Resume from the newest checkpoint in run.dir when there is one (metrics.jsonl rows
+    written after it are dropped); false, or no checkpoint: start at round 0 with a new
+    metrics.jsonl."""
     progress: Progress = Progress.auto
     """auto (a bar on a terminal, plain lines otherwise), bar, lines or none."""
     tensorboard: bool = False
@@ -122,12 +126,14 @@ class TorchTransportConfig:
 @dataclass(kw_only=True)
 class TransportConfig:
     kind: TransportKind = TransportKind.local
-    """local (all islands in this process), torch (one process per island)."""
+    """local (all islands in this process, run in turn), torch (one process per island,
+    torch.distributed). grpc and hivemind are refused until they exist (issues #4, #5)."""
     islands: int = 1
     """Number of islands in the group (k in the paper; the world size for torch)."""
     rank: int = -1
     """This island's index in [0, islands) for multi-process kinds; -1: read torchrun's RANK."""
     torch: TorchTransportConfig = field(default_factory=TorchTransportConfig)
+    """Settings of the torch transport (read only when transport.kind is torch)."""
 
     def __post_init__(self) -> None:
         _require(self.islands >= 1, "transport.islands", ">= 1", self.islands)
@@ -154,7 +160,7 @@ class OuterConfig:
     momentum: float = 0.9
     """Outer momentum mu in [0, 1) (the paper's best: 0.9)."""
     nesterov: bool = True
-    """Nesterov momentum for the outer SGD step."""
+    """Nesterov momentum for the outer SGD step (false: heavy-ball momentum)."""
     codec: CodecName = CodecName.none
     """How pseudo-gradients travel: none (fp32)."""
     reset_inner_optimizer: bool = False
@@ -218,6 +224,7 @@ class DataConfig:
     seq_len: int = 128
     """Tokens per sequence (the model's context)."""
     selector: SelectorConfig = field(default_factory=SelectorConfig)
+    """Data selection in front of each island's inner loop (local, never sent)."""
     args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for a module:factory data source (its own options)."""
 
@@ -272,7 +279,8 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     every: int = 1
-    """Evaluate the shared parameters every this many rounds (0: only at the end)."""
+    """Evaluate the shared parameters every this many rounds, and always after the last
+    round (0: only after the last round)."""
     batches: int = 8
     """Validation batches (of data.batch_size sequences) per evaluation."""
 
@@ -284,12 +292,19 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class IslandConfig:
     run: RunConfig = field(default_factory=RunConfig)
+    """Outputs, seed, device, checkpoints and display of this process."""
     transport: TransportConfig = field(default_factory=TransportConfig)
+    """How the islands find each other and average their pseudo-gradients."""
     outer: OuterConfig = field(default_factory=OuterConfig)
+    """The outer loop: rounds, H, the outer Nesterov SGD step and the codec."""
     inner: InnerConfig = field(default_factory=InnerConfig)
+    """The inner AdamW optimizer of each island, and its learning-rate schedule."""
     data: DataConfig = field(default_factory=DataConfig)
+    """What each island trains on; every island reads its own shard or stream."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model every island trains a replica of."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation loss of the shared parameters, written to metrics.jsonl as val_loss."""
 
     def __post_init__(self) -> None:
         if self.run.device is Device.cpu and self.transport.torch.backend is TorchBackend.nccl:

@@ -45,6 +45,7 @@ def load_stdlib_corpus(
     Raises:
         FileNotFoundError: when the standard library has no sources to read (some minimal
             installs ship only bytecode).
+        ValueError: when `val_fraction` puts every file on one side of the split.
     """
     root = root or stdlib_root()
     train: list[bytes] = []
@@ -58,8 +59,14 @@ def load_stdlib_corpus(
             val if is_validation_file(path.relative_to(root).as_posix(), val_fraction) else train
         )
         split.append(text)
-    if not train or not val:
+    if not train and not val:
         raise FileNotFoundError(f"no standard-library sources found under {root}")
+    if not train or not val:
+        empty = "validation" if not val else "training"
+        raise ValueError(
+            f"data.val_fraction={val_fraction} leaves the {empty} split of the "
+            f"{len(train) + len(val)} standard-library files under {root} empty"
+        )
     return (
         np.frombuffer(FILE_SEPARATOR.join(train), dtype=np.uint8),
         np.frombuffer(FILE_SEPARATOR.join(val), dtype=np.uint8),

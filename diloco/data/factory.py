@@ -49,25 +49,25 @@ def _load_tokens(config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     if config.name == "stdlib":
         try:
             return load_stdlib_corpus(config.val_fraction)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"data.name stdlib: {error}") from None
     read = _reader(config)
-    train = read(_existing(config.path, "data.path"))
+    train = read(_existing(config.path, "data.path"), "data.path")
     if config.val_path:
-        return train, read(_existing(config.val_path, "data.val_path"))
+        return train, read(_existing(config.val_path, "data.val_path"), "data.val_path")
     return split_tail(train, config.val_fraction)
 
 
 def _reader(config: DataConfig):  # type: ignore[no-untyped-def]
     if config.name == "text":
-        return read_text_tokens
+        return lambda path, key: read_text_tokens(path)
     dtype = config.token_dtype.value
 
-    def read_tokens(path: Path) -> np.ndarray:
+    def read_tokens(path: Path, key: str) -> np.ndarray:
         try:
             return read_token_file(path, dtype)
         except ValueError as error:
-            raise ConfigError(f"data.path: {error}") from None
+            raise ConfigError(f"{key}: {error}") from None
 
     return read_tokens
 
@@ -88,7 +88,9 @@ def _from_factory(config: DataConfig, island: int, num_islands: int, seed: int) 
         seq_len=config.seq_len,
         **config.args,
     )
-    missing = [m for m in ("next_batch", "val_batches") if not callable(getattr(source, m, None))]
+    # The runtime calls all four: state_dict at every checkpoint, load_state_dict on resume.
+    methods = ("next_batch", "val_batches", "state_dict", "load_state_dict")
+    missing = [m for m in methods if not callable(getattr(source, m, None))]
     if missing:
         raise ConfigError(
             f"data.name: {config.name!r} returned {type(source).__name__}, which lacks "

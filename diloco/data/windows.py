@@ -48,12 +48,12 @@ class TokenWindows:
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.vocab_size = vocab_size
-        if len(self.shard) <= seq_len + 1:
+        if len(self.shard) < seq_len + 1:
             raise ValueError(
                 f"island {island}'s shard has {len(self.shard)} tokens, fewer than one window "
                 f"of data.seq_len + 1 = {seq_len + 1}; use more data or fewer islands"
             )
-        if len(val) <= seq_len + 1:
+        if len(val) < seq_len + 1:
             raise ValueError(
                 f"the validation split has {len(val)} tokens, fewer than one window of "
                 f"{seq_len + 1}; raise data.val_fraction or give data.val_path"

@@ -31,6 +31,9 @@ class LocalGroup:
         self._mean: torch.Tensor | None = None
         self._error: BaseException | None = None
         self._barrier = threading.Barrier(num_islands, action=self._reduce, timeout=timeout_s)
+        self._join_lists: list[list[int]] = [[] for _ in range(num_islands)]
+        self._joined: int | None = None
+        self._join_barrier = threading.Barrier(num_islands, action=self._agree, timeout=timeout_s)
 
     def transport(self, rank: int) -> LocalTransport:
         if not 0 <= rank < self.num_islands:
@@ -38,8 +41,9 @@ class LocalGroup:
         return LocalTransport(self, rank)
 
     def abort(self) -> None:
-        """Release every island waiting in `average` with an error (one of them failed)."""
+        """Release every island waiting in `average` or `join` with an error (one failed)."""
         self._barrier.abort()
+        self._join_barrier.abort()
 
     def _reduce(self) -> None:
         # Runs once per round, in whichever thread arrived last, before any is released.
@@ -56,6 +60,16 @@ class LocalGroup:
             self._error = error
         finally:
             self._slots = [None] * self.num_islands
+
+    def _agree(self) -> None:
+        # Runs once, like `_reduce`: the newest round that every island holds.
+        common = set.intersection(*(set(rounds) for rounds in self._join_lists))
+        self._joined = max(common) if common else None
+
+    def _join(self, rank: int, available_rounds: Sequence[int]) -> int | None:
+        self._join_lists[rank] = list(available_rounds)
+        self._join_barrier.wait()
+        return self._joined
 
     def _average(self, rank: int, payload: torch.Tensor, weight: float, round: int) -> torch.Tensor:
         self._slots[rank] = (payload, weight, round)
@@ -75,8 +89,8 @@ class LocalTransport:
         self.num_islands = group.num_islands
 
     def join(self, available_rounds: Sequence[int]) -> int | None:
-        # Local islands are checkpointed together, so the caller's rounds are everyone's.
-        return max(available_rounds) if available_rounds else None
+        # A collective like `average`: every island calls it, all get the same answer.
+        return self.group._join(self.rank, available_rounds)
 
     def average(self, payload: torch.Tensor, weight: float, round: int) -> AverageResult:
         mean = self.group._average(self.rank, payload, weight, round)

@@ -1,0 +1,200 @@
+"""The shipped configs load, the option list is frozen, and docs/config.md matches the schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from pathlib import Path
+
+import pytest
+
+from diloco.config import load_config, schema
+from diloco.config.docs import config_markdown, field_docs, iter_fields, main
+from diloco.config.schema import Device, IslandConfig, TransportKind
+
+ROOT = Path(__file__).resolve().parents[2]
+YAML_FILES = sorted(
+    path
+    for folder in ("configs", "examples")
+    for pattern in ("*.yaml", "*.yml")
+    for path in (ROOT / folder).rglob(pattern)
+)
+
+# Every dotted key a user can set. Adding, renaming or removing an option is a reviewed
+# decision (torchtitan's test_no_new_cli_options.py): change this list in the same commit.
+FROZEN_KEYS = [
+    "run.dir",
+    "run.seed",
+    "run.device",
+    "run.precision",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.resume",
+    "run.progress",
+    "run.tensorboard",
+    "run.threads",
+    "transport.kind",
+    "transport.islands",
+    "transport.rank",
+    "transport.torch.init_method",
+    "transport.torch.backend",
+    "transport.torch.timeout_s",
+    "outer.rounds",
+    "outer.inner_steps",
+    "outer.lr",
+    "outer.momentum",
+    "outer.nesterov",
+    "outer.codec",
+    "outer.reset_inner_optimizer",
+    "inner.lr",
+    "inner.warmup_steps",
+    "inner.min_lr_ratio",
+    "inner.weight_decay",
+    "inner.beta1",
+    "inner.beta2",
+    "inner.grad_clip",
+    "data.name",
+    "data.path",
+    "data.val_path",
+    "data.val_fraction",
+    "data.token_dtype",
+    "data.batch_size",
+    "data.seq_len",
+    "data.selector.name",
+    "data.args",
+    "model.name",
+    "model.n_layer",
+    "model.n_head",
+    "model.d_model",
+    "model.vocab_size",
+    "model.dropout",
+    "model.args",
+    "eval.every",
+    "eval.batches",
+]
+
+# The public contract (README, docs/config.md): these keys must keep existing.
+CONTRACT_KEYS = [
+    "run.dir",
+    "run.seed",
+    "run.device",
+    "transport.kind",
+    "transport.islands",
+    "outer.rounds",
+    "outer.inner_steps",
+    "outer.lr",
+    "outer.momentum",
+    "outer.nesterov",
+    "outer.codec",
+    "inner.lr",
+    "data.name",
+    "data.batch_size",
+    "data.seq_len",
+    "model.name",
+]
+
+
+def schema_keys() -> list[str]:
+    """Dotted keys of every settable leaf of the schema, in declaration order."""
+    keys: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for item in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[item.name]):
+                walk(hints[item.name], f"{prefix}{item.name}.")
+            else:
+                keys.append(f"{prefix}{item.name}")
+
+    walk(IslandConfig, "")
+    return keys
+
+
+def test_shipped_yaml_files_are_found() -> None:
+    assert ROOT / "configs" / "demo.yaml" in YAML_FILES
+    assert ROOT / "configs" / "torch-2-islands.yaml" in YAML_FILES
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_yaml_loads(path: Path) -> None:
+    assert isinstance(load_config(path), IslandConfig)
+
+
+def test_demo_config_is_four_local_islands() -> None:
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    assert config.transport.kind is TransportKind.local
+    assert config.transport.islands == 4
+    assert config.data.name == "stdlib"
+
+
+def test_torch_example_is_two_torch_islands() -> None:
+    config = load_config(ROOT / "configs" / "torch-2-islands.yaml")
+    assert config.transport.kind is TransportKind.torch
+    assert config.transport.islands == 2
+    assert config.transport.rank == -1  # torchrun's RANK, or transport.rank=<r> per site
+
+
+def test_config_keys_are_frozen() -> None:
+    keys = schema_keys()
+    added = sorted(set(keys) - set(FROZEN_KEYS))
+    removed = sorted(set(FROZEN_KEYS) - set(keys))
+    assert keys == FROZEN_KEYS, (
+        f"the config keys changed (added {added}, removed {removed}, or reordered). "
+        "Adding or removing an option is a reviewed decision: update FROZEN_KEYS in "
+        "tests/unit/test_configs.py in the same change, and run `make docs`."
+    )
+
+
+def test_docs_generator_walks_the_same_keys() -> None:
+    leaves = [key for key, _, _, kind in iter_fields() if not dataclasses.is_dataclass(kind)]
+    assert leaves == schema_keys()
+
+
+@pytest.mark.parametrize("key", CONTRACT_KEYS)
+def test_public_contract_key_exists(key: str) -> None:
+    assert key in schema_keys()
+
+
+def test_public_contract_enum_values() -> None:
+    assert [d.value for d in Device] == ["auto", "cpu", "cuda"]
+    assert [k.value for k in TransportKind] == ["local", "torch", "grpc", "hivemind"]
+
+
+def test_outer_defaults_are_the_papers() -> None:
+    outer = IslandConfig().outer
+    assert outer.lr == 0.7
+    assert outer.momentum == 0.9
+    assert outer.nesterov is True
+
+
+def test_every_field_has_a_docstring() -> None:
+    docs = field_docs(inspect.getsource(schema))
+    missing = [
+        key for key, owner, item, _ in iter_fields() if not docs.get((owner.__name__, item.name))
+    ]
+    assert not missing, (
+        f"fields without a docstring in diloco/config/schema.py: {missing}; write the string "
+        "literal under each field (its unit and paper symbol), then run `make docs`"
+    )
+
+
+def test_config_md_is_up_to_date() -> None:
+    page = ROOT / "docs" / "config.md"
+    assert page.is_file() and page.read_text() == config_markdown(), (
+        "docs/config.md is stale: run `make docs` "
+        "(python -m diloco.config.docs > docs/config.md) and commit the result"
+    )
+
+
+def test_config_md_documents_every_key_and_enum_value() -> None:
+    page = config_markdown()
+    for key in schema_keys():
+        assert f"| `{key}` |" in page
+    assert "`local` \\| `torch` \\| `grpc` \\| `hivemind`" in page
+    assert "H in the paper" in page
+
+
+def test_docs_main_prints_the_page(capsys: pytest.CaptureFixture[str]) -> None:
+    main()
+    assert capsys.readouterr().out == config_markdown()
