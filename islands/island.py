@@ -201,7 +201,7 @@ def run_rounds(runtime: Runtime, start_round: int, events: RunEvents | None) -> 
     for round in range(start_round, config.outer.rounds):
         begin = time.perf_counter()
         works = [island.run_inner(steps, on_step) for island in runtime.hosted]
-        train_loss = float(sum(w.loss_sum for w in works).item()) / (steps * len(works))
+        train_loss = torch.stack([w.loss_sum for w in works]).sum().item() / (steps * len(works))
         compute_s = time.perf_counter() - begin
         begin = time.perf_counter()
         results = sync_all(runtime.hosted, works, runtime.abort)

@@ -299,4 +299,16 @@ class FaultPlan:
                 elif process.poll() is not None:
                     pending.remove(fault)  # ended before its fault: `fired` lacks it
             time.sleep(0.005)
+        return finish_all(processes, max(1.0, deadline - time.monotonic()))
+
+
+def finish_all(processes: Sequence[subprocess.Popen[str]], timeout_s: float) -> list[CliResult]:
+    """`finish` every process within one shared deadline; none is left running."""
+    deadline = time.monotonic() + timeout_s
+    try:
         return [finish(p, max(1.0, deadline - time.monotonic())) for p in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)

@@ -63,7 +63,10 @@ def pack_header(header: Header, device: torch.device) -> torch.Tensor:
 def check_header(payload: torch.Tensor, expected: Header, body_bytes: int, codec: str) -> None:
     """Refuse a payload whose header or length differs from what the receiver expects."""
     if payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise PayloadError(f"{codec} payload must be a 1-D uint8 tensor, got {payload.dtype}")
+        raise PayloadError(
+            f"{codec} payload must be a 1-D uint8 tensor, got {payload.dtype} of shape "
+            f"{tuple(payload.shape)}"
+        )
     if payload.numel() < HEADER_BYTES:
         raise PayloadError(f"{codec} payload of {payload.numel()} bytes is shorter than a header")
     raw = bytes(payload[:HEADER_BYTES].cpu().numpy().tobytes())

@@ -255,7 +255,8 @@ class ModelConfig:
     d_model: int = 128
     """GPT: width of the residual stream."""
     vocab_size: int = 256
-    """GPT: vocabulary size (256 for byte-level data)."""
+    """GPT: vocabulary size (256 for byte-level data). The built-in data sources (stdlib, text,
+    tokens) also refuse token ids at or above it, whatever the model."""
     dropout: float = 0.0
     """GPT: dropout probability."""
     args: dict[str, Any] = field(default_factory=dict)

@@ -82,7 +82,7 @@ class InnerTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self.loss(inputs)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,8 @@ class _Attention(nn.Module):
         y_BHTd = F.scaled_dot_product_attention(
             q_BHTd, k_BHTd, v_BHTd, is_causal=True, dropout_p=self.dropout if self.training else 0
         )
-        return self.proj(y_BHTd.transpose(1, 2).contiguous().view(B, T, D))
+        out_BTD: torch.Tensor = self.proj(y_BHTd.transpose(1, 2).contiguous().view(B, T, D))
+        return out_BTD
 
 
 class _Block(nn.Module):
@@ -60,7 +62,8 @@ class _Block(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_BTD = x_BTD + self.drop(self.attn(self.ln_1(x_BTD)))
-        return x_BTD + self.drop(self.mlp(self.ln_2(x_BTD)))
+        out_BTD: torch.Tensor = x_BTD + self.drop(self.mlp(self.ln_2(x_BTD)))
+        return out_BTD
 
 
 class GPT(nn.Module):
@@ -72,15 +75,16 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.context, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(_Block(config) for _ in range(config.n_layer))
+        blocks = [_Block(config) for _ in range(config.n_layer)]
+        self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix, counted once
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
-        for block in self.blocks:
+        for block in blocks:
             nn.init.normal_(block.attn.proj.weight, std=residual_std)
-            nn.init.normal_(block.mlp[2].weight, std=residual_std)
+            nn.init.normal_(cast(nn.Linear, block.mlp[2]).weight, std=residual_std)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -99,7 +103,8 @@ class GPT(nn.Module):
         x_BTD = self.drop(self.wte(idx_BT) + self.wpe(pos_T))
         for block in self.blocks:
             x_BTD = block(x_BTD)
-        return self.lm_head(self.ln_f(x_BTD))
+        logits_BTV: torch.Tensor = self.lm_head(self.ln_f(x_BTD))
+        return logits_BTV
 
     def forward(self, tokens_BT1: torch.Tensor) -> torch.Tensor:
         logits_BTV = self.logits(tokens_BT1[:, :-1])

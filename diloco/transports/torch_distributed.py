@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,7 @@ class TorchDistributedTransport:
         init_method: str = "env://",
         backend: str = "gloo",
         timeout_s: float = 600.0,
-        store: dist.Store | None = None,
+        store: Any = None,
     ):
         self.codec = codec
         self.numel = numel

@@ -111,11 +111,15 @@ def test_refuses_header_numel_that_disagrees_with_the_body() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [torch.zeros(40, dtype=torch.float32), torch.zeros(2, 32, dtype=torch.uint8)]
+    "bad,got",
+    [
+        (torch.zeros(40, dtype=torch.float32), r"torch.float32 of shape \(40,\)"),
+        (torch.zeros(2, 32, dtype=torch.uint8), r"torch.uint8 of shape \(2, 32\)"),
+    ],
 )
-def test_refuses_a_tensor_that_is_not_1d_uint8(bad: torch.Tensor) -> None:
-    """Only a 1-D uint8 tensor is a payload."""
-    with pytest.raises(PayloadError, match="none payload must be a 1-D uint8 tensor"):
+def test_refuses_a_tensor_that_is_not_1d_uint8(bad: torch.Tensor, got: str) -> None:
+    """Only a 1-D uint8 tensor is a payload; the message says what came instead."""
+    with pytest.raises(PayloadError, match="none payload must be a 1-D uint8 tensor, got " + got):
         NoneCodec().decode(bad, 3)
 
 

@@ -69,7 +69,11 @@ def test_tokens_file_gives_token_windows(tmp_path: Path) -> None:
     path = tmp_path / "train.bin"
     np.arange(1000, dtype=np.uint32).tofile(path)
     config = DataConfig(
-        name="tokens", path=str(path), token_dtype=TokenDtype.uint32, batch_size=2, seq_len=4,
+        name="tokens",
+        path=str(path),
+        token_dtype=TokenDtype.uint32,
+        batch_size=2,
+        seq_len=4,
         val_fraction=0.1,
     )
     sources = build(config)
@@ -84,8 +88,11 @@ def test_separate_val_file(tmp_path: Path) -> None:
     np.arange(100, dtype=np.uint16).tofile(tmp_path / "train.bin")
     np.arange(500, 520, dtype=np.uint16).tofile(tmp_path / "val.bin")
     config = DataConfig(
-        name="tokens", path=str(tmp_path / "train.bin"), val_path=str(tmp_path / "val.bin"),
-        batch_size=2, seq_len=4,
+        name="tokens",
+        path=str(tmp_path / "train.bin"),
+        val_path=str(tmp_path / "val.bin"),
+        batch_size=2,
+        seq_len=4,
     )
     (source,) = build(config, islands=(1,))
     assert np.array_equal(source.shard, np.arange(50, 100))

@@ -95,7 +95,9 @@ def test_weight_decay_only_on_matrices() -> None:
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert [id(p) for p in decayed["params"]] == [id(model.linear.weight)]
     assert {id(p) for p in plain["params"]} == {
-        id(model.linear.bias), id(model.norm.weight), id(model.norm.bias)
+        id(model.linear.bias),
+        id(model.norm.weight),
+        id(model.norm.bias),
     }
     groups = trainer(model, weight_decay=0.1).optimizer.param_groups
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
@@ -107,8 +109,9 @@ def test_weight_decay_only_on_matrices() -> None:
 def test_model_must_return_a_scalar_loss(model_type: type[nn.Module], got: str) -> None:
     """A forward that returns anything but a 0-d tensor is a TypeError saying what it got."""
     inner = trainer(model_type())
-    with pytest.raises(TypeError, match="forward must return the scalar loss of the batch, got "
-                       + got):
+    with pytest.raises(
+        TypeError, match="forward must return the scalar loss of the batch, got " + got
+    ):
         inner.train_step(X)
     assert inner.step_count == 0
 

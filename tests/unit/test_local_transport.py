@@ -118,38 +118,62 @@ def test_a_malformed_payload_fails_every_island() -> None:
         assert "local average of round 0 failed: none payload header" in str(error)
 
 
-def test_abort_releases_a_waiting_island() -> None:
-    """abort() frees an island blocked in average (its peer died) with BrokenBarrierError."""
+@pytest.mark.parametrize("call", ["average", "join"])
+def test_abort_releases_a_waiting_island(call: str) -> None:
+    """abort() frees an island blocked in average or join (its peer died) with
+    BrokenBarrierError."""
     codec = NoneCodec()
     group = LocalGroup(2, codec, NUMEL, timeout_s=JOIN_S)
+    barrier = group._barrier if call == "average" else group._join_barrier
     outcome: list[BaseException] = []
 
     def lonely() -> None:
+        transport = group.transport(0)
         try:
-            group.transport(0).average(codec.encode(torch.ones(NUMEL)), 1.0, round=0)
+            if call == "average":
+                transport.average(codec.encode(torch.ones(NUMEL)), 1.0, round=0)
+            else:
+                transport.join([1])
         except BaseException as error:
             outcome.append(error)
 
     thread = threading.Thread(target=lonely, daemon=True)
     thread.start()
     deadline = time.monotonic() + JOIN_S
-    while group._barrier.n_waiting < 1 and time.monotonic() < deadline:
+    while barrier.n_waiting < 1 and time.monotonic() < deadline:
         time.sleep(0.001)  # wait until the island is really blocked, not for a fixed time
-    assert group._barrier.n_waiting == 1
+    assert barrier.n_waiting == 1
     group.abort()
     thread.join(JOIN_S)
     assert not thread.is_alive()
     assert len(outcome) == 1 and isinstance(outcome[0], threading.BrokenBarrierError)
 
 
-def test_join_close_and_argument_checks() -> None:
-    """join resumes from the newest common round (None: from scratch); close is idempotent;
-    a bad island count or rank is a ValueError naming the range."""
+def test_join_agrees_on_the_newest_round_every_island_holds() -> None:
+    """join is a collective: every island gets the newest round present in all of their
+    lists, or None when they share none (start from scratch)."""
+    group = LocalGroup(3, NoneCodec(), NUMEL, timeout_s=JOIN_S)
+    held = [[1, 2, 5], [2, 5, 7], [5, 2]]
+    results, errors = run_islands(lambda rank: group.transport(rank).join(held[rank]), 3)
+    assert errors == [None] * 3 and results == [5, 5, 5]
+
+    held = [[1], [2], []]
+    results, errors = run_islands(lambda rank: group.transport(rank).join(held[rank]), 3)
+    assert errors == [None] * 3 and results == [None, None, None]
+
+
+def test_single_island_join_needs_no_peer() -> None:
+    """One island joins alone, from its own newest checkpoint."""
+    transport = LocalGroup(1, NoneCodec(), NUMEL, timeout_s=JOIN_S).transport(0)
+    assert transport.join([3, 1]) == 3
+    assert transport.join([]) is None
+
+
+def test_close_and_argument_checks() -> None:
+    """close is idempotent; a bad island count or rank is a ValueError naming the range."""
     group = LocalGroup(2, NoneCodec(), NUMEL)
     transport = group.transport(1)
     assert (transport.rank, transport.num_islands) == (1, 2)
-    assert transport.join([]) is None
-    assert transport.join([2, 5, 3]) == 5
     transport.close()
     transport.close()
     with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):

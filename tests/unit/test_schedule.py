@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 
@@ -47,7 +48,7 @@ def test_cosine_midpoint_and_end_value() -> None:
 def test_decay_is_monotone() -> None:
     """From the peak to the end the lr never rises."""
     values = [lr(s) for s in range(WARMUP, TOTAL + 3)]
-    assert all(later <= earlier for earlier, later in zip(values, values[1:]))
+    assert all(later <= earlier for earlier, later in pairwise(values))
     assert values[0] > values[-1]
 
 

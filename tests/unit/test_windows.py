@@ -115,9 +115,7 @@ def test_val_windows_are_evenly_spaced_over_the_whole_split() -> None:
 
 def test_exactly_one_window_is_enough() -> None:
     """A shard or val split of exactly T + 1 tokens holds one window and is accepted."""
-    source = windows(
-        num_islands=1, train=np.arange(T + 1, dtype=np.uint16), val=np.arange(T + 1)
-    )
+    source = windows(num_islands=1, train=np.arange(T + 1, dtype=np.uint16), val=np.arange(T + 1))
     assert torch.equal(source.next_batch().inputs, torch.arange(T + 1).repeat(B, 1))
     assert torch.equal(source.val_batches(1)[0].inputs, torch.arange(T + 1).repeat(B, 1))
 

@@ -1,0 +1,180 @@
+"""OuterSync: every H inner steps, average the pseudo-gradients and take the outer step."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from diloco.codecs import NoneCodec
+from diloco.outer import (
+    OuterHyperparams,
+    OuterSync,
+    SyncResult,
+    flatten_params,
+    nesterov_step_,
+    params_sha256,
+    weighted_mean,
+)
+from diloco.transports import LocalGroup
+
+JOIN_S = 20.0
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))  # 8 + 3 = 11 parameters
+
+
+def one_island(net: nn.Module, **hyper: float) -> OuterSync:
+    numel = sum(p.numel() for p in net.parameters())
+    transport = LocalGroup(1, NoneCodec(), numel, timeout_s=JOIN_S).transport(0)
+    return OuterSync(net.parameters(), transport, NoneCodec(), OuterHyperparams(**hyper))  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def local_training(net: nn.Module, seed: int) -> None:
+    """Stand-in for H inner steps: move every parameter by a small seeded amount."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in net.parameters():
+        p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def test_syncs_on_the_h_th_step_only() -> None:
+    """after_inner_step returns None for steps 1 .. H-1 of a round and a SyncResult on the H-th,
+    every round."""
+    outer = one_island(model(), inner_steps=3)
+    for round in range(2):
+        assert outer.after_inner_step(tokens=10) is None
+        assert outer.after_inner_step(tokens=10) is None
+        result = outer.after_inner_step(tokens=10)
+        assert isinstance(result, SyncResult)
+        assert result.round == round and result.participants == 1
+        assert result.bytes_sent == result.bytes_received == 0  # alone: nothing on the wire
+        assert result.sync_s >= 0
+        assert outer.round == round + 1
+
+
+def test_outer_lr_one_without_momentum_keeps_the_local_params() -> None:
+    """lr 1, mu 0: anchor - (anchor - local) = local: the island continues where it was."""
+    net = model()
+    outer = one_island(net, lr=1.0, momentum=0.0, inner_steps=1)
+    local_training(net, seed=1)
+    local = flatten_params(list(net.parameters()))
+    outer.after_inner_step(tokens=1)
+    after = flatten_params(list(net.parameters()))
+    torch.testing.assert_close(after, local, rtol=0, atol=1e-7)
+    assert torch.equal(outer.anchor_N, after)
+
+
+def test_sync_applies_nesterov_to_the_pseudo_gradient() -> None:
+    """Two rounds on one island: the anchor follows nesterov_step_ on anchor - local, and the
+    model is reset to the new anchor."""
+    net = model()
+    outer = one_island(net, lr=0.7, momentum=0.9, inner_steps=1)
+    anchor = flatten_params(list(net.parameters()))
+    momentum = torch.zeros_like(anchor)
+    for round in range(2):
+        local_training(net, seed=round)
+        delta = anchor - flatten_params(list(net.parameters()))
+        nesterov_step_(anchor, delta, momentum, lr=0.7, mu=0.9)
+        outer.after_inner_step(tokens=5)
+        assert torch.equal(outer.anchor_N, anchor) and torch.equal(outer.momentum_N, momentum)
+        assert torch.equal(flatten_params(list(net.parameters())), anchor)
+
+
+def test_two_islands_weighted_by_their_tokens_end_bit_identical() -> None:
+    """Two threads, two islands: each round's weight is the tokens summed over the round's
+    steps; afterwards both hold the same anchor, momentum and params_sha256."""
+    nets = [model(), model()]
+    numel = flatten_params(list(nets[0].parameters())).numel()
+    group = LocalGroup(2, NoneCodec(), numel, timeout_s=JOIN_S)
+    hyper = OuterHyperparams(lr=0.7, momentum=0.9, inner_steps=2)
+    outers = [
+        OuterSync(net.parameters(), group.transport(rank), NoneCodec(), hyper)
+        for rank, net in enumerate(nets)
+    ]
+    tokens_per_step = [3.0, 1.0]  # island 0 trains on 3x the tokens: 3/4 of the weight
+    anchor0 = flatten_params(list(nets[0].parameters()))
+    for rank, net in enumerate(nets):
+        local_training(net, seed=10 + rank)
+    deltas = [anchor0 - flatten_params(list(n.parameters())) for n in nets]
+
+    errors: list[BaseException] = []
+
+    def island(rank: int) -> None:
+        try:
+            assert outers[rank].after_inner_step(tokens_per_step[rank]) is None
+            assert outers[rank].after_inner_step(tokens_per_step[rank]) is not None
+        except BaseException as error:
+            errors.append(error)
+            group.abort()
+
+    threads = [threading.Thread(target=island, args=(r,), daemon=True) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN_S)
+    assert not any(t.is_alive() for t in threads) and errors == []
+
+    expected_anchor, expected_momentum = anchor0.clone(), torch.zeros_like(anchor0)
+    mean = weighted_mean(deltas, [6.0, 2.0])
+    nesterov_step_(expected_anchor, mean, expected_momentum, lr=0.7, mu=0.9)
+    for outer, net in zip(outers, nets, strict=True):
+        assert torch.equal(outer.anchor_N, expected_anchor)
+        assert torch.equal(outer.momentum_N, expected_momentum)
+        assert torch.equal(flatten_params(list(net.parameters())), expected_anchor)
+    assert outers[0].params_sha256() == outers[1].params_sha256()
+
+
+def test_state_dict_round_trip() -> None:
+    """A fresh OuterSync loaded from another's state has its anchor, momentum and round, and
+    writes the anchor into its own model."""
+    net = model()
+    outer = one_island(net, inner_steps=1)
+    for round in range(2):
+        local_training(net, seed=round)
+        outer.after_inner_step(tokens=1)
+    state = copy.deepcopy(outer.state_dict())
+    assert state["round"] == 2
+
+    other_net = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    other = one_island(other_net, inner_steps=1)
+    other.load_state_dict(state)
+    assert other.round == 2
+    assert torch.equal(other.anchor_N, outer.anchor_N)
+    assert torch.equal(other.momentum_N, outer.momentum_N)
+    assert torch.equal(flatten_params(list(other_net.parameters())), outer.anchor_N)
+    assert other.params_sha256() == outer.params_sha256()
+
+
+def test_load_state_dict_refuses_another_model_size() -> None:
+    """A checkpoint of another model is refused, naming both sizes."""
+    outer = one_island(model())
+    state = {"anchor": torch.zeros(3), "momentum": torch.zeros(3), "round": 1}
+    with pytest.raises(ValueError, match="checkpoint holds 3 shared elements, the model has 11"):
+        outer.load_state_dict(state)
+    assert outer.round == 0
+
+
+def test_params_sha256_tracks_the_parameters() -> None:
+    """Equal parameters hash equal; a sync that moves them changes the hash; the hash is
+    sha256 of the little-endian fp32 bytes."""
+    a, b = one_island(model(), inner_steps=1), one_island(model(), inner_steps=1)
+    assert a.params_sha256() == b.params_sha256()
+    before = a.params_sha256()
+    with torch.no_grad():
+        a.params[0][0, 0] += 1.0
+    a.after_inner_step(tokens=1)
+    assert a.params_sha256() != before
+
+    flat = torch.tensor([1.0, -2.5, 0.0])
+    expected = hashlib.sha256(np.array([1.0, -2.5, 0.0], dtype="<f4").tobytes()).hexdigest()
+    assert params_sha256(flat) == expected
+    assert params_sha256(flat.double()) == expected
+    assert params_sha256(torch.tensor([1.0, -2.5, -0.0])) != expected  # bits, not values
