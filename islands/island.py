@@ -20,7 +20,12 @@ from typing import Any, Protocol
 
 import torch
 
-from diloco.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from diloco.checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from diloco.codecs import Codec, build_codec
 from diloco.config import IslandConfig, to_container
 from diloco.config.schema import Device, Precision, TorchBackend, TransportKind
@@ -96,6 +101,7 @@ def run_island(
 
 
 def build_runtime(config: IslandConfig, store: Any = None) -> Runtime:
+    _warn_ignored_options(config)
     device = _device(config)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
@@ -170,7 +176,7 @@ def resume(runtime: Runtime) -> int:
     available = list_checkpoints(checkpoints) if runtime.config.run.resume else []
     round = join_all(runtime.hosted, available, runtime.abort)
     if round is None:
-        runtime.metrics.reset()
+        _start_afresh(runtime, checkpoints)
         return 0
     state = load_checkpoint(checkpoints, round)
     if state["numel"] != runtime.numel:
@@ -189,6 +195,22 @@ def resume(runtime: Runtime) -> int:
     runtime.metrics.truncate_after(round)
     log.info("resumed from %s at round %d", checkpoints, round)
     return round
+
+
+def _start_afresh(runtime: Runtime, checkpoints: Path) -> None:
+    # Checkpoints of an earlier run in this run.dir would outlive this run's own (pruning
+    # keeps the highest rounds) and be resumed later on top of this run's metrics.
+    stale = list_checkpoints(checkpoints)
+    if stale:
+        log.warning(
+            "starting afresh in %s: removing %d checkpoint(s) of an earlier run (rounds %s)",
+            runtime.out_dir,
+            len(stale),
+            stale,
+        )
+        for old in stale:
+            checkpoint_path(checkpoints, old).unlink()
+    runtime.metrics.reset()
 
 
 def run_rounds(runtime: Runtime, start_round: int, events: RunEvents | None) -> None:
@@ -302,6 +324,32 @@ def _state(runtime: Runtime) -> dict[str, Any]:
         "timings": dict(runtime.timings),
         "config": to_container(runtime.config),
     }
+
+
+def _warn_ignored_options(config: IslandConfig) -> None:
+    """Say so when an option is accepted but has no effect (STYLE: nothing silent)."""
+    defaults = IslandConfig()
+    ignored = []
+    if config.model.name != "gpt":
+        gpt_keys = ("n_layer", "n_head", "d_model", "vocab_size", "dropout")
+        ignored += [
+            f"model.{key}"
+            for key in gpt_keys
+            if getattr(config.model, key) != getattr(defaults.model, key)
+        ]
+    elif config.model.args:
+        ignored.append("model.args")
+    if ":" not in config.data.name and config.data.args:
+        ignored.append("data.args")
+    if config.data.val_path and config.data.val_fraction != defaults.data.val_fraction:
+        ignored.append("data.val_fraction")
+    if config.transport.kind is TransportKind.local:
+        if config.transport.torch != defaults.transport.torch:
+            ignored.append("transport.torch")
+        if config.transport.rank != defaults.transport.rank:
+            ignored.append("transport.rank")
+    for key in ignored:
+        log.warning("%s is set but has no effect with this configuration", key)
 
 
 def _device(config: IslandConfig) -> torch.device:

@@ -39,6 +39,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Islan
             raise ConfigError(f"override {item!r} must look like key=value (e.g. outer.lr=0.5)")
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for layer in layers[1:]:
+            _check_sections(layer, layers[0], "")
         merged = OmegaConf.merge(*layers)
         config = OmegaConf.to_object(merged)
     except ConfigError:
@@ -72,6 +74,24 @@ def _read_yaml(path: Path) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     return loaded
+
+
+def _check_sections(given: Any, schema: Any, prefix: str) -> None:
+    """A section given a scalar: omegaconf's merge error would name a class, not the key."""
+    if not isinstance(given, DictConfig) or not isinstance(schema, DictConfig):
+        return
+    for key in given:
+        if key not in schema:
+            continue  # the merge reports unknown keys with the valid ones
+        full_key = f"{prefix}{key}"
+        expected = schema._get_node(key)
+        if not isinstance(expected, DictConfig) or OmegaConf.get_type(expected) in (dict, None):
+            continue  # a plain value or a free-form dict (model.args, data.args)
+        value = given._get_node(key)
+        if not isinstance(value, DictConfig):
+            valid = ", ".join(_valid_keys(full_key))
+            raise ConfigError(f"{full_key} must be a section of keys ({valid}), got {given[key]!r}")
+        _check_sections(value, expected, f"{full_key}.")
 
 
 def _describe(error: OmegaConfBaseException) -> str:

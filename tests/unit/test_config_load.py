@@ -258,3 +258,21 @@ def test_factory_args_are_free_form() -> None:
     config = load_config(None, ["data.name=my_data:build", "data.args.path=/x", "model.args.n=3"])
     assert config.data.args == {"path": "/x"}
     assert config.model.args == {"n": 3}
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("run: 3\n", r"^run must be a section of keys \(checkpoint_every, .*\), got 3$"),
+        ("transport:\n  torch: 5\n", r"^transport\.torch must be a section of keys \(backend, "),
+    ],
+)
+def test_a_section_given_a_scalar_names_the_section(
+    tmp_path: Path, text: str, pattern: str
+) -> None:
+    path = tmp_path / "island.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^run must be a section"):
+        load_config(None, ["run=3"])
