@@ -11,7 +11,6 @@ through `run_cli` (a timeout, stdout and stderr captured and shown on failure) a
 from __future__ import annotations
 
 import datetime
-import json
 import multiprocessing as mp
 import os
 import queue as queue_module
@@ -28,6 +27,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from diloco.metrics import read_metrics
 
 # A model and data small enough that a round costs milliseconds on one CPU thread. One thread:
 # on this 2-core machine shared with other jobs, torch's default of 2 intra-op threads makes
@@ -236,16 +237,7 @@ def finish(process: subprocess.Popen[str], timeout_s: float) -> CliResult:
 
 def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The complete rows of run_dir/metrics.jsonl (a torn last line is ignored)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 # --- fault injection ----------------------------------------------------------------------------

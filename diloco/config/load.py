@@ -83,7 +83,7 @@ def _check_sections(given: Any, schema: Any, prefix: str) -> None:
     for key in given:
         if key not in schema:
             continue  # the merge reports unknown keys with the valid ones
-        full_key = f"{prefix}{key}"
+        full_key = f"{prefix}{key!s}"
         expected = schema._get_node(key)
         if not isinstance(expected, DictConfig) or OmegaConf.get_type(expected) in (dict, None):
             continue  # a plain value or a free-form dict (model.args, data.args)
@@ -106,7 +106,7 @@ def _describe(error: OmegaConfBaseException) -> str:
         where = f"in {parent!r}" if parent else "at the top level"
         hint = message.split("Did you mean:", 1)
         suggestion = f" Did you mean {hint[1].strip().rstrip('?')}?" if len(hint) == 2 else ""
-        return f"unknown key {key!r}{suggestion} Valid keys {where}: {valid}"
+        return f"unknown key {key!r}.{suggestion} Valid keys {where}: {valid}"
     if full_key:
         return f"{full_key}: {message}"
     return message

@@ -13,7 +13,8 @@ import pytest
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "own_training_loop.py"
 ROW = re.compile(
-    r"island (\d+)\s+round\s+(\d+)\s+step\s+\d+\s+loss ([\d.]+)\s+islands (\d+)\s+params ([0-9a-f]{12})"
+    r"island (\d+)\s+round\s+(\d+)\s+step\s+\d+\s+loss ([\d.]+)\s+"
+    r"islands (\d+)\s+params ([0-9a-f]{12})"
 )
 
 
