@@ -7,7 +7,7 @@ transport: the islands run their inner loops in turn on one device, then average
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -102,10 +102,15 @@ def sync_all(
 
 
 def join_all(
-    hosted: list[HostedIsland], available_rounds: list[int], abort: Callable[[], None]
+    hosted: list[HostedIsland],
+    available_rounds: list[int],
+    fingerprint: Mapping[str, str],
+    abort: Callable[[], None],
 ) -> int | None:
     """Every hosted island's join, concurrently: a collective, like the average."""
-    calls = [partial(island.outer.transport.join, available_rounds) for island in hosted]
+    calls = [
+        partial(island.outer.transport.join, available_rounds, fingerprint) for island in hosted
+    ]
     rounds = _concurrently(calls, abort)
     assert len(set(rounds)) == 1, f"hosted islands joined at different rounds: {rounds}"
     return rounds[0]

@@ -9,14 +9,13 @@ and, when due, one checkpoint.
 from __future__ import annotations
 
 import copy
-import json
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -27,7 +26,7 @@ from diloco.checkpoint import (
     save_checkpoint,
 )
 from diloco.codecs import Codec, build_codec
-from diloco.config import IslandConfig, to_container
+from diloco.config import IslandConfig
 from diloco.config.schema import Device, Precision, TorchBackend, TransportKind
 from diloco.data import build_data_sources
 from diloco.data.selectors import SELECTORS
@@ -35,40 +34,19 @@ from diloco.errors import ConfigError
 from diloco.inner import InnerTrainer
 from diloco.metrics import MetricsWriter
 from diloco.models import build_model
-from diloco.outer import OuterHyperparams, OuterSync, flatten_params
+from diloco.outer import OuterHyperparams, OuterSync, flatten_params, params_sha256
 from diloco.transports import LocalGroup, TorchDistributedTransport, Transport
-from diloco.transports.base import ring_allreduce_bytes
 from islands.hosted import HostedIsland, join_all, sync_all
+from islands.outputs import (
+    checkpoint_state,
+    log_tensorboard,
+    metrics_row,
+    open_tensorboard,
+    write_summary,
+)
+from islands.runtime import RunEvents, Runtime
 
 log = logging.getLogger(__name__)
-
-
-class RunEvents(Protocol):
-    """What the CLI's progress display hears about (tests pass None)."""
-
-    def on_start(self, total_steps: int, done_steps: int) -> None: ...
-    def on_step(self) -> None: ...
-    def on_round(self, row: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class Runtime:
-    """Everything one process needs to run its islands' rounds."""
-
-    config: IslandConfig
-    out_dir: Path
-    device: torch.device
-    hosted: list[HostedIsland]
-    abort: Callable[[], None]
-    val_batches: list[Any]
-    numel: int
-    metrics: MetricsWriter
-    tensorboard: Any = None
-    timings: dict[str, float] = field(default_factory=lambda: {"compute_s": 0.0, "sync_s": 0.0})
-
-    @property
-    def num_islands(self) -> int:
-        return self.config.transport.islands
 
 
 def run_island(
@@ -91,7 +69,7 @@ def run_island(
     try:
         start_round = resume(runtime)
         run_rounds(runtime, start_round, events)
-        return finish(runtime)
+        return write_summary(runtime)
     finally:
         runtime.abort()
         for island in runtime.hosted:
@@ -165,8 +143,9 @@ def build_runtime(config: IslandConfig, store: Any = None) -> Runtime:
         abort=abort,
         val_batches=[b.inputs for b in sources[0].val_batches(config.eval.batches)],
         numel=numel,
+        fingerprint=group_fingerprint(config, prototype),
         metrics=MetricsWriter(out_dir / "metrics.jsonl"),
-        tensorboard=_tensorboard(config, out_dir),
+        tensorboard=open_tensorboard(config, out_dir),
     )
 
 
@@ -174,7 +153,7 @@ def resume(runtime: Runtime) -> int:
     """Load the newest checkpoint the whole group holds; returns the round to start at."""
     checkpoints = runtime.out_dir / "checkpoints"
     available = list_checkpoints(checkpoints) if runtime.config.run.resume else []
-    round = join_all(runtime.hosted, available, runtime.abort)
+    round = join_all(runtime.hosted, available, runtime.fingerprint, runtime.abort)
     if round is None:
         _start_afresh(runtime, checkpoints)
         return 0
@@ -238,91 +217,39 @@ def run_rounds(runtime: Runtime, start_round: int, events: RunEvents | None) -> 
             config.eval.every > 0 and done % config.eval.every == 0
         )
         val_loss = runtime.hosted[0].trainer.evaluate(runtime.val_batches) if evaluate else None
-        row = _row(runtime, done, train_loss, val_loss, compute_s, sync_s, results[0].participants)
+        row = metrics_row(
+            runtime, done, train_loss, val_loss, compute_s, sync_s, results[0].participants
+        )
         runtime.metrics.write(row)
-        _log_tensorboard(runtime, row)
+        log_tensorboard(runtime, row)
         if events is not None:
             events.on_round(row)
         every = config.run.checkpoint_every
         if done == config.outer.rounds or (every > 0 and done % every == 0):
             save_checkpoint(
-                runtime.out_dir / "checkpoints", done, _state(runtime), config.run.keep_checkpoints
+                runtime.out_dir / "checkpoints",
+                done,
+                checkpoint_state(runtime),
+                config.run.keep_checkpoints,
             )
 
 
-def finish(runtime: Runtime) -> dict[str, Any]:
-    first = runtime.hosted[0]
-    rows = runtime.metrics.path.read_text().splitlines()
-    last = json.loads(rows[-1]) if rows else {}
-    compute_s = runtime.timings["compute_s"]
-    group_tokens = sum(island.tokens for island in runtime.hosted)
-    summary = {
-        "rounds": first.outer.round,
-        "islands": runtime.num_islands,
-        "hosted_islands": [island.rank for island in runtime.hosted],
-        "inner_steps": first.trainer.step_count,
-        "tokens": first.tokens,
-        "tokens_all_islands": first.tokens * runtime.num_islands,
-        "val_loss": last.get("val_loss"),
-        "train_loss": last.get("train_loss"),
-        "bytes_sent": first.bytes_sent,
-        "bytes_received": first.bytes_received,
-        "ddp_bytes_sent": last.get("ddp_bytes_sent", 0),
-        "shared_parameters": runtime.numel,
-        "compute_s": round(compute_s, 3),
-        "sync_s": round(runtime.timings["sync_s"], 3),
-        "inner_tokens_per_s": round(group_tokens / compute_s, 1) if compute_s > 0 else None,
-        "params_sha256": first.outer.params_sha256(),
-        "device": str(runtime.device),
-        "run_dir": str(runtime.out_dir),
-        "config": to_container(runtime.config),
-    }
-    temporary = runtime.out_dir / "summary.json.tmp"
-    temporary.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(temporary, runtime.out_dir / "summary.json")
-    return summary
+def group_fingerprint(config: IslandConfig, model: torch.nn.Module) -> dict[str, str]:
+    """What must be equal on every island of a group, by name (checked when islands join).
 
-
-def _row(
-    runtime: Runtime,
-    done: int,
-    train_loss: float,
-    val_loss: float | None,
-    compute_s: float,
-    sync_s: float,
-    participants: int,
-) -> dict[str, Any]:
-    first = runtime.hosted[0]
-    ddp_step_bytes = ring_allreduce_bytes(4 * runtime.numel, runtime.num_islands)
+    The model's parameter names, shapes and dtypes; its initial weights (a model factory
+    must build the same weights everywhere); and the settings the outer rounds depend on.
+    """
+    shapes = "\n".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in model.named_parameters())
+    outer = config.outer
     return {
-        "round": done,
-        "inner_step": first.trainer.step_count,
-        "tokens": first.tokens,
-        "train_loss": round(train_loss, 6),
-        "val_loss": None if val_loss is None else round(val_loss, 6),
-        "bytes_sent": first.bytes_sent,
-        "bytes_received": first.bytes_received,
-        "ddp_bytes_sent": first.trainer.step_count * ddp_step_bytes,
-        "sync_s": round(sync_s, 6),
-        "compute_s": round(compute_s, 6),
-        "islands": participants,
-        "inner_lr": first.trainer.lr_at(max(0, first.trainer.step_count - 1)),
-        "params_sha256": first.outer.params_sha256(),
-        "time": round(time.time(), 3),
-    }
-
-
-def _state(runtime: Runtime) -> dict[str, Any]:
-    return {
-        "numel": runtime.numel,
-        "outer": runtime.hosted[0].outer.state_dict(),
-        "islands": [{"rank": i.rank, **i.state_dict()} for i in runtime.hosted],
-        "rng": {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
-        "timings": dict(runtime.timings),
-        "config": to_container(runtime.config),
+        "model": hashlib.sha256(shapes.encode()).hexdigest()[:16],
+        "initial weights": params_sha256(flatten_params(list(model.parameters())))[:16],
+        "outer.rounds": str(outer.rounds),
+        "outer.inner_steps": str(outer.inner_steps),
+        "outer.codec": outer.codec.value,
+        "outer.lr, momentum, nesterov": f"{outer.lr}, {outer.momentum}, {outer.nesterov}",
+        "transport.islands": str(config.transport.islands),
     }
 
 
@@ -407,25 +334,3 @@ def _transports(
         store=store,
     )
     return [transport], lambda: None
-
-
-def _tensorboard(config: IslandConfig, out_dir: Path) -> Any:
-    if not config.run.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError(
-            "run.tensorboard is true but the tensorboard package is missing: "
-            "pip install tensorboard"
-        ) from None
-    return SummaryWriter(str(out_dir / "tensorboard"))
-
-
-def _log_tensorboard(runtime: Runtime, row: dict[str, Any]) -> None:
-    if runtime.tensorboard is None:
-        return
-    for key in ("train_loss", "val_loss", "bytes_sent", "sync_s", "compute_s", "inner_lr"):
-        if row.get(key) is not None:
-            runtime.tensorboard.add_scalar(key, row[key], global_step=row["tokens"])
-    runtime.tensorboard.flush()

@@ -7,11 +7,13 @@ whatever it does, the mean is summed in fp32 and is bit-identical on every islan
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from diloco.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -34,14 +36,19 @@ class Transport(Protocol):
     rank: int
     num_islands: int
 
-    def join(self, available_rounds: Sequence[int]) -> int | None:
-        """Agree with the group on the round to resume from.
+    def join(self, available_rounds: Sequence[int], fingerprint: Mapping[str, str]) -> int | None:
+        """Check that the islands belong together and agree on the round to resume from.
 
         Args:
             available_rounds: rounds this island holds a checkpoint of.
+            fingerprint: what must be equal on every island (model shapes, initial weights,
+                group-critical settings), by name.
 
         Returns:
-            The round every island resumes from, or None to start from scratch.
+            The newest round every island holds, or None to start from scratch.
+
+        Raises:
+            GroupMismatchError: the islands' fingerprints differ; the message says where.
         """
         ...
 
@@ -52,6 +59,32 @@ class Transport(Protocol):
     def close(self) -> None:
         """Leave the group; safe to call twice."""
         ...
+
+
+class GroupMismatchError(ConfigError):
+    """Islands that would average together run different models or group settings.
+
+    A config mistake found when the islands meet: the CLI reports it like any config error.
+    """
+
+
+def check_fingerprints(fingerprints: Sequence[Mapping[str, str]]) -> None:
+    """Raise GroupMismatchError naming every entry on which the islands differ."""
+    keys = sorted(set().union(*fingerprints))
+    differing = [key for key in keys if len({fp.get(key) for fp in fingerprints}) > 1]
+    if not differing:
+        return
+    details = "; ".join(
+        f"{key}: " + ", ".join(f"island {i} {fp.get(key)}" for i, fp in enumerate(fingerprints))
+        for key in differing
+    )
+    raise GroupMismatchError(f"islands differ and cannot average together: {details}")
+
+
+def newest_common_round(rounds_per_island: Sequence[Sequence[int]]) -> int | None:
+    """The newest round every island holds a checkpoint of, or None."""
+    common = set.intersection(*(set(rounds) for rounds in rounds_per_island))
+    return max(common) if common else None
 
 
 def ring_allreduce_bytes(payload_bytes: int, num_islands: int) -> int:

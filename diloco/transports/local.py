@@ -9,13 +9,19 @@ of the payloads would move them, so local runs report what a real group would se
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from diloco.codecs import Codec
 from diloco.outer.pseudo_gradient import weighted_mean
-from diloco.transports.base import AverageResult, ring_allreduce_bytes
+from diloco.transports.base import (
+    AverageResult,
+    GroupMismatchError,
+    check_fingerprints,
+    newest_common_round,
+    ring_allreduce_bytes,
+)
 
 
 class LocalGroup:
@@ -32,6 +38,7 @@ class LocalGroup:
         self._error: BaseException | None = None
         self._barrier = threading.Barrier(num_islands, action=self._reduce, timeout=timeout_s)
         self._join_lists: list[list[int]] = [[] for _ in range(num_islands)]
+        self._fingerprints: list[Mapping[str, str]] = [{} for _ in range(num_islands)]
         self._joined: int | None = None
         self._join_barrier = threading.Barrier(num_islands, action=self._agree, timeout=timeout_s)
 
@@ -63,12 +70,21 @@ class LocalGroup:
 
     def _agree(self) -> None:
         # Runs once, like `_reduce`: the newest round that every island holds.
-        common = set.intersection(*(set(rounds) for rounds in self._join_lists))
-        self._joined = max(common) if common else None
+        self._error = None
+        try:
+            check_fingerprints(self._fingerprints)
+            self._joined = newest_common_round(self._join_lists)
+        except GroupMismatchError as error:
+            self._error = error
 
-    def _join(self, rank: int, available_rounds: Sequence[int]) -> int | None:
+    def _join(
+        self, rank: int, available_rounds: Sequence[int], fingerprint: Mapping[str, str]
+    ) -> int | None:
         self._join_lists[rank] = list(available_rounds)
+        self._fingerprints[rank] = dict(fingerprint)
         self._join_barrier.wait()
+        if self._error is not None:
+            raise self._error
         return self._joined
 
     def _average(self, rank: int, payload: torch.Tensor, weight: float, round: int) -> torch.Tensor:
@@ -88,9 +104,9 @@ class LocalTransport:
         self.rank = rank
         self.num_islands = group.num_islands
 
-    def join(self, available_rounds: Sequence[int]) -> int | None:
+    def join(self, available_rounds: Sequence[int], fingerprint: Mapping[str, str]) -> int | None:
         # A collective like `average`: every island calls it, all get the same answer.
-        return self.group._join(self.rank, available_rounds)
+        return self.group._join(self.rank, available_rounds, fingerprint)
 
     def average(self, payload: torch.Tensor, weight: float, round: int) -> AverageResult:
         mean = self.group._average(self.rank, payload, weight, round)

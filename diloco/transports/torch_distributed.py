@@ -9,7 +9,7 @@ and every island decodes and sums them in rank order. Both give every island the
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,12 @@ import torch.distributed as dist
 
 from diloco.codecs import Codec
 from diloco.outer.pseudo_gradient import weighted_mean
-from diloco.transports.base import AverageResult, ring_allreduce_bytes
+from diloco.transports.base import (
+    AverageResult,
+    check_fingerprints,
+    newest_common_round,
+    ring_allreduce_bytes,
+)
 
 
 class TorchDistributedTransport:
@@ -77,11 +82,13 @@ class TorchDistributedTransport:
             else torch.device("cpu")
         )
 
-    def join(self, available_rounds: Sequence[int]) -> int | None:
-        everyone: list[list[int] | None] = [None] * self.num_islands
-        dist.all_gather_object(everyone, sorted(set(available_rounds)))
-        common = set.intersection(*(set(rounds or []) for rounds in everyone))
-        return max(common) if common else None
+    def join(self, available_rounds: Sequence[int], fingerprint: Mapping[str, str]) -> int | None:
+        mine = (sorted(set(available_rounds)), dict(fingerprint))
+        everyone: list[Any] = [None] * self.num_islands
+        # Lists of ints and strings only; the objects come from our own group's processes.
+        dist.all_gather_object(everyone, mine)
+        check_fingerprints([fp for _, fp in everyone])
+        return newest_common_round([rounds for rounds, _ in everyone])
 
     def average(self, payload: torch.Tensor, weight: float, round: int) -> AverageResult:
         home = payload.device

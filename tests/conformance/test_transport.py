@@ -17,7 +17,13 @@ from harness import connect_store, run_threads, spawn_children, tcp_store
 
 from diloco.codecs import Codec, NoneCodec
 from diloco.outer import weighted_mean
-from diloco.transports import LocalGroup, TorchDistributedTransport, Transport, ring_allreduce_bytes
+from diloco.transports import (
+    GroupMismatchError,
+    LocalGroup,
+    TorchDistributedTransport,
+    Transport,
+    ring_allreduce_bytes,
+)
 
 NUMEL = 1000
 RANDOM_ROUNDS = 3  # rounds of random vectors and unequal weights, then one exactly summable
@@ -92,10 +98,25 @@ def average_rounds(transport: Transport, codec: Codec, rounds: int) -> list[dict
     return seen
 
 
+SAME_GROUP = {"model": "gpt-4x128", "outer.inner_steps": "50"}
+
+
 def join_cases(
     transport: Transport, codec: Codec, cases: list[list[list[int]]]
 ) -> list[int | None]:
-    return [transport.join(rounds_per_rank[transport.rank]) for rounds_per_rank in cases]
+    return [transport.join(rounds[transport.rank], SAME_GROUP) for rounds in cases]
+
+
+def join_with_another_model(transport: Transport, codec: Codec) -> str | None:
+    """The last island runs another model: every island must refuse to join, naming it."""
+    fingerprint = dict(SAME_GROUP)
+    if transport.rank == transport.num_islands - 1:
+        fingerprint["model"] = "mlp-2x64"
+    try:
+        transport.join([1, 2], fingerprint)
+    except GroupMismatchError as error:
+        return str(error)
+    return None
 
 
 def average_on_wrong_round(transport: Transport, codec: Codec) -> str | None:
@@ -126,6 +147,7 @@ PLAN: list[tuple[str, Callable[..., Any], Codec, tuple[Any, ...]]] = [
     ("join", join_cases, NoneCodec(), ([lists for _, lists, _ in JOIN_CASES],)),
     ("user codec", average_rounds, Fp16Codec(), (2,)),
     ("wrong round", average_on_wrong_round, NoneCodec(), ()),
+    ("another model", join_with_another_model, NoneCodec(), ()),
 ]
 
 
@@ -305,3 +327,15 @@ def test_user_codec_without_inheritance(group: Group) -> None:
             assert torch.equal(_mean(seen), expected), f"island {island} round {round}"
             assert seen["participants"] == group.num_islands
             assert (seen["bytes_sent"], seen["bytes_received"]) == (expected_bytes,) * 2
+
+
+@pytest.mark.timeout(150)
+def test_islands_with_another_model_are_refused_at_join(group: Group) -> None:
+    """join() compares fingerprints: a differing entry fails on every island, and the message
+    names the entry and each island's value."""
+    for island, message in enumerate(group.seen("another model")):
+        assert message is not None, f"island {island} joined a group running another model"
+        assert "islands differ and cannot average together: model:" in message
+        assert f"island {group.num_islands - 1} mlp-2x64" in message
+        assert "island 0 gpt-4x128" in message
+        assert "inner_steps" not in message  # only what differs is named

@@ -207,3 +207,28 @@ def test_torch_transport_two_processes(config_file: Path, tmp_path: Path) -> Non
     assert [r["params_sha256"] for r in rows[0]] == [r["params_sha256"] for r in rows[1]]
     hashes = [summary(run_dir / f"island-{rank}")["params_sha256"] for rank in (0, 1)]
     assert hashes[0] == hashes[1] == rows[0][-1]["params_sha256"]
+
+
+@pytest.mark.timeout(90)
+def test_torch_islands_with_different_models_refuse_to_start(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """Two islands whose models differ (d_model) meet, compare fingerprints and both stop with
+    exit 2 and one line naming the model, before any training."""
+    store = tmp_path / "store"
+    common = [
+        "--config",
+        str(config_file),
+        *TINY,
+        "transport.kind=torch",
+        "transport.islands=2",
+        f"transport.torch.init_method=file://{store}",
+        "transport.torch.timeout_s=60",
+    ]
+    widths = ["model.d_model=16", "model.d_model=32"]
+    islands = [start_cli([*common, f"transport.rank={r}", widths[r]]) for r in (0, 1)]
+    for result in finish_all(islands, timeout_s=75):
+        assert result.returncode == 2, result.describe()
+        assert "Traceback" not in result.stderr
+        assert "islands differ and cannot average together: initial weights:" in result.stderr
+        assert "model: island 0" in result.stderr

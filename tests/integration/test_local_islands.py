@@ -1,6 +1,6 @@
 """Four local islands through the real runtime: one shared state, one row per round.
 
-The runtime's pieces (`build_runtime`, `resume`, `run_rounds`, `finish`) run here with an
+The runtime's pieces (`build_runtime`, `resume`, `run_rounds`, `write_summary`) run here with an
 events hook that, after every round, captures the anchor and outer momentum of each hosted
 island: the DESIGN invariant is that they are bit-identical on every island, every round.
 """
@@ -19,7 +19,8 @@ from diloco.config import load_config
 from diloco.metrics import REQUIRED_FIELDS, read_metrics
 from diloco.outer import params_sha256
 from diloco.transports import ring_allreduce_bytes
-from islands.island import Runtime, build_runtime, finish, resume, run_rounds
+from islands.island import Runtime, build_runtime, resume, run_rounds
+from islands.outputs import write_summary
 
 NUM_ISLANDS = 4
 ROUNDS = 3
@@ -69,7 +70,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     recorder = SharedStateRecorder(runtime)
     try:
         run_rounds(runtime, resume(runtime), recorder)
-        summary = finish(runtime)
+        summary = write_summary(runtime)
     finally:
         runtime.abort()
     return {

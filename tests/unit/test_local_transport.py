@@ -14,6 +14,8 @@ from diloco.codecs import NoneCodec
 from diloco.outer import weighted_mean
 from diloco.transports import AverageResult, LocalGroup, ring_allreduce_bytes
 
+SAME = {"model": "same"}
+
 NUMEL = 10
 JOIN_S = 20.0  # a bug must fail the test, never hang the suite
 
@@ -133,7 +135,7 @@ def test_abort_releases_a_waiting_island(call: str) -> None:
             if call == "average":
                 transport.average(codec.encode(torch.ones(NUMEL)), 1.0, round=0)
             else:
-                transport.join([1])
+                transport.join([1], SAME)
         except BaseException as error:
             outcome.append(error)
 
@@ -154,19 +156,19 @@ def test_join_agrees_on_the_newest_round_every_island_holds() -> None:
     lists, or None when they share none (start from scratch)."""
     group = LocalGroup(3, NoneCodec(), NUMEL, timeout_s=JOIN_S)
     held = [[1, 2, 5], [2, 5, 7], [5, 2]]
-    results, errors = run_islands(lambda rank: group.transport(rank).join(held[rank]), 3)
+    results, errors = run_islands(lambda rank: group.transport(rank).join(held[rank], SAME), 3)
     assert errors == [None] * 3 and results == [5, 5, 5]
 
     held = [[1], [2], []]
-    results, errors = run_islands(lambda rank: group.transport(rank).join(held[rank]), 3)
+    results, errors = run_islands(lambda rank: group.transport(rank).join(held[rank], SAME), 3)
     assert errors == [None] * 3 and results == [None, None, None]
 
 
 def test_single_island_join_needs_no_peer() -> None:
     """One island joins alone, from its own newest checkpoint."""
     transport = LocalGroup(1, NoneCodec(), NUMEL, timeout_s=JOIN_S).transport(0)
-    assert transport.join([3, 1]) == 3
-    assert transport.join([]) is None
+    assert transport.join([3, 1], SAME) == 3
+    assert transport.join([], SAME) is None
 
 
 def test_close_and_argument_checks() -> None:
@@ -180,3 +182,15 @@ def test_close_and_argument_checks() -> None:
         group.transport(2)
     with pytest.raises(ValueError, match="num_islands must be >= 1, got 0"):
         LocalGroup(0, NoneCodec(), NUMEL)
+
+
+def test_join_refuses_islands_whose_fingerprints_differ() -> None:
+    """An island with another model (or H, codec...) is refused on every island, and the
+    message names what differs and each island's value."""
+    group = LocalGroup(2, NoneCodec(), numel=4)
+    prints = [{"model": "a", "outer.inner_steps": "50"}, {"model": "a", "outer.inner_steps": "20"}]
+    results, errors = run_islands(lambda rank: group.transport(rank).join([], prints[rank]), 2)
+    assert all(error is not None for error in errors), results
+    for error in errors:
+        assert "outer.inner_steps: island 0 50, island 1 20" in str(error)
+        assert "model" not in str(error)

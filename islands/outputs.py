@@ -1,0 +1,117 @@
+"""What a run writes: metrics rows, checkpoint contents, summary.json, TensorBoard events.
+
+The output contract is in docs/output.md; the field names here are public.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diloco.config import IslandConfig, to_container
+from diloco.errors import ConfigError
+from diloco.transports.base import ring_allreduce_bytes
+from islands.runtime import Runtime
+
+
+def write_summary(runtime: Runtime) -> dict[str, Any]:
+    first = runtime.hosted[0]
+    rows = runtime.metrics.path.read_text().splitlines()
+    last = json.loads(rows[-1]) if rows else {}
+    compute_s = runtime.timings["compute_s"]
+    group_tokens = sum(island.tokens for island in runtime.hosted)
+    summary = {
+        "rounds": first.outer.round,
+        "islands": runtime.num_islands,
+        "hosted_islands": [island.rank for island in runtime.hosted],
+        "inner_steps": first.trainer.step_count,
+        "tokens": first.tokens,
+        "tokens_all_islands": first.tokens * runtime.num_islands,
+        "val_loss": last.get("val_loss"),
+        "train_loss": last.get("train_loss"),
+        "bytes_sent": first.bytes_sent,
+        "bytes_received": first.bytes_received,
+        "ddp_bytes_sent": last.get("ddp_bytes_sent", 0),
+        "shared_parameters": runtime.numel,
+        "compute_s": round(compute_s, 3),
+        "sync_s": round(runtime.timings["sync_s"], 3),
+        "inner_tokens_per_s": round(group_tokens / compute_s, 1) if compute_s > 0 else None,
+        "params_sha256": first.outer.params_sha256(),
+        "device": str(runtime.device),
+        "run_dir": str(runtime.out_dir),
+        "config": to_container(runtime.config),
+    }
+    temporary = runtime.out_dir / "summary.json.tmp"
+    temporary.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(temporary, runtime.out_dir / "summary.json")
+    return summary
+
+
+def metrics_row(
+    runtime: Runtime,
+    done: int,
+    train_loss: float,
+    val_loss: float | None,
+    compute_s: float,
+    sync_s: float,
+    participants: int,
+) -> dict[str, Any]:
+    first = runtime.hosted[0]
+    ddp_step_bytes = ring_allreduce_bytes(4 * runtime.numel, runtime.num_islands)
+    return {
+        "round": done,
+        "inner_step": first.trainer.step_count,
+        "tokens": first.tokens,
+        "train_loss": round(train_loss, 6),
+        "val_loss": None if val_loss is None else round(val_loss, 6),
+        "bytes_sent": first.bytes_sent,
+        "bytes_received": first.bytes_received,
+        "ddp_bytes_sent": first.trainer.step_count * ddp_step_bytes,
+        "sync_s": round(sync_s, 6),
+        "compute_s": round(compute_s, 6),
+        "islands": participants,
+        "inner_lr": first.trainer.lr_at(max(0, first.trainer.step_count - 1)),
+        "params_sha256": first.outer.params_sha256(),
+        "time": round(time.time(), 3),
+    }
+
+
+def checkpoint_state(runtime: Runtime) -> dict[str, Any]:
+    return {
+        "numel": runtime.numel,
+        "outer": runtime.hosted[0].outer.state_dict(),
+        "islands": [{"rank": i.rank, **i.state_dict()} for i in runtime.hosted],
+        "rng": {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+        "timings": dict(runtime.timings),
+        "config": to_container(runtime.config),
+    }
+
+
+def open_tensorboard(config: IslandConfig, out_dir: Path) -> Any:
+    if not config.run.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "run.tensorboard is true but the tensorboard package is missing: "
+            "pip install tensorboard"
+        ) from None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def log_tensorboard(runtime: Runtime, row: dict[str, Any]) -> None:
+    if runtime.tensorboard is None:
+        return
+    for key in ("train_loss", "val_loss", "bytes_sent", "sync_s", "compute_s", "inner_lr"):
+        if row.get(key) is not None:
+            runtime.tensorboard.add_scalar(key, row[key], global_step=row["tokens"])
+    runtime.tensorboard.flush()

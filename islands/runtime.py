@@ -1,0 +1,44 @@
+"""The state one process holds while it runs its islands, and the events it reports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from diloco.config import IslandConfig
+from diloco.metrics import MetricsWriter
+from islands.hosted import HostedIsland
+
+
+class RunEvents(Protocol):
+    """What the CLI's progress display hears about (tests pass None)."""
+
+    def on_start(self, total_steps: int, done_steps: int) -> None: ...
+    def on_step(self) -> None: ...
+    def on_round(self, row: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Runtime:
+    """Everything one process needs to run its islands' rounds."""
+
+    config: IslandConfig
+    out_dir: Path
+    device: torch.device
+    hosted: list[HostedIsland]
+    abort: Callable[[], None]
+    val_batches: list[Any]
+    numel: int
+    fingerprint: Mapping[str, str]
+    """What every island of the group must share (see `group_fingerprint`)."""
+    metrics: MetricsWriter
+    tensorboard: Any = None
+    timings: dict[str, float] = field(default_factory=lambda: {"compute_s": 0.0, "sync_s": 0.0})
+
+    @property
+    def num_islands(self) -> int:
+        return self.config.transport.islands
