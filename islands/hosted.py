@@ -64,17 +64,23 @@ class HostedIsland:
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "trainer": self.trainer.state_dict(),
             "data": self.data.state_dict(),
             "tokens": self.tokens,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
         }
+        # The error-feedback residual is this island's own, unlike the shared outer state
+        # that the checkpoint keeps once for all hosted islands.
+        if self.outer.residual_N is not None:
+            state["residual"] = self.outer.residual_N.cpu()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trainer.load_state_dict(state["trainer"])
         self.data.load_state_dict(state["data"])
+        self.outer.load_residual(state.get("residual"))
         self.tokens = int(state["tokens"])
         self.bytes_sent = int(state["bytes_sent"])
         self.bytes_received = int(state["bytes_received"])

@@ -98,7 +98,11 @@ def build_runtime(config: IslandConfig, store: Any = None) -> Runtime:
     torch.manual_seed(config.run.seed)
     prototype = build_model(config.model, context=config.data.seq_len)
     numel = flatten_params(list(prototype.parameters())).numel()
-    codec = build_codec(config.outer.codec.value)
+    codec = build_codec(
+        config.outer.codec.value,
+        block_size=config.outer.block_size,
+        topk_fraction=config.outer.topk_fraction,
+    )
     transports, abort = _transports(config, codec, numel, ranks, device, store)
     sources = build_data_sources(
         config.data,
@@ -113,6 +117,7 @@ def build_runtime(config: IslandConfig, store: Any = None) -> Runtime:
         momentum=config.outer.momentum,
         nesterov=config.outer.nesterov,
         inner_steps=config.outer.inner_steps,
+        error_feedback=config.outer.error_feedback,
     )
     hosted = []
     for rank_i, transport, source in zip(ranks, transports, sources, strict=True):

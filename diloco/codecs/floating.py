@@ -1,12 +1,45 @@
-"""Codecs that write floats as floats: `none` sends the fp32 bits unchanged."""
+"""Codecs that write floats as floats: `none` (fp32 bits unchanged), `fp16` and `bf16`.
+
+Body: the N values in the wire dtype, little-endian; no block size (the header says 0).
+fp16 keeps 11 significant bits (relative error <= 2^-11 per element) in a range of +-65504;
+bf16 keeps 8 (<= 2^-8) in fp32's range. Both round to nearest even.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from diloco.codecs.base import HEADER_BYTES, Header, check_header, pack_header
+from diloco.codecs.base import (
+    DTYPE_IDS,
+    HEADER_BYTES,
+    Header,
+    as_bytes,
+    check_header,
+    flat_fp32,
+    pack_header,
+)
 
-_FP32 = 0
+
+def cast_encode(x: torch.Tensor, dtype: torch.dtype, codec_id: int, codec: str) -> torch.Tensor:
+    """Header + the values of `x` cast to `dtype`; refuses values the cast would overflow."""
+    x_N = flat_fp32(x, codec)
+    wire_N = x_N.to(dtype)
+    if dtype != torch.float32 and x_N.numel() and not bool(torch.isfinite(wire_N).all()):
+        raise ValueError(
+            f"{codec} codec cannot encode values beyond {torch.finfo(dtype).max:g} "
+            f"(largest |x| is {x_N.abs().max().item():g}); use bf16 or a scaled codec"
+        )
+    header = pack_header(Header(codec_id, DTYPE_IDS[dtype], 0, x_N.numel()), x_N.device)
+    return torch.cat([header, as_bytes(wire_N)])
+
+
+def cast_decode(
+    payload: torch.Tensor, numel: int, dtype: torch.dtype, codec_id: int, codec: str
+) -> torch.Tensor:
+    size = torch.empty((), dtype=dtype).element_size()
+    check_header(payload, Header(codec_id, DTYPE_IDS[dtype], 0, numel), size * numel, codec)
+    # clone: a fresh, aligned buffer, so the result never aliases the payload.
+    return payload[HEADER_BYTES:].clone().view(dtype).to(torch.float32)
 
 
 class NoneCodec:
@@ -16,13 +49,42 @@ class NoneCodec:
     codec_id = 0
 
     def encode(self, x_N: torch.Tensor) -> torch.Tensor:
-        x_N = x_N.detach().reshape(-1).to(torch.float32).contiguous()
-        header = pack_header(Header(self.codec_id, _FP32, 0, x_N.numel()), x_N.device)
-        return torch.cat([header, x_N.view(torch.uint8)])
+        return cast_encode(x_N, torch.float32, self.codec_id, self.name)
 
     def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
-        check_header(payload, Header(self.codec_id, _FP32, 0, numel), 4 * numel, self.name)
-        return payload[HEADER_BYTES:].clone().view(torch.float32)
+        return cast_decode(payload, numel, torch.float32, self.codec_id, self.name)
 
     def payload_bytes(self, numel: int) -> int:
         return HEADER_BYTES + 4 * numel
+
+
+class Fp16Codec:
+    """IEEE half on the wire: 2 bytes per element, relative error <= 2^-11, |x| <= 65504."""
+
+    name = "fp16"
+    codec_id = 1
+
+    def encode(self, x_N: torch.Tensor) -> torch.Tensor:
+        return cast_encode(x_N, torch.float16, self.codec_id, self.name)
+
+    def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        return cast_decode(payload, numel, torch.float16, self.codec_id, self.name)
+
+    def payload_bytes(self, numel: int) -> int:
+        return HEADER_BYTES + 2 * numel
+
+
+class Bf16Codec:
+    """bfloat16 on the wire: 2 bytes per element, relative error <= 2^-8, fp32's range."""
+
+    name = "bf16"
+    codec_id = 2
+
+    def encode(self, x_N: torch.Tensor) -> torch.Tensor:
+        return cast_encode(x_N, torch.bfloat16, self.codec_id, self.name)
+
+    def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        return cast_decode(payload, numel, torch.bfloat16, self.codec_id, self.name)
+
+    def payload_bytes(self, numel: int) -> int:
+        return HEADER_BYTES + 2 * numel

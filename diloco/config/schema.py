@@ -52,6 +52,14 @@ class TorchBackend(enum.Enum):
 
 class CodecName(enum.Enum):
     none = "none"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int8 = "int8"
+    fp8 = "fp8"
+    fp4 = "fp4"
+    fp4_e2m1 = "fp4_e2m1"
+    fp4_e3m0 = "fp4_e3m0"
+    topk = "topk"
 
 
 class SelectorName(enum.Enum):
@@ -162,7 +170,23 @@ class OuterConfig:
     nesterov: bool = True
     """Nesterov momentum for the outer SGD step (false: heavy-ball momentum)."""
     codec: CodecName = CodecName.none
-    """How pseudo-gradients travel: none (fp32)."""
+    """How pseudo-gradients travel (bytes per element): none (fp32, 4), fp16 or bf16 (2), int8
+    (1, absmax scale per block), fp8 (1, e4m3 per block), fp4 (0.5: the 4-bit float format
+    chosen in docs/codecs.md, E2M1), fp4_e2m1 or fp4_e3m0 (0.5; E3M0 is Streaming DiLoCo's,
+    arXiv 2501.18512), topk (3 or 4 per kept entry: fp16 value and index, a share
+    outer.topk_fraction of each block). Byte layouts and error bounds: docs/codecs.md."""
+    block_size: int = 256
+    """Elements per block: int8, fp8 and fp4 send one fp32 scale per block (4 / block_size
+    bytes per element); topk keeps its share of each block, with 1-byte indices up to 256
+    and 2-byte ones up to 65536. Ignored by none, fp16 and bf16."""
+    topk_fraction: float = 0.1
+    """topk: share of each block's entries sent, in (0, 1]; a block keeps
+    max(1, ceil(topk_fraction * its size)). SparseLoCo sends 1-3% (arXiv 2508.15706)."""
+    error_feedback: bool = False
+    """Each island keeps what its codec lost (the residual, saved in checkpoints) and adds it
+    to the next round's pseudo-gradient, so a lossy codec's error does not accumulate.
+    SparseLoCo pairs it with top-k (arXiv 2508.15706); Streaming DiLoCo sends fp4 without it.
+    No effect with codec none."""
     reset_inner_optimizer: bool = False
     """Reset the inner AdamW state at every round (the paper keeps it)."""
 
@@ -171,6 +195,16 @@ class OuterConfig:
         _require(self.inner_steps >= 1, "outer.inner_steps", ">= 1 (H)", self.inner_steps)
         _require(self.lr > 0, "outer.lr", "> 0", self.lr)
         _require(0 <= self.momentum < 1, "outer.momentum", "in [0, 1)", self.momentum)
+        block_limit = 2**16 if self.codec is CodecName.topk else 2**32 - 1
+        _require(
+            1 <= self.block_size <= block_limit,
+            "outer.block_size",
+            f"in [1, {block_limit}]" + (" with codec topk" if block_limit == 2**16 else ""),
+            self.block_size,
+        )
+        _require(
+            0 < self.topk_fraction <= 1, "outer.topk_fraction", "in (0, 1]", self.topk_fraction
+        )
 
 
 @dataclass(kw_only=True)

@@ -4,14 +4,16 @@
 the round, and the outer momentum) and hooks into any training loop: call `after_inner_step`
 after each optimizer step, or `sync` yourself every H steps.
 
-Data path of a round (docs/architecture.md): delta = anchor - local -> codec.encode ->
-transport.average (weighted by tokens) -> nesterov_step_(anchor) -> local = anchor.
+Data path of a round (docs/architecture.md): delta = anchor - local -> (+ residual, with error
+feedback) -> codec.encode -> transport.average (weighted by tokens) -> nesterov_step_(anchor)
+-> local = anchor.
 DiLoCo, Douillard et al. 2023, Algorithm 1: https://arxiv.org/abs/2311.08105
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,9 +22,12 @@ from typing import Any
 import torch
 
 from diloco.codecs import Codec
+from diloco.outer.error_feedback import compensate, new_residual
 from diloco.outer.nesterov import nesterov_step_
 from diloco.outer.pseudo_gradient import copy_flat_into_, flatten_params, pseudo_gradient
 from diloco.transports.base import Transport
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class OuterHyperparams:
     momentum: float = 0.9
     nesterov: bool = True
     inner_steps: int = 50
+    error_feedback: bool = False
+    """Keep what the codec lost and add it to the next round's pseudo-gradient."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ class OuterSync:
         params: the model's parameters, updated in place after each round.
         transport: this island's handle on the group.
         codec: how this island's pseudo-gradient is written on the wire.
-        hyper: outer lr, momentum, Nesterov and H.
+        hyper: outer lr, momentum, Nesterov, H and error feedback.
     """
 
     def __init__(
@@ -68,6 +75,10 @@ class OuterSync:
         self.hyper = hyper
         self.anchor_N = flatten_params(self.params)
         self.momentum_N = torch.zeros_like(self.anchor_N)
+        # This island's own error-feedback residual (never shared); None without error feedback.
+        self.residual_N = torch.zeros_like(self.anchor_N) if hyper.error_feedback else None
+        if hyper.error_feedback and codec.name == "none":
+            log.warning("error feedback has no effect with codec none: it loses nothing")
         self.round = 0
         self._steps_this_round = 0
         self._tokens_this_round = 0.0
@@ -92,7 +103,12 @@ class OuterSync:
         """
         start = time.perf_counter()
         delta_N = pseudo_gradient(self.anchor_N, flatten_params(self.params))
-        payload = self.codec.encode(delta_N)
+        if self.residual_N is None:
+            payload = self.codec.encode(delta_N)
+        else:
+            target_N = compensate(delta_N, self.residual_N)
+            payload = self.codec.encode(target_N)
+            self.residual_N = new_residual(target_N, self.codec.decode(payload, self.numel))
         result = self.transport.average(payload, weight=tokens, round=self.round)
         nesterov_step_(
             self.anchor_N,
@@ -120,11 +136,14 @@ class OuterSync:
         return params_sha256(self.anchor_N)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "anchor": self.anchor_N.cpu(),
             "momentum": self.momentum_N.cpu(),
             "round": self.round,
         }
+        if self.residual_N is not None:
+            state["residual"] = self.residual_N.cpu()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         anchor, momentum = state["anchor"], state["momentum"]
@@ -134,10 +153,27 @@ class OuterSync:
             )
         self.anchor_N.copy_(anchor)
         self.momentum_N.copy_(momentum)
+        self.load_residual(state.get("residual"))
         self.round = int(state["round"])
         self._steps_this_round = 0
         self._tokens_this_round = 0.0
         copy_flat_into_(self.params, self.anchor_N)
+
+    def load_residual(self, residual: torch.Tensor | None) -> None:
+        """Restore this island's error-feedback residual; None (a checkpoint written without
+        error feedback): start from zeros."""
+        if self.residual_N is None:
+            if residual is not None:
+                log.warning("the checkpoint holds an error-feedback residual; it is dropped")
+            return
+        if residual is None:
+            self.residual_N.zero_()
+            return
+        if residual.shape != self.residual_N.shape:
+            raise ValueError(
+                f"checkpoint residual holds {residual.numel()} elements, the model has {self.numel}"
+            )
+        self.residual_N.copy_(residual)
 
 
 def params_sha256(flat_N: torch.Tensor) -> str:

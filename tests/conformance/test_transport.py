@@ -199,7 +199,7 @@ def _ring_bytes(codec: Codec, payload_bytes: int, num_islands: int) -> int:
 
 def _torch_bytes(codec: Codec, payload_bytes: int, num_islands: int) -> int:
     # Documented in diloco/transports/torch_distributed.py: fp32 is all-reduced (a ring),
-    # other codecs are all-gathered (each island's payload reaches N - 1 peers).
+    # other codecs are broadcast by each island (its payload reaches N - 1 peers).
     if codec.name == "none":
         return ring_allreduce_bytes(payload_bytes, num_islands)
     return (num_islands - 1) * payload_bytes

@@ -46,8 +46,8 @@ def test_unknown_nested_key_in_yaml_suggests_and_lists_the_section(tmp_path: Pat
     message = str(caught.value)
     assert "Did you mean 'inner_steps'?" in message
     assert (
-        "Valid keys in 'outer': codec, inner_steps, lr, momentum, nesterov, "
-        "reset_inner_optimizer, rounds" in message
+        "Valid keys in 'outer': block_size, codec, error_feedback, inner_steps, lr, momentum, "
+        "nesterov, reset_inner_optimizer, rounds, topk_fraction" in message
     )
 
 
@@ -91,7 +91,11 @@ def test_wrong_type_override_names_the_full_key(override: str, pattern: str) -> 
             r"run\.device: Invalid value 'gpu', expected one of \[auto, cpu, cuda\]",
         ),
         ("run.device=CPU", r"run\.device: Invalid value 'CPU'"),
-        ("outer.codec=int8", r"outer\.codec: Invalid value 'int8', expected one of \[none\]"),
+        (
+            "outer.codec=int4",
+            r"outer\.codec: Invalid value 'int4', expected one of \[none, fp16, bf16, int8, fp8, "
+            r"fp4, fp4_e2m1, fp4_e3m0, topk\]",
+        ),
     ],
 )
 def test_unknown_enum_value_lists_the_choices(override: str, pattern: str) -> None:
@@ -111,6 +115,13 @@ def test_unknown_enum_value_lists_the_choices(override: str, pattern: str) -> No
         (["outer.momentum=1.5"], r"^outer\.momentum must be in \[0, 1\), got 1\.5"),
         (["outer.momentum=1"], r"^outer\.momentum must be in \[0, 1\)"),
         (["outer.momentum=-0.1"], r"^outer\.momentum must be in \[0, 1\)"),
+        (["outer.block_size=0"], r"^outer\.block_size must be in \[1, 4294967295\], got 0"),
+        (
+            ["outer.codec=topk", "outer.block_size=65537"],
+            r"^outer\.block_size must be in \[1, 65536\] with codec topk, got 65537",
+        ),
+        (["outer.topk_fraction=0"], r"^outer\.topk_fraction must be in \(0, 1\], got 0\.0"),
+        (["outer.topk_fraction=1.5"], r"^outer\.topk_fraction must be in \(0, 1\]"),
         (["transport.islands=0"], r"^transport\.islands must be >= 1, got 0"),
         (["transport.rank=-2"], r"^transport\.rank must be >= -1, got -2"),
         (

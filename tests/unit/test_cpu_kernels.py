@@ -1,0 +1,198 @@
+"""The fused numba kernels give bit for bit what the torch references in int8.py and fp4.py give.
+
+Awkward sizes and block sizes (odd ones take the kernels' other path), all-zero blocks, one huge
+outlier, negative zeros, exact ties, and values spread over many orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from diloco.codecs import E2M1, E3M0, Fp4Format  # noqa: E402
+from diloco.codecs import cpu_kernels as kernels  # noqa: E402
+from diloco.codecs.fp4 import fp4_decode, fp4_encode  # noqa: E402
+from diloco.codecs.int8 import int8_decode, int8_encode  # noqa: E402
+
+BLOCKS = [256, 16, 7, 1, 1024]
+SIZES = [0, 1, 7, 255, 257, 10_001]
+FORMATS = [E2M1, E3M0]
+
+
+def awkward(numel: int, block: int, seed: int = 0) -> torch.Tensor:
+    """Gaussian values over ~10 decades, with the special cases planted when there is room."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=gen) * torch.exp(3 * torch.randn(numel, generator=gen))
+    if numel > 2 * block + 3:
+        x[:block] = 0.0  # an all-zero block
+        x[block : 2 * block : 3] = -0.0  # negative zeros among ordinary values
+        x[numel // 2] = 1e30  # one outlier: the rest of its block rounds to 0
+        x[-1] = -0.0
+    return x
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Exact comparison of floats, telling -0.0 from 0.0."""
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    mismatch = (bits(got) != bits(want)).nonzero().flatten()
+    assert mismatch.numel() == 0, f"{mismatch.numel()} differ, first at {mismatch[:5].tolist()}"
+
+
+def kernel_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.empty(x.numel(), dtype=torch.int8)
+    scale = torch.empty(-(-x.numel() // block))
+    kernels.int8_encode_into(x, q, scale, block)
+    return q, scale
+
+
+def kernel_fp4(x: torch.Tensor, block: int, fmt: Fp4Format) -> tuple[torch.Tensor, torch.Tensor]:
+    packed = torch.empty((x.numel() + 1) // 2, dtype=torch.uint8)
+    scale = torch.empty(-(-x.numel() // block))
+    kernels.fp4_encode_into(x, packed, scale, block, fmt.magnitudes)
+    return packed, scale
+
+
+def test_available() -> None:
+    assert kernels.available()
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("numel", SIZES)
+def test_int8_matches_reference(numel: int, block: int) -> None:
+    x = awkward(numel, block)
+    q, scale = kernel_int8(x, block)
+    q_ref, scale_ref = int8_encode(x, block)
+    assert_same(scale, scale_ref)
+    assert_same(q, q_ref)
+    out = torch.empty(numel)
+    kernels.int8_decode_into(q, scale, out, block)
+    assert_same(out, int8_decode(q_ref, scale_ref, block))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("numel", SIZES)
+def test_fp4_matches_reference(numel: int, block: int, fmt: Fp4Format) -> None:
+    x = awkward(numel, block)
+    packed, scale = kernel_fp4(x, block, fmt)
+    packed_ref, scale_ref = fp4_encode(x, block, fmt)
+    assert_same(scale, scale_ref)
+    assert_same(packed, packed_ref)
+    out = torch.empty(numel)
+    kernels.fp4_decode_into(packed, scale, out, block, fmt.magnitudes)
+    assert_same(out, fp4_decode(packed_ref, scale_ref, numel, block, fmt))
+
+
+def test_int8_ties_round_half_to_even() -> None:
+    x = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, -127.0, 0.0])  # scale exactly 1
+    q, scale = kernel_int8(x, 8)
+    assert scale.tolist() == [1.0]
+    assert q.tolist() == [127, 0, 2, 2, 0, -2, -127, 0]
+
+
+def test_fp4_e2m1_ties_go_to_the_lower_code_and_pack_low_nibble_first() -> None:
+    # scale 1: 0.25, 0.75, 2.5, 5 sit exactly on midpoints; -0.25 keeps its sign bit.
+    x = torch.tensor([6.0, 0.25, 0.75, 2.5, 5.0, -0.25, -5.0, -0.0, 1.0])
+    packed, scale = kernel_fp4(x, 16, E2M1)
+    assert scale.tolist() == [1.0]
+    codes = [7, 0, 1, 4, 6, 8 | 0, 8 | 6, 0, 2, 0]  # padded with a zero nibble
+    assert packed.tolist() == [lo | hi << 4 for lo, hi in zip(codes[::2], codes[1::2], strict=True)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_value_makes_its_block_scale_non_finite(bad: float) -> None:
+    x = awkward(1000, 16)
+    x[100] = bad  # block 6
+    finite = torch.arange(-(-1000 // 16)) != 6
+    for scale, scale_ref in [
+        (kernel_int8(x, 16)[1], int8_encode(x, 16)[1]),
+        (kernel_fp4(x, 16, E2M1)[1], fp4_encode(x, 16, E2M1)[1]),
+    ]:
+        assert torch.isfinite(scale).tolist() == finite.tolist()
+        assert_same(scale[finite], scale_ref[finite])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_bits_on_any_thread_count(threads: int) -> None:
+    x = awkward(300_007, 256, seed=1)  # more than one thread's share
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, scale = kernel_int8(x, 256)
+        packed, scale4 = kernel_fp4(x, 256, E2M1)
+    finally:
+        torch.set_num_threads(before)
+    assert_same(q, int8_encode(x, 256)[0])
+    assert_same(packed, fp4_encode(x, 256, E2M1)[0])
+
+
+def test_concurrent_calls_from_two_threads() -> None:
+    xs = [awkward(200_000, 256, seed=s) for s in range(2)]
+    results: list[torch.Tensor | None] = [None, None]
+
+    def encode(i: int) -> None:
+        for _ in range(5):
+            results[i] = kernel_int8(xs[i], 256)[0]
+
+    threads = [threading.Thread(target=encode, args=(i,), daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for x, got in zip(xs, results, strict=True):
+        assert got is not None
+        assert_same(got, int8_encode(x, 256)[0])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: kernels.int8_encode_into(torch.zeros(8), torch.zeros(8), torch.zeros(1), 8),
+            "q_N",
+        ),
+        (
+            lambda: kernels.int8_encode_into(
+                torch.zeros(8), torch.zeros(8, dtype=torch.int8), torch.zeros(2), 8
+            ),
+            "scale_nb",
+        ),
+        (
+            lambda: kernels.int8_decode_into(
+                torch.zeros(8, dtype=torch.int8), torch.zeros(1), torch.zeros(8)[::2], 8
+            ),
+            "out_N",
+        ),
+        (
+            lambda: kernels.fp4_encode_into(
+                torch.zeros(9),
+                torch.zeros(4, dtype=torch.uint8),
+                torch.zeros(1),
+                16,
+                E2M1.magnitudes,
+            ),
+            "packed",
+        ),
+        (
+            lambda: kernels.int8_encode_into(
+                torch.zeros(8), torch.zeros(8, dtype=torch.int8), torch.zeros(1), 0
+            ),
+            "block size",
+        ),
+        (
+            lambda: kernels.fp4_tables([0.0, 1.0, 2.0]),
+            "8 increasing magnitudes",
+        ),
+    ],
+)
+def test_refuses_wrong_buffers(call, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=message):
+        call()
