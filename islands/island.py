@@ -252,7 +252,9 @@ def group_fingerprint(config: IslandConfig, model: torch.nn.Module) -> dict[str,
         "initial weights": params_sha256(flatten_params(list(model.parameters())))[:16],
         "outer.rounds": str(outer.rounds),
         "outer.inner_steps": str(outer.inner_steps),
-        "outer.codec": outer.codec.value,
+        "outer.codec, block_size, topk_fraction": (
+            f"{outer.codec.value}, {outer.block_size}, {outer.topk_fraction}"
+        ),
         "outer.lr, momentum, nesterov": f"{outer.lr}, {outer.momentum}, {outer.nesterov}",
         "transport.islands": str(config.transport.islands),
     }
@@ -275,6 +277,11 @@ def _warn_ignored_options(config: IslandConfig) -> None:
         ignored.append("data.args")
     if config.data.val_path and config.data.val_fraction != defaults.data.val_fraction:
         ignored.append("data.val_fraction")
+    codec = config.outer.codec.value
+    if codec in ("none", "fp16", "bf16") and config.outer.block_size != defaults.outer.block_size:
+        ignored.append("outer.block_size")
+    if codec != "topk" and config.outer.topk_fraction != defaults.outer.topk_fraction:
+        ignored.append("outer.topk_fraction")
     if config.transport.kind is TransportKind.local:
         if config.transport.torch != defaults.transport.torch:
             ignored.append("transport.torch")
