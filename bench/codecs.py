@@ -1,26 +1,36 @@
-"""Codec speed and error on this machine's CPU, each next to a plain memcpy of the same buffer.
+"""Codec speed and error, each next to a plain memcpy of the same buffer in the same run.
 
 For each size (random normal fp32): wire bytes per fp32 byte, relative error |x^ - x| / |x|,
-encode and decode time (median of --reps after a warm-up), GB/s (fp32 bytes / time), and the
-ratio to a memcpy (`dst.copy_(x)` into a preallocated tensor) timed right before each
+encode and decode time (median of the repetitions after a warm-up), GB/s (fp32 bytes / time),
+and the ratio to a memcpy (`dst.copy_(x)` into a preallocated tensor) timed right before each
 repetition: the median of those per-repetition ratios, so that other load on the machine
 cancels out. Rows:
   memcpy               the baseline itself
-  fp16 / bf16 cast     a cast into a preallocated tensor, and back
-  ... torch ops        the plain-torch references (diloco/codecs/int8.py, fp4.py)
-  ... fused (numba)    diloco/codecs/cpu_kernels.py, into preallocated buffers
-  codec ...            Codec.encode / decode as registered (header, checks and copies included)
-With --loopback a second table adds gloo between 2 local processes (bench/loopback.py): what one
-exchange between 2 islands costs (encode, gather both payloads, decode both) against one fp32
-all_reduce.
+  codec <name>         build_codec(name).encode / .decode as registered, end to end: header,
+                       checks, allocating the payload and the decoded tensor; on the CPU int8
+                       and fp4 run the fused kernels (diloco/codecs/cpu_kernels.py)
+  ... kernels only     those kernels into preallocated buffers (CPU): the codec's floor
+  ... torch ops        the plain-torch reference functions (int8.py, fp4.py) without a header:
+                       the GPU path, and the CPU path before the kernels (or without numba)
+A row whose warm-up call takes over a second (the torch references, topk at 124M) is timed
+--slow-reps times instead of --reps; the table says how many.
 
-    python bench/codecs.py [--sizes 25e6 124e6] [--reps 7] [--block 256] [--threads 0]
-                           [--loopback]
+With --loopback SIZES a second table times one exchange between 2 islands on this machine through
+the torch transport (bench/loopback.py `measure_exchange`: encode, one broadcast per island,
+decode both, fp32 mean) against a plain fp32 gloo all_reduce of the same tensor.
+
+    python bench/codecs.py [--sizes 25e6 124e6] [--codecs int8 fp4 ...] [--no-reference-rows]
+                           [--reps 7] [--slow-reps 3] [--block 256] [--threads 0]
+                           [--device cpu|cuda] [--loopback 25e6]
+
+On a GPU (--device cuda) times come from CUDA events around each call, after a synchronize.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import os
 import platform
 import statistics
@@ -29,12 +39,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from loopback import measure_loopback
+from loopback import CODECS, print_exchange_table
 
-from diloco.codecs import E2M1, E3M0, build_codec
+from diloco.codecs import E2M1, build_codec
 from diloco.codecs import cpu_kernels as kernels
 from diloco.codecs.fp4 import Fp4Format, fp4_decode, fp4_encode
 from diloco.codecs.int8 import int8_decode, int8_encode
+
+SLOW_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -50,120 +62,149 @@ class Case:
 class Timing:
     seconds: float
     vs_memcpy: float
+    reps: int
 
 
-def cases(x: torch.Tensor, block: int) -> list[Case]:
-    out, dst = torch.empty_like(x), torch.empty_like(x)
-    found = [
-        Case("memcpy (fp32 copy_)", 4 * x.numel(), lambda: dst.copy_(x), lambda: out.copy_(dst))
+@dataclass(frozen=True)
+class Row:
+    """What is kept of a measured Case (whose buffers are freed before the next row)."""
+
+    name: str
+    wire_bytes: int
+    error: float
+    encode: Timing
+    decode: Timing
+
+
+def case_makers(
+    x: torch.Tensor, codecs: list[str], block: int, topk_fraction: float, references: bool
+) -> list[Callable[[], Case]]:
+    """One maker per row, so that each row's buffers exist only while it is timed."""
+    makers: list[Callable[[], Case]] = [
+        functools.partial(codec_case, name, x, block, topk_fraction) for name in codecs
     ]
-    for dtype, name in [(torch.float16, "fp16"), (torch.bfloat16, "bf16")]:
-        half = torch.empty(x.numel(), dtype=dtype)
-        found.append(
-            Case(
-                f"{name} cast",
-                2 * x.numel(),
-                lambda h=half: h.copy_(x),
-                lambda h=half: out.copy_(h),
-            )
-        )
-    found += int8_cases(x, out, block)
-    found += fp4_cases(x, out, block, E2M1, with_torch_ops=True)
-    found += fp4_cases(x, out, block, E3M0, with_torch_ops=False)
-    found += [codec_case(name, x, block) for name in ["int8", "fp4_e2m1"]]
-    return found
+    if not references:
+        return makers
+    if x.device.type == "cpu" and kernels.available():
+        makers += [lambda: int8_kernel_case(x, block), lambda: fp4_kernel_case(x, block, E2M1)]
+    makers += [lambda: int8_torch_case(x, block), lambda: fp4_torch_case(x, block, E2M1)]
+    return makers
 
 
-def int8_cases(x: torch.Tensor, out: torch.Tensor, block: int) -> list[Case]:
-    numel, nb = x.numel(), -(-x.numel() // block)
-    held: dict[str, torch.Tensor] = {}
-
-    def torch_encode() -> None:
-        held["q"], held["scale"] = int8_encode(x, block)
-
-    q, scale = torch.empty(numel, dtype=torch.int8), torch.empty(nb)
-
-    def fused_decode() -> torch.Tensor:
-        kernels.int8_decode_into(q, scale, out, block)
-        return out
-
-    wire = numel + 4 * nb
-    return [
-        Case(
-            "int8 torch ops",
-            wire,
-            torch_encode,
-            lambda: int8_decode(held["q"], held["scale"], block),
-        ),
-        Case(
-            "int8 fused (numba)",
-            wire,
-            lambda: kernels.int8_encode_into(x, q, scale, block),
-            fused_decode,
-        ),
-    ]
-
-
-def fp4_cases(
-    x: torch.Tensor, out: torch.Tensor, block: int, fmt: Fp4Format, with_torch_ops: bool
-) -> list[Case]:
-    numel, nb = x.numel(), -(-x.numel() // block)
-    held: dict[str, torch.Tensor] = {}
-
-    def torch_encode() -> None:
-        held["packed"], held["scale"] = fp4_encode(x, block, fmt)
-
-    def torch_decode() -> torch.Tensor:
-        return fp4_decode(held["packed"], held["scale"], numel, block, fmt)
-
-    packed, scale = torch.empty((numel + 1) // 2, dtype=torch.uint8), torch.empty(nb)
-
-    def fused_decode() -> torch.Tensor:
-        kernels.fp4_decode_into(packed, scale, out, block, fmt.magnitudes)
-        return out
-
-    wire = (numel + 1) // 2 + 4 * nb
-    fused = Case(
-        f"{fmt.name} fused (numba)",
-        wire,
-        lambda: kernels.fp4_encode_into(x, packed, scale, block, fmt.magnitudes),
-        fused_decode,
-    )
-    if not with_torch_ops:
-        return [fused]
-    return [Case(f"{fmt.name} torch ops", wire, torch_encode, torch_decode), fused]
-
-
-def codec_case(name: str, x: torch.Tensor, block: int) -> Case:
-    codec = build_codec(name, block_size=block)
+def codec_case(name: str, x: torch.Tensor, block: int, topk_fraction: float) -> Case:
+    codec = build_codec(name, block_size=block, topk_fraction=topk_fraction)
     held: dict[str, torch.Tensor] = {}
 
     def encode() -> None:
+        held.pop("payload", None)  # free the last payload first, as a caller would
         held["payload"] = codec.encode(x)
 
+    label = {"fp4": f"fp4 ({E2M1.name})", "topk": f"topk ({topk_fraction:g})"}.get(name, name)
     return Case(
-        f"codec {name}",
+        f"codec {label}",
         codec.payload_bytes(x.numel()),
         encode,
         lambda: codec.decode(held["payload"], x.numel()),
     )
 
 
-def seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def int8_kernel_case(x: torch.Tensor, block: int) -> Case:
+    numel, nb = x.numel(), -(-x.numel() // block)
+    q, scale, out = torch.empty(numel, dtype=torch.int8), torch.empty(nb), torch.empty_like(x)
+
+    def decode() -> torch.Tensor:
+        kernels.int8_decode_into(q, scale, out, block)
+        return out
+
+    return Case(
+        "int8 kernels only",
+        numel + 4 * nb,
+        lambda: kernels.int8_encode_into(x, q, scale, block),
+        decode,
+    )
+
+
+def fp4_kernel_case(x: torch.Tensor, block: int, fmt: Fp4Format) -> Case:
+    numel, nb = x.numel(), -(-x.numel() // block)
+    packed = torch.empty((numel + 1) // 2, dtype=torch.uint8)
+    scale, out = torch.empty(nb), torch.empty_like(x)
+
+    def decode() -> torch.Tensor:
+        kernels.fp4_decode_into(packed, scale, out, block, fmt.magnitudes)
+        return out
+
+    return Case(
+        f"{fmt.name} kernels only",
+        (numel + 1) // 2 + 4 * nb,
+        lambda: kernels.fp4_encode_into(x, packed, scale, block, fmt.magnitudes),
+        decode,
+    )
+
+
+def int8_torch_case(x: torch.Tensor, block: int) -> Case:
+    held: dict[str, torch.Tensor] = {}
+
+    def encode() -> None:
+        held.clear()
+        held["q"], held["scale"] = int8_encode(x, block)
+
+    return Case(
+        "int8 torch ops (before)",
+        x.numel() + 4 * blocks(x, block),
+        encode,
+        lambda: int8_decode(held["q"], held["scale"], block),
+    )
+
+
+def fp4_torch_case(x: torch.Tensor, block: int, fmt: Fp4Format) -> Case:
+    held: dict[str, torch.Tensor] = {}
+
+    def encode() -> None:
+        held.clear()
+        held["packed"], held["scale"] = fp4_encode(x, block, fmt)
+
+    return Case(
+        f"{fmt.name} torch ops (before)",
+        (x.numel() + 1) // 2 + 4 * blocks(x, block),
+        encode,
+        lambda: fp4_decode(held["packed"], held["scale"], x.numel(), block, fmt),
+    )
+
+
+def blocks(x: torch.Tensor, block: int) -> int:
+    return -(-x.numel() // block)
+
+
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    torch.cuda.synchronize(device)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
     fn()
-    return time.perf_counter() - start
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
 
 
-def time_against(fn: Callable[[], object], memcpy: Callable[[], object], reps: int) -> Timing:
-    fn()  # warm-up (and the JIT's first call)
+def time_against(
+    fn: Callable[[], object],
+    memcpy: Callable[[], object],
+    device: torch.device,
+    reps: int,
+    slow_reps: int,
+) -> Timing:
+    first = seconds(fn, device)  # warm-up (and the kernels' first call)
+    reps = slow_reps if first > SLOW_S else reps
     times, ratios = [], []
     for _ in range(reps):
-        base = seconds(memcpy)
-        took = seconds(fn)
+        base = seconds(memcpy, device)
+        took = seconds(fn, device)
         times.append(took)
         ratios.append(took / base)
-    return Timing(statistics.median(times), statistics.median(ratios))
+    return Timing(statistics.median(times), statistics.median(ratios), reps)
 
 
 def relative_error(x_hat: torch.Tensor, x: torch.Tensor) -> float:
@@ -171,98 +212,100 @@ def relative_error(x_hat: torch.Tensor, x: torch.Tensor) -> float:
     return float(diff / torch.linalg.vector_norm(x, dtype=torch.float64))
 
 
-def first_calls() -> str:
-    """Seconds of each fused kernel's first call in this process: a JIT compile, or a load
-    from numba's on-disk cache when an earlier process compiled it."""
-    x = torch.randn(1000)
-    q, s = torch.empty(1000, dtype=torch.int8), torch.empty(4)
-    p, o = torch.empty(500, dtype=torch.uint8), torch.empty(1000)
-    calls = {
-        "int8 encode": lambda: kernels.int8_encode_into(x, q, s, 256),
-        "int8 decode": lambda: kernels.int8_decode_into(q, s, o, 256),
-        "fp4 encode": lambda: kernels.fp4_encode_into(x, p, s, 256, E2M1.magnitudes),
-        "fp4 decode": lambda: kernels.fp4_decode_into(p, s, o, 256, E2M1.magnitudes),
-    }
-    return ", ".join(f"{name} {seconds(call):.2f} s" for name, call in calls.items())
-
-
-def machine() -> str:
+def machine(device: torch.device) -> str:
     model = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             model = next(line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line)
     except (OSError, StopIteration):
         pass
-    numba = kernels.numba
+    numba = f"numba {kernels.numba.__version__}" if kernels.available() else "no numba"
+    gpu = f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (
         f"{model}, {torch.get_num_threads()} torch threads on {len(os.sched_getaffinity(0))} "
-        f"cores, torch {torch.__version__}, numba {numba.__version__}"
+        f"cores, torch {torch.__version__}, {numba}{gpu}"
     )
 
 
-def table(numel: int, rows: list[tuple[Case, float, Timing, Timing]]) -> None:
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def measure(
+    x: torch.Tensor,
+    maker: Callable[[], Case],
+    memcpy: Callable[[], object],
+    args: argparse.Namespace,
+) -> Row:
+    case = maker()
+    enc = time_against(case.encode, memcpy, x.device, args.reps, args.slow_reps)
+    dec = time_against(case.decode, memcpy, x.device, args.reps, args.slow_reps)
+    return Row(case.name, case.wire_bytes, relative_error(case.decode(), x), enc, dec)
+
+
+def table(numel: int, memcpy_s: float, rows: list[Row]) -> None:
     gb = 4 * numel / 1e9
-    print(f"\n{numel / 1e6:.0f}M fp32 elements ({4 * numel / 1e6:.0f} MB)\n")
     print(
-        "| codec | wire / fp32 | rel. error | encode ms | GB/s | / memcpy "
-        "| decode ms | GB/s | / memcpy |"
+        f"\n{numel / 1e6:.0f}M fp32 elements ({4 * numel / 1e6:.0f} MB), memcpy "
+        f"{memcpy_s * 1e3:.1f} ms ({gb / memcpy_s:.1f} GB/s); {load()}\n"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for case, error, enc, dec in rows:
+    print(
+        "| row | wire / fp32 | rel. error | encode ms | GB/s | / memcpy "
+        "| decode ms | GB/s | / memcpy | reps |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        enc, dec = row.encode, row.decode
+        reps = str(enc.reps) if enc.reps == dec.reps else f"{enc.reps} / {dec.reps}"
         print(
-            f"| {case.name} | {case.wire_bytes / (4 * numel):.4f} | {error:.2e} "
+            f"| {row.name} | {row.wire_bytes / (4 * numel):.4f} | {row.error:.2e} "
             f"| {enc.seconds * 1e3:.1f} | {gb / enc.seconds:.1f} | {enc.vs_memcpy:.2f}x "
-            f"| {dec.seconds * 1e3:.1f} | {gb / dec.seconds:.1f} | {dec.vs_memcpy:.2f}x |"
-        )
-
-
-def exchange_table(rows: list[tuple[Case, float, Timing, Timing]], numel: int, reps: int) -> None:
-    """One exchange between 2 islands: encode, gather both payloads, decode both."""
-    wires = {case.wire_bytes for case, *_ in rows[1:]}
-    sent = measure_loopback(numel, {str(w): w for w in wires}, reps)
-    fp32 = sent["fp32 all_reduce"]
-    print(f"\ngloo, 2 processes on loopback: fp32 all_reduce {fp32 * 1e3:.0f} ms\n")
-    print("| codec | send: all_gather / broadcasts ms | exchange ms | / fp32 all_reduce |")
-    print("| --- | --- | --- | --- |")
-    for case, _, enc, dec in rows[1:]:
-        gather, bcast = sent[f"{case.wire_bytes} all_gather"], sent[f"{case.wire_bytes} broadcasts"]
-        totals = [enc.seconds + send + 2 * dec.seconds for send in (gather, bcast)]
-        print(
-            f"| {case.name} | {gather * 1e3:.0f} / {bcast * 1e3:.0f} "
-            f"| {totals[0] * 1e3:.0f} / {totals[1] * 1e3:.0f} "
-            f"| {totals[0] / fp32:.2f}x / {totals[1] / fp32:.2f}x |"
+            f"| {dec.seconds * 1e3:.1f} | {gb / dec.seconds:.1f} | {dec.vs_memcpy:.2f}x "
+            f"| {reps} |",
+            flush=True,
         )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[25e6, 124e6])
+    parser.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS)
+    parser.add_argument(
+        "--no-reference-rows", action="store_true", help="only the codec rows (and memcpy)"
+    )
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--slow-reps", type=int, default=3)
     parser.add_argument("--block", type=int, default=256)
-    parser.add_argument("--loopback", action="store_true")
+    parser.add_argument("--topk-fraction", type=float, default=0.1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
+    parser.add_argument(
+        "--loopback", type=float, nargs="+", default=[], help="sizes of the 2-process table"
+    )
+    parser.add_argument("--loopback-reps", type=int, default=5)
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not kernels.available():
-        raise SystemExit("bench/codecs.py needs numba for the fused rows: pip install numba")
-    compiled = first_calls()
-    print(f"{machine()}; median of {args.reps}")
-    print(f"fused kernels, first call: {compiled}")
+    print(f"{machine(device)}; {load()}")
     for size in args.sizes:
         numel = int(size)
-        x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
-        found = cases(x, args.block)
-        memcpy = found[0].encode
+        x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device)
+        dst = torch.empty_like(x)
+        memcpy = functools.partial(dst.copy_, x)
+        memcpy_s = statistics.median(seconds(memcpy, device) for _ in range(args.reps))
         rows = []
-        for case in found:
-            enc = time_against(case.encode, memcpy, args.reps)
-            dec = time_against(case.decode, memcpy, args.reps)
-            rows.append((case, relative_error(case.decode(), x), enc, dec))
-        table(numel, rows)
-        if args.loopback:
-            exchange_table(rows, numel, max(3, args.reps // 2))
-        del x, found, rows
+        for maker in case_makers(
+            x, args.codecs, args.block, args.topk_fraction, not args.no_reference_rows
+        ):
+            rows.append(measure(x, maker, memcpy, args))
+            gc.collect()  # the row's buffers go before the next row's
+        table(numel, memcpy_s, rows)
+        del x, dst
+        gc.collect()
+    for size in args.loopback:
+        print_exchange_table(int(size), args.codecs, args.block, args.loopback_reps)
 
 
 if __name__ == "__main__":

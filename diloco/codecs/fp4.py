@@ -13,7 +13,8 @@ magnitude code c whose value is, with the block's scale:
 Element 2i is the low nibble of byte i, element 2i+1 the high one; an odd N pads a zero nibble.
 
 Body: scale fp32[nb] | packed bytes[ceil(N / 2)]   (nb = ceil(N / B)).
-These functions are the reference that diloco/codecs/cpu_kernels.py matches bit for bit.
+These functions are the reference and the GPU path; on the CPU, Fp4Codec runs the fused
+kernels of diloco/codecs/cpu_kernels.py, which match them bit for bit.
 """
 
 from __future__ import annotations
@@ -22,20 +23,24 @@ from dataclasses import dataclass
 
 import torch
 
+from diloco.codecs import cpu_kernels
 from diloco.codecs.base import (
     DTYPE_FP4_E2M1,
     DTYPE_FP4_E3M0,
     HEADER_BYTES,
     Header,
-    as_bytes,
+    as_flat_fp32,
     block_absmax_scales,
     blocks_of,
     check_block_size,
     check_header,
-    flat_fp32,
+    empty,
+    new_payload,
     num_blocks,
-    pack_header,
+    refuse_non_finite_scales,
+    runs_fused,
     scales_from_body,
+    scales_in,
 )
 
 
@@ -116,17 +121,37 @@ class Fp4Codec:
         self.block_size = block_size
 
     def encode(self, x_N: torch.Tensor) -> torch.Tensor:
-        x_N = flat_fp32(x_N, self.name)
-        packed, scale_nb = fp4_encode(x_N, self.block_size, self.fmt)
-        header = pack_header(self._header(x_N.numel()), x_N.device)
-        return torch.cat([header, as_bytes(scale_nb), packed])
+        """Header, scales and nibbles written into one payload; on the CPU by one fused pass.
+
+        Raises:
+            ValueError: `x_N` holds NaN or inf (found from the block scales).
+        """
+        x_N = as_flat_fp32(x_N)
+        numel, nb = x_N.numel(), num_blocks(x_N.numel(), self.block_size)
+        payload = new_payload(self._header(numel), self._body_bytes(numel), x_N.device)
+        scale_nb, packed = scales_in(payload, nb), payload[HEADER_BYTES + 4 * nb :]
+        if runs_fused(x_N):
+            cpu_kernels.fp4_encode_into(x_N, packed, scale_nb, self.block_size, self.fmt.magnitudes)
+        else:
+            packed_ref, scale_ref_nb = fp4_encode(x_N, self.block_size, self.fmt)
+            packed.copy_(packed_ref)
+            scale_nb.copy_(scale_ref_nb)
+        refuse_non_finite_scales(scale_nb, x_N, self.name)
+        return payload
 
     def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
         nb = num_blocks(numel, self.block_size)
         check_header(payload, self._header(numel), self._body_bytes(numel), self.name)
         body = payload[HEADER_BYTES:]
         scale_nb = scales_from_body(body, nb, self.name)
-        return fp4_decode(body[4 * nb :], scale_nb, numel, self.block_size, self.fmt)
+        packed = body[4 * nb :]
+        if runs_fused(payload):
+            x_N = empty(numel, torch.float32, payload.device)
+            cpu_kernels.fp4_decode_into(
+                packed.contiguous(), scale_nb, x_N, self.block_size, self.fmt.magnitudes
+            )
+            return x_N
+        return fp4_decode(packed, scale_nb, numel, self.block_size, self.fmt)
 
     def payload_bytes(self, numel: int) -> int:
         return HEADER_BYTES + self._body_bytes(numel)

@@ -8,26 +8,31 @@ scales: https://arxiv.org/abs/2412.01152). Per block b:
 so |x̂_i - x_i| <= scale_b / 2 = max|x| / 254 within each block.
 
 Body: scale fp32[nb] | q int8[N]   (nb = ceil(N / B); the last block may be short).
-These functions are the reference that diloco/codecs/cpu_kernels.py matches bit for bit.
+These functions are the reference and the GPU path; on the CPU, Int8Codec runs the fused
+kernels of diloco/codecs/cpu_kernels.py, which match them bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
 
+from diloco.codecs import cpu_kernels
 from diloco.codecs.base import (
     DTYPE_INT8,
     HEADER_BYTES,
     Header,
-    as_bytes,
+    as_flat_fp32,
     block_absmax_scales,
     blocks_of,
     check_block_size,
     check_header,
-    flat_fp32,
+    empty,
+    new_payload,
     num_blocks,
-    pack_header,
+    refuse_non_finite_scales,
+    runs_fused,
     scales_from_body,
+    scales_in,
 )
 
 QMAX = 127.0
@@ -70,10 +75,23 @@ class Int8Codec:
         self.block_size = block_size
 
     def encode(self, x_N: torch.Tensor) -> torch.Tensor:
-        x_N = flat_fp32(x_N, self.name)
-        q_N, scale_nb = int8_encode(x_N, self.block_size)
-        header = pack_header(self._header(x_N.numel()), x_N.device)
-        return torch.cat([header, as_bytes(scale_nb), as_bytes(q_N)])
+        """Header, scales and codes written into one payload; on the CPU by one fused pass.
+
+        Raises:
+            ValueError: `x_N` holds NaN or inf (found from the block scales).
+        """
+        x_N = as_flat_fp32(x_N)
+        numel, nb = x_N.numel(), num_blocks(x_N.numel(), self.block_size)
+        payload = new_payload(self._header(numel), self._body_bytes(numel), x_N.device)
+        scale_nb, q_N = scales_in(payload, nb), payload[HEADER_BYTES + 4 * nb :].view(torch.int8)
+        if runs_fused(x_N):
+            cpu_kernels.int8_encode_into(x_N, q_N, scale_nb, self.block_size)
+        else:
+            q_ref_N, scale_ref_nb = int8_encode(x_N, self.block_size)
+            q_N.copy_(q_ref_N)
+            scale_nb.copy_(scale_ref_nb)
+        refuse_non_finite_scales(scale_nb, x_N, self.name)
+        return payload
 
     def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
         nb = num_blocks(numel, self.block_size)
@@ -81,6 +99,10 @@ class Int8Codec:
         body = payload[HEADER_BYTES:]
         scale_nb = scales_from_body(body, nb, self.name)
         q_N = body[4 * nb :].view(torch.int8)
+        if runs_fused(payload):
+            x_N = empty(numel, torch.float32, payload.device)
+            cpu_kernels.int8_decode_into(q_N.contiguous(), scale_nb, x_N, self.block_size)
+            return x_N
         return int8_decode(q_N, scale_nb, self.block_size)
 
     def payload_bytes(self, numel: int) -> int:

@@ -33,7 +33,9 @@ from diloco.codecs import (
     PayloadError,
     TopKCodec,
     build_codec,
+    cpu_kernels,
 )
+from diloco.codecs.fp4 import fp4_decode, fp4_encode
 from diloco.codecs.int8 import int8_decode, int8_encode
 from diloco.outer import weighted_mean
 from diloco.transports import LocalGroup, ring_allreduce_bytes
@@ -448,3 +450,103 @@ def test_local_transport_carries_int8_payloads() -> None:
         assert result is not None and torch.equal(result.mean, expected)
         assert result.bytes_sent == result.bytes_received == wire == 148
     assert not torch.equal(expected, (xs[0] + xs[1]) / 2)  # the codec's loss is really there
+
+
+# --- the CPU fast path and the torch path ------------------------------------------------
+
+BLOCK_CODECS = ["int8", "fp4_e2m1", "fp4_e3m0"]
+KERNELS = ["int8_encode_into", "int8_decode_into", "fp4_encode_into", "fp4_decode_into"]
+
+
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine without numba: the codecs must not touch a kernel."""
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    for kernel in KERNELS:
+        monkeypatch.setattr(cpu_kernels, kernel, lambda *args: pytest.fail("kernel called"))
+
+
+def wide(numel: int, seed: int) -> torch.Tensor:
+    """Gaussian values over ~10 decades, an all-zero stretch and negative zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=gen) * torch.exp(3 * torch.randn(numel, generator=gen))
+    x[numel // 3 : numel // 3 + 40] = 0.0
+    x[::97] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("block", [256, 16, 7, 1])
+@pytest.mark.parametrize("numel", [0, 1, 7, 255, 257, 10_001])
+@pytest.mark.parametrize("name", BLOCK_CODECS)
+def test_cpu_kernels_and_torch_path_give_the_same_bytes(
+    name: str, numel: int, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Byte-identical payloads, and decodes identical to the bit (-0.0 included)."""
+    pytest.importorskip("numba")
+    x = wide(numel, seed=numel + block)
+    codec = make(name, block)
+    fused = codec.encode(x)
+    fused_decoded = codec.decode(fused, numel)
+    torch_path(monkeypatch)
+    reference = codec.encode(x)
+    assert torch.equal(fused, reference)
+    assert torch.equal(
+        fused_decoded.view(torch.int32), codec.decode(reference, numel).view(torch.int32)
+    )
+
+
+@pytest.mark.parametrize("name", BLOCK_CODECS)
+def test_cpu_tensors_take_the_kernels(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numba")
+    calls: list[str] = []
+    for kernel in KERNELS:
+        real = getattr(cpu_kernels, kernel)
+        monkeypatch.setattr(
+            cpu_kernels, kernel, lambda *args, k=kernel, f=real: (calls.append(k), f(*args))
+        )
+    round_trip(make(name), gaussian(100))
+    family = name.split("_")[0]
+    assert calls == [f"{family}_encode_into", f"{family}_decode_into"]
+
+
+@pytest.mark.parametrize("name", BLOCK_CODECS)
+def test_without_numba_the_torch_functions_run(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """available() False: the payload is the reference functions' output, byte for byte."""
+    torch_path(monkeypatch)
+    x, codec = gaussian(1000, seed=6), make(name)
+    payload = codec.encode(x)
+    body = payload[HEADER_BYTES:]
+    if name == "int8":
+        q, scale = int8_encode(x, B)
+        assert torch.equal(body, torch.cat([scale.view(torch.uint8), q.view(torch.uint8)]))
+        assert torch.equal(codec.decode(payload, 1000), int8_decode(q, scale, B))
+    else:
+        fmt = E2M1 if name == "fp4_e2m1" else E3M0
+        packed, scale = fp4_encode(x, B, fmt)
+        assert torch.equal(body, torch.cat([scale.view(torch.uint8), packed]))
+        assert torch.equal(codec.decode(payload, 1000), fp4_decode(packed, scale, 1000, B, fmt))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("name", BLOCK_CODECS)
+def test_both_paths_count_every_non_finite_value(
+    name: str, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal reads the block scales, yet still counts the bad values exactly."""
+    if fused:
+        pytest.importorskip("numba")
+    else:
+        torch_path(monkeypatch)
+    x = gaussian(100)
+    x[[3, 5, 90]] = torch.tensor([float("nan"), float("inf"), float("-inf")])  # 2 blocks
+    with pytest.raises(ValueError, match="cannot encode a tensor with 3 non-finite value.* 100:"):
+        make(name).encode(x)
+
+
+@pytest.mark.parametrize("name", BLOCK_CODECS)
+def test_a_payload_at_an_odd_offset_decodes(name: str) -> None:
+    """A payload sliced out of a larger buffer (its scales then unaligned) decodes the same."""
+    codec, x = make(name), gaussian(1001, seed=7)
+    payload = codec.encode(x)
+    buffer = torch.zeros(payload.numel() + 1, dtype=torch.uint8)
+    buffer[1:] = payload
+    assert torch.equal(codec.decode(buffer[1:], 1001), codec.decode(payload, 1001))
