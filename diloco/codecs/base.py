@@ -14,6 +14,7 @@ Shape suffixes: `_N` elements of the flat tensor, `_nb` blocks (ceil(N / block))
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Protocol
@@ -155,9 +156,18 @@ def flat_fp32(x: torch.Tensor, codec: str) -> torch.Tensor:
         ValueError: `x` holds NaN or inf.
     """
     x_N = as_flat_fp32(x)
-    if x_N.numel() and not bool(torch.isfinite(x_N).all()):
+    if not all_finite(x_N):
         raise non_finite_error(x_N, codec)
     return x_N
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether `x` holds no NaN or inf: one pass that allocates nothing of size N (min and max
+    propagate NaN), where `isfinite(x).all()` writes a bool tensor as large as `x`."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def as_flat_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -13,24 +13,28 @@ from diloco.codecs.base import (
     DTYPE_IDS,
     HEADER_BYTES,
     Header,
-    as_bytes,
+    all_finite,
     check_header,
+    empty,
     flat_fp32,
-    pack_header,
+    new_payload,
 )
 
 
 def cast_encode(x: torch.Tensor, dtype: torch.dtype, codec_id: int, codec: str) -> torch.Tensor:
     """Header + the values of `x` cast to `dtype`; refuses values the cast would overflow."""
     x_N = flat_fp32(x, codec)
-    wire_N = x_N.to(dtype)
-    if dtype != torch.float32 and x_N.numel() and not bool(torch.isfinite(wire_N).all()):
+    size = torch.empty((), dtype=dtype).element_size()
+    header = Header(codec_id, DTYPE_IDS[dtype], 0, x_N.numel())
+    payload = new_payload(header, size * x_N.numel(), x_N.device)
+    wire_N = payload[HEADER_BYTES:].view(dtype)
+    wire_N.copy_(x_N)  # the cast, written straight into the payload: no temporary
+    if dtype != torch.float32 and not all_finite(wire_N):
         raise ValueError(
             f"{codec} codec cannot encode values beyond {torch.finfo(dtype).max:g} "
             f"(largest |x| is {x_N.abs().max().item():g}); use bf16 or a scaled codec"
         )
-    header = pack_header(Header(codec_id, DTYPE_IDS[dtype], 0, x_N.numel()), x_N.device)
-    return torch.cat([header, as_bytes(wire_N)])
+    return payload
 
 
 def cast_decode(
@@ -38,8 +42,13 @@ def cast_decode(
 ) -> torch.Tensor:
     size = torch.empty((), dtype=dtype).element_size()
     check_header(payload, Header(codec_id, DTYPE_IDS[dtype], 0, numel), size * numel, codec)
-    # clone: a fresh, aligned buffer, so the result never aliases the payload.
-    return payload[HEADER_BYTES:].clone().view(dtype).to(torch.float32)
+    body = payload[HEADER_BYTES:]
+    if body.data_ptr() % size:  # a payload at an odd offset: realign before viewing
+        body = body.clone()
+    # One pass from the wire dtype into a fresh fp32 tensor that never aliases the payload.
+    out_N = empty(numel, torch.float32, payload.device)
+    out_N.copy_(body.view(dtype))
+    return out_N
 
 
 class NoneCodec:
