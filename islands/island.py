@@ -118,6 +118,7 @@ def build_runtime(config: IslandConfig, store: Any = None) -> Runtime:
         nesterov=config.outer.nesterov,
         inner_steps=config.outer.inner_steps,
         error_feedback=config.outer.error_feedback,
+        error_feedback_decay=config.outer.error_feedback_decay,
     )
     hosted = []
     for rank_i, transport, source in zip(ranks, transports, sources, strict=True):
@@ -282,6 +283,8 @@ def _warn_ignored_options(config: IslandConfig) -> None:
         ignored.append("outer.block_size")
     if codec != "topk" and config.outer.topk_fraction != defaults.outer.topk_fraction:
         ignored.append("outer.topk_fraction")
+    if not config.outer.error_feedback and config.outer.error_feedback_decay != 1.0:
+        ignored.append("outer.error_feedback_decay")
     if config.transport.kind is TransportKind.local:
         if config.transport.torch != defaults.transport.torch:
             ignored.append("transport.torch")

@@ -187,6 +187,9 @@ class OuterConfig:
     to the next round's pseudo-gradient, so a lossy codec's error does not accumulate.
     SparseLoCo pairs it with top-k (arXiv 2508.15706); Streaming DiLoCo sends fp4 without it.
     No effect with codec none."""
+    error_feedback_decay: float = 1.0
+    """beta in [0, 1]: the residual is multiplied by beta before it is added (1: classic error
+    feedback; SparseLoCo uses 0.95). Lower values forget stale residuals sooner."""
     reset_inner_optimizer: bool = False
     """Reset the inner AdamW state at every round (the paper keeps it)."""
 
@@ -204,6 +207,12 @@ class OuterConfig:
         )
         _require(
             0 < self.topk_fraction <= 1, "outer.topk_fraction", "in (0, 1]", self.topk_fraction
+        )
+        _require(
+            0 <= self.error_feedback_decay <= 1,
+            "outer.error_feedback_decay",
+            "in [0, 1]",
+            self.error_feedback_decay,
         )
 
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 import torch
 
 
-def compensate(delta_N: torch.Tensor, residual_N: torch.Tensor) -> torch.Tensor:
-    """The tensor to encode this round: the pseudo-gradient plus what earlier rounds lost."""
-    return delta_N + residual_N
+def compensate(delta_N: torch.Tensor, residual_N: torch.Tensor, decay: float = 1.0) -> torch.Tensor:
+    """The tensor to encode this round: the pseudo-gradient plus what earlier rounds lost,
+    scaled by `decay` (beta; 1 is classic error feedback)."""
+    if decay == 1.0:
+        return delta_N + residual_N
+    return delta_N + decay * residual_N
 
 
 def new_residual(target_N: torch.Tensor, decoded_N: torch.Tensor) -> torch.Tensor:

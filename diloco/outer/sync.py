@@ -37,6 +37,7 @@ class OuterHyperparams:
     nesterov: bool = True
     inner_steps: int = 50
     error_feedback: bool = False
+    error_feedback_decay: float = 1.0
     """Keep what the codec lost and add it to the next round's pseudo-gradient."""
 
 
@@ -106,7 +107,7 @@ class OuterSync:
         if self.residual_N is None:
             payload = self.codec.encode(delta_N)
         else:
-            target_N = compensate(delta_N, self.residual_N)
+            target_N = compensate(delta_N, self.residual_N, self.hyper.error_feedback_decay)
             payload = self.codec.encode(target_N)
             self.residual_N = new_residual(target_N, self.codec.decode(payload, self.numel))
         result = self.transport.average(payload, weight=tokens, round=self.round)

@@ -46,8 +46,9 @@ def test_unknown_nested_key_in_yaml_suggests_and_lists_the_section(tmp_path: Pat
     message = str(caught.value)
     assert "Did you mean 'inner_steps'?" in message
     assert (
-        "Valid keys in 'outer': block_size, codec, error_feedback, inner_steps, lr, momentum, "
-        "nesterov, reset_inner_optimizer, rounds, topk_fraction" in message
+        "Valid keys in 'outer': block_size, codec, error_feedback, error_feedback_decay, "
+        "inner_steps, lr, momentum, nesterov, reset_inner_optimizer, rounds, topk_fraction"
+        in message
     )
 
 

@@ -49,6 +49,7 @@ FROZEN_KEYS = [
     "outer.block_size",
     "outer.topk_fraction",
     "outer.error_feedback",
+    "outer.error_feedback_decay",
     "outer.reset_inner_optimizer",
     "inner.lr",
     "inner.warmup_steps",

@@ -176,3 +176,15 @@ def test_warns_that_error_feedback_does_nothing_with_codec_none(
     with caplog.at_level(logging.WARNING, logger="diloco.outer.sync"):
         one_island(model(), build_codec("int8"))
     assert caplog.text == ""
+
+
+def test_decay_scales_the_residual_before_it_is_added() -> None:
+    """beta < 1 forgets part of the residual (SparseLoCo's decayed error feedback); beta = 1 is
+    the classic sum."""
+    delta = torch.tensor([1.0, -2.0, 0.5])
+    residual = torch.tensor([0.4, 0.2, -1.0])
+    assert torch.equal(compensate(delta, residual), delta + residual)
+    torch.testing.assert_close(
+        compensate(delta, residual, decay=0.5), torch.tensor([1.2, -1.9, 0.0])
+    )
+    assert torch.equal(compensate(delta, residual, decay=0.0), delta)
