@@ -35,7 +35,12 @@ from diloco.inner import InnerTrainer
 from diloco.metrics import MetricsWriter
 from diloco.models import build_model
 from diloco.outer import OuterHyperparams, OuterSync, flatten_params, params_sha256
-from diloco.transports import LocalGroup, TorchDistributedTransport, Transport
+from diloco.transports import (
+    LocalGroup,
+    SharedStateSource,
+    TorchDistributedTransport,
+    Transport,
+)
 from islands.hosted import HostedIsland, join_all, sync_all
 from islands.outputs import (
     checkpoint_state,
@@ -160,9 +165,34 @@ def resume(runtime: Runtime) -> int:
     checkpoints = runtime.out_dir / "checkpoints"
     available = list_checkpoints(checkpoints) if runtime.config.run.resume else []
     round = join_all(runtime.hosted, available, runtime.fingerprint, runtime.abort)
-    if round is None:
+    if round is not None:
+        _load_checkpoint(runtime, checkpoints, round)
+    else:
         _start_afresh(runtime, checkpoints)
-        return 0
+    return _catch_up_with_group(runtime)
+
+
+def _catch_up_with_group(runtime: Runtime) -> int:
+    """Adopt the group's shared state when the transport keeps one and it is newer than ours.
+
+    A restarted island resumes its own inner state from its checkpoint, a new one starts
+    afresh; either way the anchor and outer momentum are the group's, and it joins at the
+    group's next round.
+    """
+    lead = runtime.hosted[0].outer
+    transport = lead.transport
+    if not isinstance(transport, SharedStateSource):
+        return lead.round
+    group_state = transport.shared_state(lead.shared_state())
+    if group_state is not None:
+        log.info("joining the group at round %d with its shared state", group_state.round)
+        for island in runtime.hosted:
+            island.outer.adopt(group_state)
+        runtime.metrics.truncate_after(group_state.round)
+    return lead.round
+
+
+def _load_checkpoint(runtime: Runtime, checkpoints: Path, round: int) -> None:
     state = load_checkpoint(checkpoints, round)
     if state["numel"] != runtime.numel:
         raise ConfigError(
@@ -179,7 +209,6 @@ def resume(runtime: Runtime) -> int:
     runtime.timings.update(state["timings"])
     runtime.metrics.truncate_after(round)
     log.info("resumed from %s at round %d", checkpoints, round)
-    return round
 
 
 def _start_afresh(runtime: Runtime, checkpoints: Path) -> None:
@@ -205,7 +234,10 @@ def run_rounds(runtime: Runtime, start_round: int, events: RunEvents | None) -> 
         per_round = steps * len(runtime.hosted)
         events.on_start(config.outer.rounds * per_round, start_round * per_round)
     on_step = events.on_step if events is not None else None
-    for round in range(start_round, config.outer.rounds):
+    lead = runtime.hosted[0].outer
+    # The loop follows the shared state's round, not a counter: an island the group left
+    # behind adopts the group's state (a later round) inside its sync.
+    while lead.round < config.outer.rounds:
         begin = time.perf_counter()
         works = [island.run_inner(steps, on_step) for island in runtime.hosted]
         train_loss = torch.stack([w.loss_sum for w in works]).sum().item() / (steps * len(works))
@@ -218,7 +250,7 @@ def run_rounds(runtime: Runtime, start_round: int, events: RunEvents | None) -> 
                 island.trainer.reset_optimizer_state()
         runtime.timings["compute_s"] += compute_s
         runtime.timings["sync_s"] += sync_s
-        done = round + 1
+        done = lead.round
         evaluate = done == config.outer.rounds or (
             config.eval.every > 0 and done % config.eval.every == 0
         )

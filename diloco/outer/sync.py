@@ -25,7 +25,7 @@ from diloco.codecs import Codec
 from diloco.outer.error_feedback import compensate, new_residual
 from diloco.outer.nesterov import nesterov_step_
 from diloco.outer.pseudo_gradient import copy_flat_into_, flatten_params, pseudo_gradient
-from diloco.transports.base import Transport
+from diloco.transports.base import SharedState, Transport
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class OuterSync:
         self.round = 0
         self._steps_this_round = 0
         self._tokens_this_round = 0.0
+        self._anchor_sha256: str | None = None  # cached: the anchor changes once per round
 
     @property
     def numel(self) -> int:
@@ -110,7 +111,25 @@ class OuterSync:
             target_N = compensate(delta_N, self.residual_N, self.hyper.error_feedback_decay)
             payload = self.codec.encode(target_N)
             self.residual_N = new_residual(target_N, self.codec.decode(payload, self.numel))
-        result = self.transport.average(payload, weight=tokens, round=self.round)
+        result = self.transport.average(
+            payload, weight=tokens, round=self.round, params_sha256=self.params_sha256()
+        )
+        if result.adopt is not None:
+            log.warning(
+                "the group moved on without this island (its round %d): adopting the group's "
+                "shared state after round %d",
+                self.round,
+                result.adopt.round,
+            )
+            done_round = self.round
+            self.adopt(result.adopt)
+            return SyncResult(
+                done_round,
+                result.participants,
+                result.bytes_sent,
+                result.bytes_received,
+                time.perf_counter() - start,
+            )
         nesterov_step_(
             self.anchor_N,
             result.mean,
@@ -120,6 +139,7 @@ class OuterSync:
             nesterov=self.hyper.nesterov,
         )
         copy_flat_into_(self.params, self.anchor_N)
+        self._anchor_sha256 = None
         done = SyncResult(
             self.round,
             result.participants,
@@ -134,7 +154,32 @@ class OuterSync:
 
     def params_sha256(self) -> str:
         """sha256 of the shared parameters: equal on every island after every round."""
-        return params_sha256(self.anchor_N)
+        if self._anchor_sha256 is None:
+            self._anchor_sha256 = params_sha256(self.anchor_N)
+        return self._anchor_sha256
+
+    def shared_state(self) -> SharedState:
+        """The shared state this island holds (what a transport hands a newcomer)."""
+        return SharedState(self.round, self.anchor_N, self.momentum_N)
+
+    def adopt(self, state: SharedState) -> None:
+        """Replace the shared state with the group's; the local replica restarts from it.
+
+        The inner optimizer state and the error-feedback residual are this island's own and
+        are kept: they stay meaningful for parameters close to the new anchor.
+        """
+        if state.anchor.numel() != self.numel:
+            raise ValueError(
+                f"the group's shared state holds {state.anchor.numel()} elements, "
+                f"this model has {self.numel}"
+            )
+        self.anchor_N.copy_(state.anchor)
+        self.momentum_N.copy_(state.momentum)
+        self.round = int(state.round)
+        self._steps_this_round = 0
+        self._tokens_this_round = 0.0
+        self._anchor_sha256 = None
+        copy_flat_into_(self.params, self.anchor_N)
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -158,6 +203,7 @@ class OuterSync:
         self.round = int(state["round"])
         self._steps_this_round = 0
         self._tokens_this_round = 0.0
+        self._anchor_sha256 = None
         copy_flat_into_(self.params, self.anchor_N)
 
     def load_residual(self, residual: torch.Tensor | None) -> None:

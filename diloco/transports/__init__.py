@@ -3,6 +3,8 @@
 from diloco.transports.base import (
     AverageResult,
     GroupMismatchError,
+    SharedState,
+    SharedStateSource,
     Transport,
     check_fingerprints,
     ring_allreduce_bytes,
@@ -16,6 +18,8 @@ __all__ = [
     "check_fingerprints",
     "LocalGroup",
     "LocalTransport",
+    "SharedState",
+    "SharedStateSource",
     "TorchDistributedTransport",
     "Transport",
     "ring_allreduce_bytes",

@@ -9,11 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from diloco.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SharedState:
+    """The group's shared state after `round` completed rounds: what a newcomer downloads."""
+
+    round: int
+    anchor: torch.Tensor
+    """The shared parameters, flat fp32."""
+    momentum: torch.Tensor
+    """The outer optimizer's momentum buffer, flat fp32."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,9 @@ class AverageResult:
     """Payload bytes this island put on the wire for this average."""
     bytes_received: int
     """Payload bytes this island took off the wire for this average."""
+    adopt: SharedState | None = None
+    """Set when the group moved on without this island (it was more than a round late, or its
+    shared parameters differed from the group's): adopt this state instead of applying `mean`."""
 
 
 class Transport(Protocol):
@@ -52,12 +66,37 @@ class Transport(Protocol):
         """
         ...
 
-    def average(self, payload: torch.Tensor, weight: float, round: int) -> AverageResult:
-        """Weighted mean of every island's payload for `round` (weight: tokens this round)."""
+    def average(
+        self,
+        payload: torch.Tensor,
+        weight: float,
+        round: int,
+        params_sha256: str | None = None,
+    ) -> AverageResult:
+        """Weighted mean of every island's payload for `round` (weight: tokens this round).
+
+        `params_sha256` is the hash of the shared parameters the payload was computed from;
+        transports that keep the shared state check it (the others may ignore it).
+        """
         ...
 
     def close(self) -> None:
         """Leave the group; safe to call twice."""
+        ...
+
+
+@runtime_checkable
+class SharedStateSource(Protocol):
+    """A transport that can hand a newcomer the group's current shared state (grpc, hivemind).
+
+    The local and torch transports do not: their islands resume together from checkpoints.
+    """
+
+    def shared_state(self, local: SharedState) -> SharedState | None:
+        """The group's current shared state, or None when `local` already is it.
+
+        A group that holds no state yet (the first island of a run) takes `local` as its own.
+        """
         ...
 
 
