@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all lint typecheck bench docs clean
+.PHONY: demo test test-all lint typecheck bench docs proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/python -m diloco.config.docs > docs/config.md
+
+# The grpc transport's generated modules, from diloco/transports/grpc/coordinator.proto.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. \
+		diloco/transports/grpc/coordinator.proto
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .mypy_cache

@@ -52,8 +52,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(config: Any) -> int:
     # Imported here so that `--help` and config errors answer without loading torch.
+    from islands.coordinator import is_standalone_coordinator, run_coordinator
     from islands.island import run_island
     from islands.progress import ProgressDisplay
+
+    if is_standalone_coordinator(config):
+        summary = run_coordinator(config)
+        print(
+            f"diloco coordinator: {summary['rounds']} rounds closed, late payloads "
+            f"{summary['late_payloads']}, refused {summary['refused_payloads']}, params_sha256 "
+            f"{summary['params_sha256'][:16]}…"
+        )
+        return 0
 
     display = ProgressDisplay(config.run.progress)
     try:

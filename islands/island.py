@@ -29,7 +29,7 @@ from diloco.codecs import Codec, build_codec
 from diloco.config import IslandConfig
 from diloco.config.schema import Device, Precision, TorchBackend, TransportKind
 from diloco.data import build_data_sources
-from diloco.data.selectors import SELECTORS
+from diloco.data.selectors import build_selectors
 from diloco.errors import ConfigError
 from diloco.inner import InnerTrainer
 from diloco.metrics import MetricsWriter
@@ -41,6 +41,7 @@ from diloco.transports import (
     TorchDistributedTransport,
     Transport,
 )
+from islands.coordinator import grpc_island_transport
 from islands.hosted import HostedIsland, join_all, sync_all
 from islands.outputs import (
     checkpoint_state,
@@ -125,8 +126,13 @@ def build_runtime(config: IslandConfig, store: Any = None) -> Runtime:
         error_feedback=config.outer.error_feedback,
         error_feedback_decay=config.outer.error_feedback_decay,
     )
+    selectors = build_selectors(
+        config.data, config.model, ranks=ranks, device=device, bf16=bf16, seed=config.run.seed
+    )
     hosted = []
-    for rank_i, transport, source in zip(ranks, transports, sources, strict=True):
+    for rank_i, transport, source, selector in zip(
+        ranks, transports, sources, selectors, strict=True
+    ):
         model = copy.deepcopy(prototype).to(device)
         hosted.append(
             HostedIsland(
@@ -134,7 +140,7 @@ def build_runtime(config: IslandConfig, store: Any = None) -> Runtime:
                 model=model,
                 trainer=InnerTrainer(model, config.inner, total_steps, device, bf16),
                 data=source,
-                selector=SELECTORS[config.data.selector.name.value](),
+                selector=selector,
                 outer=OuterSync(model.parameters(), transport, codec, hyper),
             )
         )
@@ -279,10 +285,17 @@ def group_fingerprint(config: IslandConfig, model: torch.nn.Module) -> dict[str,
     must build the same weights everywhere); and the settings the outer rounds depend on.
     """
     shapes = "\n".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in model.named_parameters())
-    outer = config.outer
     return {
         "model": hashlib.sha256(shapes.encode()).hexdigest()[:16],
         "initial weights": params_sha256(flatten_params(list(model.parameters())))[:16],
+        **group_settings(config),
+    }
+
+
+def group_settings(config: IslandConfig) -> dict[str, str]:
+    """The settings part of the fingerprint: what a coordinator, which has no model, checks."""
+    outer = config.outer
+    return {
         "outer.rounds": str(outer.rounds),
         "outer.inner_steps": str(outer.inner_steps),
         "outer.codec, block_size, topk_fraction": (
@@ -366,6 +379,8 @@ def _transports(
     if config.transport.kind is TransportKind.local:
         group = LocalGroup(config.transport.islands, codec, numel)
         return [group.transport(rank) for rank in ranks], group.abort
+    if config.transport.kind is TransportKind.grpc:
+        return [grpc_island_transport(config, codec, numel, ranks[0])], lambda: None
     settings = config.transport.torch
     backend = settings.backend.value
     if settings.backend is TorchBackend.auto:

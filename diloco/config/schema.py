@@ -44,6 +44,17 @@ class TransportKind(enum.Enum):
     hivemind = "hivemind"
 
 
+class GrpcRole(enum.Enum):
+    island = "island"
+    coordinator = "coordinator"
+
+
+class Aggregate(enum.Enum):
+    mean = "mean"
+    median = "median"
+    trimmed_mean = "trimmed_mean"
+
+
 class TorchBackend(enum.Enum):
     auto = "auto"
     gloo = "gloo"
@@ -64,6 +75,13 @@ class CodecName(enum.Enum):
 
 class SelectorName(enum.Enum):
     uniform = "uniform"
+    jest = "jest"
+
+
+class JestScore(enum.Enum):
+    learnability = "learnability"
+    hard_learner = "hard_learner"
+    easy_reference = "easy_reference"
 
 
 class TokenDtype(enum.Enum):
@@ -132,16 +150,105 @@ class TorchTransportConfig:
 
 
 @dataclass(kw_only=True)
+class GrpcTransportConfig:
+    address: str = "127.0.0.1:50051"
+    """host:port of the coordinator: where islands connect and, unless grpc.listen is set,
+    where the coordinator listens."""
+    listen: str = ""
+    """host:port the coordinator binds (e.g. 0.0.0.0:50051 behind a public name); empty:
+    grpc.address."""
+    role: GrpcRole = GrpcRole.island
+    """island (train; with grpc.serve also host the coordinator) or coordinator (only average:
+    a standalone coordinator started with the same command and config)."""
+    serve: bool = False
+    """This island also hosts the coordinator, in the same process."""
+    token_env: str = "DILOCO_TOKEN"
+    """Environment variable holding the run token every call must carry (never logged)."""
+    token_file: str = ""
+    """File holding the run token; read instead of grpc.token_env when set."""
+    tls_cert: str = ""
+    """PEM certificate: the coordinator serves with it; with grpc.mutual_tls islands present
+    it too (a self-signed pair shared by a run's sites: docs/transports.md)."""
+    tls_key: str = ""
+    """PEM private key of grpc.tls_cert."""
+    tls_ca: str = ""
+    """PEM certificate(s) islands trust for the coordinator, and the coordinator trusts for
+    islands under mutual TLS; empty: grpc.tls_cert itself (a self-signed pair)."""
+    mutual_tls: bool = False
+    """The coordinator also requires islands to present a certificate signed by grpc.tls_ca."""
+    insecure: bool = False
+    """Allow plaintext (no TLS) on the wire, for loopback experiments only; the run token is
+    still required."""
+    deadline_floor_s: float = 30.0
+    """A round waits at least this long after its first payload for the other islands."""
+    deadline_ceiling_s: float = 600.0
+    """A round waits at most this long after its first payload (once transport.min_islands
+    have reported)."""
+    deadline_slack: float = 2.0
+    """The deadline is this many times the latest arrival seen in recent rounds (measured from
+    each round's first payload), kept within the floor and the ceiling."""
+    retry_s: float = 300.0
+    """How long an island retries an unreachable coordinator (bounded exponential backoff)
+    before it fails."""
+    linger_s: float = 30.0
+    """A standalone coordinator stays this long after the last round for late islands."""
+
+    def __post_init__(self) -> None:
+        for key, value in (("address", self.address), ("listen", self.listen or "h:1")):
+            host, _, port = value.rpartition(":")
+            _require(bool(host) and port.isdigit(), f"transport.grpc.{key}", "host:port", value)
+        _require(
+            self.deadline_floor_s > 0,
+            "transport.grpc.deadline_floor_s",
+            "> 0",
+            self.deadline_floor_s,
+        )
+        _require(
+            self.deadline_ceiling_s >= self.deadline_floor_s,
+            "transport.grpc.deadline_ceiling_s",
+            f">= deadline_floor_s ({self.deadline_floor_s})",
+            self.deadline_ceiling_s,
+        )
+        _require(
+            self.deadline_slack >= 1, "transport.grpc.deadline_slack", ">= 1", self.deadline_slack
+        )
+        _require(self.retry_s > 0, "transport.grpc.retry_s", "> 0", self.retry_s)
+        _require(self.linger_s >= 0, "transport.grpc.linger_s", ">= 0", self.linger_s)
+        _require(
+            bool(self.tls_cert) == bool(self.tls_key),
+            "transport.grpc.tls_key",
+            "set together with tls_cert",
+            self.tls_key,
+        )
+        if self.mutual_tls and not self.tls_cert:
+            raise ConfigError("transport.grpc.mutual_tls needs transport.grpc.tls_cert/tls_key")
+
+
+@dataclass(kw_only=True)
 class TransportConfig:
     kind: TransportKind = TransportKind.local
     """local (all islands in this process, run in turn), torch (one process per island,
-    torch.distributed). grpc and hivemind are refused until they exist (issues #4, #5)."""
+    torch.distributed), grpc (a coordinator averages; TLS and a token). hivemind is refused
+    until it exists (issue #5)."""
     islands: int = 1
     """Number of islands in the group (k in the paper; the world size for torch)."""
     rank: int = -1
     """This island's index in [0, islands) for multi-process kinds; -1: read torchrun's RANK."""
+    run_id: str = "diloco"
+    """Name of the run: islands with another run_id are refused (grpc) or never meet."""
+    min_islands: int = 1
+    """A round closes at its deadline only once this many islands have reported (grpc)."""
+    aggregate: Aggregate = Aggregate.mean
+    """How the coordinator combines payloads (grpc): mean (weighted by tokens), median or
+    trimmed_mean (per coordinate, unweighted: robust to a few semi-trusted sites)."""
+    trim_fraction: float = 0.2
+    """trimmed_mean drops this fraction of the islands at each end, per coordinate."""
+    clip_norm: float = 0.0
+    """Scale down any island's pseudo-gradient whose L2 norm exceeds this (0: off; grpc)."""
     torch: TorchTransportConfig = field(default_factory=TorchTransportConfig)
     """Settings of the torch transport (read only when transport.kind is torch)."""
+    grpc: GrpcTransportConfig = field(default_factory=GrpcTransportConfig)
+    """Settings of the grpc transport (read only when transport.kind is grpc)."""
 
     def __post_init__(self) -> None:
         _require(self.islands >= 1, "transport.islands", ">= 1", self.islands)
@@ -150,10 +257,24 @@ class TransportConfig:
             raise ConfigError(
                 f"transport.rank must be in [0, transport.islands={self.islands}), got {self.rank}"
             )
-        if self.kind in (TransportKind.grpc, TransportKind.hivemind):
+        _require(bool(self.run_id), "transport.run_id", "a non-empty name", self.run_id)
+        _require(
+            1 <= self.min_islands <= self.islands,
+            "transport.min_islands",
+            f"in [1, transport.islands={self.islands}]",
+            self.min_islands,
+        )
+        _require(
+            0 <= self.trim_fraction < 0.5,
+            "transport.trim_fraction",
+            "in [0, 0.5)",
+            self.trim_fraction,
+        )
+        _require(self.clip_norm >= 0, "transport.clip_norm", ">= 0", self.clip_norm)
+        if self.kind is TransportKind.hivemind:
             raise ConfigError(
-                f"transport.kind {self.kind.value!r} is not available yet (issues #4, #5); "
-                "use local or torch"
+                "transport.kind 'hivemind' is not available yet (issue #5); use local, torch "
+                "or grpc"
             )
 
 
@@ -244,9 +365,72 @@ class InnerConfig:
 
 
 @dataclass(kw_only=True)
+class ReferenceConfig:
+    checkpoint: str = ""
+    """jest: a file holding the frozen reference model: a diloco checkpoint
+    (run.dir/checkpoints/round-N.pt: its shared parameters) or a torch state_dict of the
+    reference model. Empty: train one first on data.selector.reference.data."""
+    data: str = "stdlib"
+    """jest: the clean dataset the reference is trained on when no checkpoint is given: stdlib
+    (the training split of the built-in corpus, without data.noise) or the path of a text file
+    (byte tokens). Never the validation split."""
+    train_steps: int = 200
+    """jest: AdamW steps of the reference's training, batches of data.batch_size sequences
+    (warm-up a tenth of them, then cosine). Its FLOPs are counted (reference_flops)."""
+    lr: float = 2e-3
+    """jest: peak AdamW learning rate of the reference's training."""
+    n_layer: int = 0
+    """jest, built-in GPT: the reference's blocks (0: model.n_layer). It may be smaller."""
+    n_head: int = 0
+    """jest, built-in GPT: the reference's attention heads (0: model.n_head)."""
+    d_model: int = 0
+    """jest, built-in GPT: the reference's width (0: model.d_model)."""
+
+    def __post_init__(self) -> None:
+        key = "data.selector.reference"
+        _require(bool(self.data), f"{key}.data", "stdlib or a text file path", self.data)
+        _require(self.train_steps >= 1, f"{key}.train_steps", ">= 1", self.train_steps)
+        _require(self.lr > 0, f"{key}.lr", "> 0", self.lr)
+        for name in ("n_layer", "n_head", "d_model"):
+            value = getattr(self, name)
+            _require(value >= 0, f"{key}.{name}", ">= 0 (0: the learner's)", value)
+
+
+@dataclass(kw_only=True)
 class SelectorConfig:
     name: SelectorName = SelectorName.uniform
-    """Which examples of the stream the inner loop trains on: uniform (all of them)."""
+    """Which examples of the stream the inner loop trains on: uniform (all of them) or jest
+    (score a super-batch with the learner and a frozen reference model, keep the most
+    learnable; Evans et al. 2024, arXiv 2406.17711; RHO-LOSS, arXiv 2206.07137)."""
+    ratio: float = 0.5
+    """jest: the kept fraction; each step draws a super-batch of data.batch_size / ratio
+    sequences and trains on data.batch_size of them. 1/ratio must be a whole number."""
+    score: JestScore = JestScore.learnability
+    """jest: learnability (learner loss - reference loss, the default), hard_learner (learner
+    loss) or easy_reference (minus the reference loss; needs no learner forward)."""
+    temperature: float = 0.0
+    """jest: 0 keeps the data.batch_size best scores; > 0 samples them without replacement
+    with probabilities softmax(score / temperature), which is what JEST's chunked joint
+    sampling reduces to for per-sequence losses (docs/results/jest.md)."""
+    rescore_every: int = 1
+    """jest: the learner's losses are computed every this many steps; on the steps between,
+    the learner term is dropped (learnability ranks by the reference alone, hard_learner keeps
+    the first data.batch_size), saving the learner's scoring forward."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """jest: the frozen reference model (loaded, or trained first on clean data)."""
+
+    def __post_init__(self) -> None:
+        key = "data.selector"
+        _require(0 < self.ratio <= 1, f"{key}.ratio", "in (0, 1]", self.ratio)
+        factor = 1 / self.ratio
+        _require(
+            abs(factor - round(factor)) < 1e-6,
+            f"{key}.ratio",
+            "1/n for a whole number n (0.5, 0.25, ...)",
+            self.ratio,
+        )
+        _require(self.temperature >= 0, f"{key}.temperature", ">= 0", self.temperature)
+        _require(self.rescore_every >= 1, f"{key}.rescore_every", ">= 1", self.rescore_every)
 
 
 @dataclass(kw_only=True)
@@ -266,6 +450,10 @@ class DataConfig:
     """Sequences per inner step, per island."""
     seq_len: int = 128
     """Tokens per sequence (the model's context)."""
+    noise: float = 0.0
+    """Share of training sequences replaced by junk, in [0, 1) (stdlib, text and tokens
+    only): random tokens, the window's own tokens shuffled, or a short fragment repeated, a
+    third each. The validation split stays clean. To see what data selection does."""
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     """Data selection in front of each island's inner loop (local, never sent)."""
     args: dict[str, Any] = field(default_factory=dict)
@@ -284,6 +472,11 @@ class DataConfig:
         _require(0 < self.val_fraction < 1, "data.val_fraction", "in (0, 1)", self.val_fraction)
         _require(self.batch_size >= 1, "data.batch_size", ">= 1", self.batch_size)
         _require(self.seq_len >= 1, "data.seq_len", ">= 1", self.seq_len)
+        _require(0 <= self.noise < 1, "data.noise", "in [0, 1)", self.noise)
+        if self.noise > 0 and ":" in self.name:
+            raise ConfigError(
+                "data.noise works with stdlib, text and tokens, not a module:factory source"
+            )
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,134 @@
+"""The grpc transport's security: a run token on every call, TLS (optionally mutual).
+
+The token authenticates sites that share a run; TLS keeps it and the payloads private on the
+wire. The token is read from a file or an environment variable and never logged or written to
+outputs. A self-signed pair for a run (docs/transports.md):
+
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+        -subj /CN=diloco -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -keyout run.key -out run.crt
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from diloco.config.schema import GrpcTransportConfig
+from diloco.errors import ConfigError
+
+TOKEN_METADATA_KEY = "authorization"
+# Everyone in a run shares one certificate name, whatever address they dial.
+TLS_TARGET_NAME = "localhost"
+
+
+def read_token(settings: GrpcTransportConfig) -> str:
+    """The run token, from grpc.token_file or the grpc.token_env variable."""
+    if settings.token_file:
+        path = Path(settings.token_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"transport.grpc.token_file: no such file {str(path)!r}")
+        token = path.read_text().strip()
+        where = f"the file {str(path)!r}"
+    else:
+        token = os.environ.get(settings.token_env, "").strip()
+        where = f"${settings.token_env}"
+    if not token:
+        raise ConfigError(
+            f"no run token: {where} is empty. Every site of a run needs the same secret, e.g. "
+            f"export {settings.token_env}=$(openssl rand -hex 32), or set "
+            "transport.grpc.token_file"
+        )
+    if len(token) < 16:
+        raise ConfigError(f"the run token in {where} is too short: use at least 16 characters")
+    return token
+
+
+def _read_pem(key: str, path: str) -> bytes:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"transport.grpc.{key}: no such file {str(file)!r}")
+    return file.read_bytes()
+
+
+def _refuse_plaintext(settings: GrpcTransportConfig) -> None:
+    if not settings.tls_cert and not settings.insecure:
+        raise ConfigError(
+            "the grpc transport needs TLS: set transport.grpc.tls_cert and tls_key (a "
+            "self-signed pair: docs/transports.md), or transport.grpc.insecure=true for a "
+            "loopback experiment"
+        )
+
+
+def server_credentials(settings: GrpcTransportConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials for the coordinator; None for plaintext (grpc.insecure only)."""
+    _refuse_plaintext(settings)
+    if not settings.tls_cert:
+        return None
+    key = _read_pem("tls_key", settings.tls_key)
+    cert = _read_pem("tls_cert", settings.tls_cert)
+    ca = _read_pem("tls_ca", settings.tls_ca or settings.tls_cert)
+    return grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=ca if settings.mutual_tls else None,
+        require_client_auth=settings.mutual_tls,
+    )
+
+
+def channel_credentials(settings: GrpcTransportConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials for an island's channel; None for plaintext (grpc.insecure only)."""
+    _refuse_plaintext(settings)
+    if not settings.tls_cert:
+        return None
+    ca = _read_pem("tls_ca", settings.tls_ca or settings.tls_cert)
+    if not settings.mutual_tls:
+        return grpc.ssl_channel_credentials(root_certificates=ca)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=_read_pem("tls_key", settings.tls_key),
+        certificate_chain=_read_pem("tls_cert", settings.tls_cert),
+    )
+
+
+def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return ((TOKEN_METADATA_KEY, f"Bearer {token}"),)
+
+
+class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Refuses every call whose `authorization` metadata is not this run's token."""
+
+    def __init__(self, token: str, on_refused: Callable[[str], None]):
+        self._expected = f"Bearer {token}".encode()
+        self._on_refused = on_refused
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    ) -> Any:
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        presented = str(metadata.get(TOKEN_METADATA_KEY, "")).encode()
+        # compare_digest: the time taken says nothing about how much of the token matched.
+        if hmac.compare_digest(presented, self._expected):
+            return continuation(handler_call_details)
+        self._on_refused(handler_call_details.method)
+        handler = continuation(handler_call_details)
+        return None if handler is None else _refusing_like(handler)
+
+
+def _refuse(request: Any, context: grpc.ServicerContext) -> Any:
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing run token")
+
+
+def _refusing_like(handler: Any) -> Any:
+    """A handler of the same streaming shape as `handler` that refuses the call."""
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(_refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(_refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(_refuse)
+    return grpc.unary_unary_rpc_method_handler(_refuse)
