@@ -43,6 +43,10 @@ class HostedIsland:
     tokens: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    examples_labelled: int = 0
+    """Trained-on examples whose noise flag the data source gave (data.noise), cumulative."""
+    noisy_examples: int = 0
+    """Of those, how many were junk, cumulative (metrics: selected_noisy_fraction)."""
 
     def run_inner(self, steps: int, on_step: Callable[[], None] | None = None) -> RoundWork:
         """`steps` AdamW steps on this island's own stream."""
@@ -50,6 +54,9 @@ class HostedIsland:
         tokens = 0
         for _ in range(steps):
             batch = self._next_batch()
+            if batch.noisy is not None:
+                self.examples_labelled += int(batch.noisy.numel())
+                self.noisy_examples += int(batch.noisy.sum())
             loss_sum += self.trainer.train_step(batch.inputs)
             tokens += batch.num_tokens
             if on_step is not None:
@@ -70,6 +77,8 @@ class HostedIsland:
             "tokens": self.tokens,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "selector": self.selector.state_dict(),
+            "noise_counts": (self.examples_labelled, self.noisy_examples),
         }
         # The error-feedback residual is this island's own, unlike the shared outer state
         # that the checkpoint keeps once for all hosted islands.
@@ -84,14 +93,19 @@ class HostedIsland:
         self.tokens = int(state["tokens"])
         self.bytes_sent = int(state["bytes_sent"])
         self.bytes_received = int(state["bytes_received"])
+        self.selector.load_state_dict(state.get("selector", {}))
+        self.examples_labelled, self.noisy_examples = state.get("noise_counts", (0, 0))
 
     def _next_batch(self) -> Batch:
         factor = self.selector.super_batch_factor
         if factor == 1:
             return self.selector.select(self.data.next_batch(), self.model)
         parts = [self.data.next_batch() for _ in range(factor)]
+        flags = [part.noisy for part in parts]
         super_batch = Batch(
-            torch.cat([part.inputs for part in parts]), sum(p.num_tokens for p in parts)
+            torch.cat([part.inputs for part in parts]),
+            sum(p.num_tokens for p in parts),
+            None if any(f is None for f in flags) else torch.cat(flags),
         )
         return self.selector.select(super_batch, self.model)
 

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 from diloco.config import IslandConfig, to_container
+from diloco.data.reference import train_flops_per_token
 from diloco.errors import ConfigError
 from diloco.transports.base import ring_allreduce_bytes
+from islands.hosted import HostedIsland
 from islands.runtime import Runtime
 
 
@@ -76,8 +78,24 @@ def metrics_row(
         "compute_s": round(compute_s, 6),
         "islands": participants,
         "inner_lr": first.trainer.lr_at(max(0, first.trainer.step_count - 1)),
+        **selection_fields(first),
         "params_sha256": first.outer.params_sha256(),
         "time": round(time.time(), 3),
+    }
+
+
+def selection_fields(island: HostedIsland) -> dict[str, Any]:
+    """What data selection cost and kept on this island, cumulative (docs/output.md)."""
+    cost = island.selector.cost
+    labelled = island.examples_labelled
+    return {
+        "learner_flops": island.tokens * train_flops_per_token(island.model),
+        "scoring_flops": cost.scoring_flops,
+        "scoring_s": round(cost.scoring_s, 6),
+        "reference_flops": cost.reference_flops,
+        "selected_noisy_fraction": (
+            round(island.noisy_examples / labelled, 6) if labelled else None
+        ),
     }
 
 

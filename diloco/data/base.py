@@ -15,6 +15,9 @@ class Batch:
     """What the model's forward takes (for the GPT: int64 tokens of shape [B, T + 1])."""
     num_tokens: int
     """Tokens (or examples) it trains on: the island's weight in the average counts these."""
+    noisy: Any = None
+    """Which examples are junk (a bool tensor over dim 0) when the source knows it
+    (`data.noise`), else None; only the metrics read it."""
 
 
 class DataSource(Protocol):

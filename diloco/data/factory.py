@@ -10,6 +10,7 @@ import numpy as np
 from diloco.config.schema import DataConfig
 from diloco.data.base import DataSource
 from diloco.data.corpus import load_stdlib_corpus
+from diloco.data.noise import NoisyWindows
 from diloco.data.token_files import read_text_tokens, read_token_file, split_tail
 from diloco.data.windows import TokenWindows
 from diloco.errors import ConfigError
@@ -28,7 +29,7 @@ def build_data_sources(
         return [_from_factory(config, island, num_islands, seed) for island in islands]
     train, val = _load_tokens(config)
     try:
-        return [
+        sources: list[DataSource] = [
             TokenWindows(
                 train,
                 val,
@@ -43,6 +44,12 @@ def build_data_sources(
         ]
     except ValueError as error:
         raise ConfigError(f"data: {error}") from None
+    if config.noise == 0:
+        return sources
+    return [
+        NoisyWindows(source, noise=config.noise, vocab_size=vocab_size, seed=seed, island=island)
+        for source, island in zip(sources, islands, strict=True)
+    ]
 
 
 def _load_tokens(config: DataConfig) -> tuple[np.ndarray, np.ndarray]:

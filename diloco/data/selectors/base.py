@@ -1,22 +1,43 @@
 """The selector protocol: which examples of a super-batch the inner loop trains on.
 
 Selection is local to each island and never crosses the network. `uniform` keeps everything;
-JEST-style selectors (issue #6) score a larger super-batch with the learner and a reference.
+`jest` (issue #6) scores a larger super-batch with the learner and a frozen reference model.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from torch import nn
 
 from diloco.data.base import Batch
 
 
+@dataclass
+class SelectorCost:
+    """What selecting has cost so far, cumulative (written to metrics.jsonl)."""
+
+    scoring_flops: int = 0
+    """Forward FLOPs of scoring super-batches (learner and reference)."""
+    scoring_s: float = 0.0
+    """Wall time of scoring and choosing, seconds."""
+    reference_flops: int = 0
+    """Training FLOPs of the reference model, spent once before the first step."""
+
+
 class Selector(Protocol):
     super_batch_factor: int
     """How many source batches make one super-batch (1 for uniform)."""
+    cost: SelectorCost
+    """What selection has cost this island so far."""
 
     def select(self, super_batch: Batch, learner: nn.Module) -> Batch:
         """The batch to train on, chosen from `super_batch`."""
         ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue selecting the same way (saved per island)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
