@@ -330,12 +330,27 @@ def _warn_ignored_options(config: IslandConfig) -> None:
         ignored.append("outer.topk_fraction")
     if not config.outer.error_feedback and config.outer.error_feedback_decay != 1.0:
         ignored.append("outer.error_feedback_decay")
-    if config.transport.kind is TransportKind.local:
-        if config.transport.torch != defaults.transport.torch:
+    transport, kind = config.transport, config.transport.kind
+    if kind is TransportKind.local:
+        if transport.torch != defaults.transport.torch:
             ignored.append("transport.torch")
-        if config.transport.rank != defaults.transport.rank:
+        if transport.rank != defaults.transport.rank:
             ignored.append("transport.rank")
-    for key in ignored:
+    if kind is not TransportKind.torch and transport.torch != defaults.transport.torch:
+        ignored.append("transport.torch")
+    if kind is not TransportKind.grpc:
+        if transport.grpc != defaults.transport.grpc:
+            ignored.append("transport.grpc")
+        ignored += [
+            f"transport.{key}"
+            for key in ("aggregate", "trim_fraction", "clip_norm")
+            if getattr(transport, key) != getattr(defaults.transport, key)
+        ]
+    if transport.aggregate.value != "trimmed_mean" and (
+        transport.trim_fraction != defaults.transport.trim_fraction
+    ):
+        ignored.append("transport.trim_fraction")
+    for key in dict.fromkeys(ignored):  # in order, once each
         log.warning("%s is set but has no effect with this configuration", key)
 
 

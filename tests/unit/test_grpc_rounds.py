@@ -464,12 +464,14 @@ def test_a_restarted_coordinator_resumes_where_it_stopped(tmp_path: Path) -> Non
     with pytest.raises(GroupMismatchError, match="outer.lr"):
         again.join(0, "run-a", {**FINGERPRINT, "outer.lr": "0.1"})
 
-    # A payload for the last round, sent before the restart, still gets that round's mean.
-    late = again.submit(1, 0, 1.0, sha0, deltas_for(0)[1])
-    assert late.late and late.round == 0 and late.participants == 3
-    assert late.mean_payload is not None
-    assert torch.equal(late.mean_payload, answers[1].mean_payload)
-    assert late.params_sha256 == again.state_sha256()
+    # An island retrying its payload for the last round (its answer was lost with the old
+    # coordinator) gets that round's mean; it is a retry, not a late payload.
+    retry = again.submit(1, 0, 1.0, sha0, deltas_for(0)[1])
+    assert not retry.late and retry.round == 0 and retry.participants == 3
+    assert retry.mean_payload is not None
+    assert torch.equal(retry.mean_payload, answers[1].mean_payload)
+    assert retry.params_sha256 == again.state_sha256()
+    assert again.stats.late_payloads == 0
 
     # ... and the group carries on with the restored members.
     run_round(again, [0, 1, 2], deltas_for(1), [1.0, 1.0, 1.0])

@@ -71,7 +71,7 @@ class GrpcTransport:
         self._metadata = token_metadata(token)
         self._fingerprint: dict[str, str] = {}
         credentials = channel_credentials(settings)
-        options = list(CHANNEL_OPTIONS)
+        options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
         if credentials is None:
             self._channel = grpc.insecure_channel(settings.address, options=options)
         else:
@@ -227,6 +227,7 @@ class GrpcTransport:
         """`call`, retried with backoff while the coordinator is unreachable or not ready."""
         deadline = time.monotonic() + self.settings.retry_s
         delay = 0.2
+        closed_on_connect = 0
         while True:
             try:
                 return call()
@@ -234,6 +235,15 @@ class GrpcTransport:
                 code = error.code() if hasattr(error, "code") else None
                 details = error.details() if hasattr(error, "details") else str(error)
                 self._raise_permanent(code, details, what)
+                # A TLS server closes a plaintext connection at once; a coordinator that is
+                # down refuses it instead.
+                closed_on_connect = closed_on_connect + 1 if "Socket closed" in details else 0
+                if self.settings.insecure and closed_on_connect >= 3:
+                    raise ConfigError(
+                        f"the coordinator at {self.settings.address} closes plaintext "
+                        "connections: it requires TLS; set transport.grpc.tls_cert and tls_key "
+                        "(and drop transport.grpc.insecure)"
+                    ) from None
                 if time.monotonic() + delay > deadline:
                     raise ConnectionError(
                         f"the coordinator at {self.settings.address} did not answer for "

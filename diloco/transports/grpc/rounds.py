@@ -7,8 +7,9 @@ Rules (docs/transports.md):
 - The coordinator keeps the shared state (anchor, outer momentum) and takes the outer step
   itself, with the mean it sends back (decoded from the re-encoded bytes, exactly as the
   islands decode it), so its state is always the group's.
-- A round closes when every active island has reported, or at its adaptive deadline once
-  `min_islands` have. Islands that missed a round are inactive until they report again.
+- A round closes when every active island has reported (and every expected island has joined
+  once), or at its adaptive deadline once `min_islands` have. Islands that missed a round are
+  inactive until they report again, so later rounds do not wait for an island that is gone.
 - A payload for the round that just closed gets that round's mean (flagged late; its payload
   is dropped and counted). Anything older, or a payload computed from shared parameters that
   are not the group's, gets the current shared state to adopt instead.
@@ -95,6 +96,8 @@ class _Closed:
     sha_before: str
     sha_after: str
     first_arrival: float
+    ranks: tuple[int, ...] = ()
+    """The islands whose payloads are in the mean."""
 
 
 @dataclass
@@ -288,6 +291,11 @@ class RoundBook:
             now = self.clock()
             last = self._last
             if round == self.round - 1 and last is not None and sha == last.sha_before:
+                if rank in last.ranks:
+                    # A retry of a payload the round already holds (the answer was lost).
+                    return RoundAnswer(
+                        last.round, last.participants, last.sha_after, last.mean_payload
+                    )
                 # Late by less than a round: the island still gets that round's mean, applies
                 # it, and is in step with the group again.
                 self.stats.late_payloads += 1
@@ -360,10 +368,13 @@ class RoundBook:
     def _close_if_complete(self) -> None:
         if not self._pending:
             return
+        # Islands that never joined are expected until the deadline (they may be starting);
+        # members that missed a round are not (they may be gone).
+        never_seen = self.rules.islands - len(self._members)
         waiting_for = [
             rank for rank, m in self._members.items() if m.active and rank not in self._pending
         ]
-        if not waiting_for:
+        if not waiting_for and never_seen == 0:
             self._close()
 
     def _close_if_due(self) -> None:
@@ -415,7 +426,13 @@ class RoundBook:
         self._sha = params_sha256(self._anchor)
         assert self._first_arrival is not None
         self._last = _Closed(
-            self.round, len(ranks), mean_payload, sha_before, self._sha, self._first_arrival
+            self.round,
+            len(ranks),
+            mean_payload,
+            sha_before,
+            self._sha,
+            self._first_arrival,
+            tuple(ranks),
         )
         self.deadline.observe_round(self._offsets)
         missing = [r for r, m in self._members.items() if m.active and r not in self._pending]
@@ -444,6 +461,7 @@ class RoundBook:
             "sha256": self._sha,
             "fingerprint": self._fingerprint,
             "members": sorted(rank for rank, m in self._members.items() if not m.left),
+            "left": sorted(rank for rank, m in self._members.items() if m.left),
             "last": None
             if last is None
             else {
@@ -452,6 +470,7 @@ class RoundBook:
                 "mean_payload": last.mean_payload,
                 "sha_before": last.sha_before,
                 "sha_after": last.sha_after,
+                "ranks": list(last.ranks),
             },
             "stats": self.stats.__dict__,
         }
@@ -471,6 +490,9 @@ class RoundBook:
         self._fingerprint = state["fingerprint"]
         # Islands of the earlier run are expected back: rounds wait for them until they miss one.
         self._members = {rank: _Member() for rank in state["members"]}
+        # Islands that left are known but not expected (else every round waits for its deadline).
+        for rank in state.get("left", []):
+            self._members[rank] = _Member(active=False, left=True)
         last = state["last"]
         if last is not None:
             self._last = _Closed(
@@ -480,6 +502,7 @@ class RoundBook:
                 last["sha_before"],
                 last["sha_after"],
                 self.clock(),
+                tuple(last.get("ranks", ())),
             )
         self.stats = CoordinatorStats(**state["stats"])
         log.warning(

@@ -38,7 +38,7 @@ CHANNEL_OPTIONS = [
 
 def chunks_of(buffer: torch.Tensor) -> Iterator[pb.Chunk]:
     """`buffer`'s bytes (a contiguous CPU tensor) as data chunks."""
-    view = memoryview(buffer.contiguous().view(torch.uint8).numpy())
+    view = memoryview(buffer.contiguous().view(torch.uint8).numpy().data)
     for start in range(0, len(view), CHUNK_BYTES):
         yield pb.Chunk(data=bytes(view[start : start + CHUNK_BYTES]))
 
@@ -69,7 +69,7 @@ def state_chunks(header: pb.StateHeader, state: SharedState | None) -> Iterator[
         yield from chunks_of(state.momentum.to(torch.float32))
 
 
-class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
+class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, book: RoundBook):
         self.book = book
 
@@ -91,6 +91,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "average":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an Average call starts with a header")
+        assert first is not None  # abort raised
         header = first.average
         if header.run_id != self.book.rules.run_id:
             context.abort(
@@ -150,6 +151,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "state":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PutState starts with a header")
+        assert first is not None  # abort raised
         header = first.state
         if header.run_id != self.book.rules.run_id:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "PutState for another run_id")

@@ -1,0 +1,267 @@
+"""The grpc transport as sites run it: a coordinator and islands, each a `diloco-island`
+process on loopback, with TLS and a run token on, and faults injected.
+
+The invariant is the design's: after every round every island holds the same shared
+parameters (`params_sha256` in metrics.jsonl), also after an island or the coordinator was
+killed and restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from harness import TINY, CliResult, finish, finish_all, metrics_rows, run_cli, start_cli
+
+TOKEN = "e2e-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def tls_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed pair made with the one-liner of docs/transports.md."""
+    cert, key = tmp_path / "run.crt", tmp_path / "run.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "1", "-subj", "/CN=diloco",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture(autouse=True)
+def run_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DILOCO_TOKEN", TOKEN)
+
+
+class Group:
+    """The command lines of one grpc run: a coordinator and `islands` islands."""
+
+    def __init__(self, tmp_path: Path, tls: tuple[Path, Path], islands: int, *extra: str):
+        self.run_dir = tmp_path / "run"
+        self.islands = islands
+        cert, key = tls
+        self.common = [
+            "--config",
+            str(tmp_path / "island.yaml"),
+            *TINY,
+            "transport.kind=grpc",
+            f"transport.islands={islands}",
+            f"transport.grpc.address=127.0.0.1:{free_port()}",
+            f"transport.grpc.tls_cert={cert}",
+            f"transport.grpc.tls_key={key}",
+            "transport.grpc.deadline_floor_s=2",
+            "transport.grpc.retry_s=60",
+            "transport.grpc.linger_s=3",
+            *extra,
+        ]
+        (tmp_path / "island.yaml").write_text(f"run:\n  dir: {self.run_dir}\n")
+
+    def coordinator(self, *extra: str) -> subprocess.Popen[str]:
+        return start_cli([*self.common, "transport.grpc.role=coordinator", *extra])
+
+    def island(self, rank: int, *extra: str) -> subprocess.Popen[str]:
+        return start_cli([*self.common, f"transport.rank={rank}", *extra])
+
+    def run_island(self, rank: int, *extra: str, timeout_s: float = 60) -> CliResult:
+        return run_cli([*self.common, f"transport.rank={rank}", *extra], timeout_s=timeout_s)
+
+    def island_dir(self, rank: int) -> Path:
+        return self.run_dir / f"island-{rank}"
+
+    def hashes(self, rank: int) -> dict[int, str]:
+        return {row["round"]: row["params_sha256"] for row in metrics_rows(self.island_dir(rank))}
+
+    def coordinator_summary(self) -> dict[str, object]:
+        return json.loads((self.run_dir / "coordinator" / "summary.json").read_text())
+
+
+def assert_ok(*results: CliResult) -> None:
+    for result in results:
+        assert result.returncode == 0, result.describe()
+
+
+def wait_for_rows(run_dir: Path, rows: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(metrics_rows(run_dir)) >= rows:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{run_dir} did not reach {rows} rounds in {timeout_s} s")
+
+
+@pytest.mark.timeout(120)
+def test_three_islands_and_a_coordinator_agree_every_round(
+    tmp_path: Path, tls_pair: tuple[Path, Path]
+) -> None:
+    # A generous floor: the three processes start seconds apart on a loaded machine.
+    group = Group(
+        tmp_path, tls_pair, 3, "outer.rounds=4", "outer.inner_steps=3",
+        "transport.grpc.deadline_floor_s=20",
+    )  # fmt: skip
+    coordinator = group.coordinator()
+    islands = [group.island(rank) for rank in range(3)]
+    assert_ok(*finish_all(islands, 90))
+    assert_ok(finish(coordinator, 30))
+
+    hashes = [group.hashes(rank) for rank in range(3)]
+    assert sorted(hashes[0]) == [1, 2, 3, 4]
+    assert hashes[0] == hashes[1] == hashes[2]
+    for rank in range(3):
+        rows = metrics_rows(group.island_dir(rank))
+        assert [row["islands"] for row in rows] == [3, 3, 3, 3]
+        # int: bytes are counted, and a round's upload is the fp32 payload plus its header
+        assert rows[-1]["bytes_sent"] > 0 and rows[-1]["bytes_received"] > 0
+    summary = group.coordinator_summary()
+    assert summary["params_sha256"] == hashes[0][4]
+    assert summary["participants_per_round"] == [3, 3, 3, 3]
+    assert summary["refused_payloads"] == summary["late_payloads"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_killed_island_resumes_its_checkpoint_and_rejoins(
+    tmp_path: Path, tls_pair: tuple[Path, Path]
+) -> None:
+    """SIGKILL island 1 after round 2; with min_islands = 2 the other waits at the next round's
+    deadline; restarted, island 1 resumes from its own checkpoint, rejoins, and both finish
+    with the same hash every round."""
+    group = Group(
+        tmp_path, tls_pair, 2, "outer.rounds=6", "outer.inner_steps=5",
+        "transport.min_islands=2", "transport.grpc.deadline_floor_s=1",
+    )  # fmt: skip
+    coordinator = group.coordinator()
+    survivor = group.island(0)
+    victim = group.island(1)
+    wait_for_rows(group.island_dir(1), 2, 60)
+    victim.kill()
+    victim.wait(timeout=10)
+    killed_at = len(metrics_rows(group.island_dir(1)))
+    restarted = group.island(1)
+    survivor_result, restarted_result = finish_all([survivor, restarted], 90)
+    assert_ok(survivor_result, restarted_result, finish(coordinator, 30))
+    hashes = [group.hashes(rank) for rank in range(2)]
+    assert sorted(hashes[0]) == list(range(1, 7)), survivor_result.describe()
+    # The restarted island has no row for a round that closed while it was down (the group
+    # used the payload it had sent before dying); every row it has matches the group's.
+    assert {6, 5, 4} <= set(hashes[1]), restarted_result.describe()
+    for round, sha in hashes[1].items():
+        assert sha == hashes[0][round], f"round {round}"
+    assert group.coordinator_summary()["participants_per_round"] == [2] * 6
+    assert killed_at >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killed_island_restarts_from_its_checkpoint_and_matches(
+    tmp_path: Path, tls_pair: tuple[Path, Path]
+) -> None:
+    """SIGKILL island 2 after round 2: the others go on without it (rounds close at their
+    deadline); restarted, it rejoins from its checkpoint and ends with the group's hash."""
+    # Rounds long enough (~0.3 s) that the run is still going when the restarted process
+    # (seconds of start-up) comes back.
+    group = Group(
+        tmp_path, tls_pair, 3, "outer.rounds=40", "outer.inner_steps=100",
+        "transport.min_islands=2", "transport.grpc.deadline_floor_s=0.5",
+        "transport.grpc.deadline_ceiling_s=2", "transport.grpc.linger_s=20",
+    )  # fmt: skip
+    coordinator = group.coordinator()
+    survivors = [group.island(rank) for rank in range(2)]
+    victim = group.island(2)
+    wait_for_rows(group.island_dir(2), 2, 90)
+    victim.kill()
+    victim.wait(timeout=10)
+    killed_at = len(metrics_rows(group.island_dir(2)))
+    restarted = group.island(2)
+    assert_ok(*finish_all([*survivors, restarted], 150))
+    assert_ok(finish(coordinator, 30))
+
+    final = [group.hashes(rank) for rank in range(3)]
+    assert final[0] == final[1]
+    assert final[2][40] == final[0][40], "the restarted island ended elsewhere"
+    # Every round the restarted island did report matches the group's round.
+    for round, sha in final[2].items():
+        assert sha == final[0][round], f"round {round}"
+    rejoined = [round for round in final[2] if round > killed_at + 1]
+    assert len(rejoined) >= 3, f"the restarted island did not rejoin mid-run: {sorted(final[2])}"
+    participants = group.coordinator_summary()["participants_per_round"]
+    assert 2 in participants, "no round closed without the killed island"
+    assert participants[-1] == 3, "the restarted island was not averaged again"
+
+
+@pytest.mark.timeout(180)
+def test_coordinator_killed_and_restarted_mid_run_the_run_completes(
+    tmp_path: Path, tls_pair: tuple[Path, Path]
+) -> None:
+    group = Group(tmp_path, tls_pair, 2, "outer.rounds=12", "outer.inner_steps=20")
+    coordinator = group.coordinator()
+    islands = [group.island(rank) for rank in range(2)]
+    wait_for_rows(group.island_dir(0), 3, 90)
+    coordinator.kill()
+    coordinator.wait(timeout=10)
+    time.sleep(1.0)  # the islands are now retrying
+    restarted = group.coordinator()
+    assert_ok(*finish_all(islands, 150))
+    assert_ok(finish(restarted, 30))
+    hashes = [group.hashes(rank) for rank in range(2)]
+    assert sorted(hashes[0]) == list(range(1, 13))
+    assert hashes[0] == hashes[1]
+    assert group.coordinator_summary()["params_sha256"] == hashes[0][12]
+
+
+@pytest.mark.timeout(120)
+def test_refusals_name_what_is_wrong(tmp_path: Path, tls_pair: tuple[Path, Path]) -> None:
+    """Wrong token, plaintext against TLS, another model: each island stops with exit 2 and
+    one line saying why; the coordinator's state is untouched by them."""
+    group = Group(
+        tmp_path, tls_pair, 2, "outer.rounds=2", "outer.inner_steps=2",
+        "transport.grpc.retry_s=5",
+    )  # fmt: skip
+    coordinator = group.coordinator()
+    try:
+        env_token = os.environ["DILOCO_TOKEN"]
+        os.environ["DILOCO_TOKEN"] = "not-the-run-token-at-all"
+        try:
+            wrong_token = group.run_island(0)
+        finally:
+            os.environ["DILOCO_TOKEN"] = env_token
+        plaintext = group.run_island(
+            0,
+            "transport.grpc.tls_cert=''",
+            "transport.grpc.tls_key=''",
+            "transport.grpc.insecure=true",
+        )
+        first = group.island(0)
+        wait_for_rows(group.island_dir(0), 0, 30)
+        other_model = group.run_island(1, "model.n_layer=2")
+    finally:
+        coordinator.kill()
+        coordinator.wait(timeout=10)
+        if "first" in locals():
+            first.kill()
+            first.wait(timeout=10)
+
+    for result, fragment in (
+        (wrong_token, "refused the run token"),
+        (plaintext, "TLS"),
+        (other_model, "differs from the group"),
+    ):
+        assert result.returncode == 2, result.describe()
+        assert "Traceback" not in result.stderr, result.describe()
+        assert fragment in result.stderr, result.describe()
+    assert "not-the-run-token" not in wrong_token.stderr + wrong_token.stdout
+    assert "model" in other_model.stderr

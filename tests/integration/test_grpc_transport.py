@@ -1,0 +1,233 @@
+"""The grpc transport in one process: a real coordinator server on loopback and real clients
+(threads), to check the mean it computes and the payloads it refuses.
+
+Refused payloads must never reach the shared parameters: each refusal test compares the
+coordinator's state hash before and after.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from harness import run_threads
+
+from diloco.codecs import build_codec
+from diloco.codecs.base import HEADER_BYTES
+from diloco.config.schema import GrpcTransportConfig
+from diloco.errors import ConfigError
+from diloco.outer.nesterov import nesterov_step_
+from diloco.outer.sync import params_sha256
+from diloco.transports.aggregate import weighted_mean
+from diloco.transports.base import GroupMismatchError, SharedState
+from diloco.transports.grpc import (
+    CoordinatorServer,
+    GrpcTransport,
+    PayloadRefusedError,
+    RoundBook,
+    RoundRules,
+)
+from diloco.transports.grpc import coordinator_pb2 as pb
+from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
+from diloco.transports.grpc.security import token_metadata
+
+NUMEL = 10_000
+TOKEN = "integration-token-0123456789"
+FINGERPRINT = {"model": "m1", "outer.inner_steps": "5"}
+SETTINGS = {"model": "m1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Coordinator:
+    def __init__(self, tmp_path: Path, codec_name: str, islands: int = 2):
+        self.codec = build_codec(codec_name)
+        self.settings = GrpcTransportConfig(
+            address=f"127.0.0.1:{free_port()}", insecure=True, retry_s=5
+        )
+        rules = RoundRules(
+            run_id="run",
+            rounds=10,
+            islands=islands,
+            min_islands=islands,
+            lr=0.7,
+            momentum=0.9,
+            nesterov=True,
+        )
+        self.book = RoundBook(rules, self.codec, {}, tmp_path / "coordinator")
+        self.server = CoordinatorServer(self.book, self.settings, TOKEN).start()
+
+    def client(self, rank: int, token: str = TOKEN, islands: int = 2) -> GrpcTransport:
+        return GrpcTransport(
+            self.settings,
+            run_id="run",
+            token=token,
+            codec=self.codec,
+            numel=NUMEL,
+            rank=rank,
+            num_islands=islands,
+        )
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Coordinator]:
+    running = Coordinator(tmp_path, getattr(request, "param", "none"))
+    yield running
+    running.server.stop(0)
+
+
+def initial_state() -> SharedState:
+    generator = torch.Generator().manual_seed(0)
+    return SharedState(0, torch.randn(NUMEL, generator=generator), torch.zeros(NUMEL))
+
+
+def delta(rank: int) -> torch.Tensor:
+    return torch.randn(NUMEL, generator=torch.Generator().manual_seed(100 + rank)) * 1e-2
+
+
+def seeded(coordinator: Coordinator) -> GrpcTransport:
+    """Island 0, joined, having seeded the shared state."""
+    island = coordinator.client(0)
+    island.join([], FINGERPRINT)
+    assert island.shared_state(initial_state()) is None
+    return island
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("coordinator", ["none", "int8"], indirect=True)
+def test_two_islands_get_the_re_encoded_weighted_mean(coordinator: Coordinator) -> None:
+    state = initial_state()
+    sha = params_sha256(state.anchor)
+    codec = coordinator.codec
+    weights = [100.0, 300.0]
+
+    def island(rank: int) -> tuple[torch.Tensor, int]:
+        transport = coordinator.client(rank)
+        transport.join([], FINGERPRINT)
+        transport.shared_state(state)
+        result = transport.average(codec.encode(delta(rank)), weights[rank], 0, sha)
+        transport.close()
+        return result.mean, result.participants
+
+    (mean0, n0), (mean1, n1) = run_threads(island, [(0,), (1,)], timeout_s=45)
+    decoded = [codec.decode(codec.encode(delta(rank)), NUMEL) for rank in range(2)]
+    exact = weighted_mean(decoded, weights)
+    expected = codec.decode(codec.encode(exact), NUMEL)
+    assert n0 == n1 == 2
+    assert torch.equal(mean0, expected) and torch.equal(mean1, expected)
+
+    anchor, momentum = state.anchor.clone(), torch.zeros(NUMEL)
+    nesterov_step_(anchor, expected, momentum, lr=0.7, mu=0.9)
+    assert coordinator.book.state_sha256() == params_sha256(anchor)
+
+
+@pytest.mark.timeout(60)
+def test_a_newcomer_downloads_the_shared_state(coordinator: Coordinator) -> None:
+    seeded(coordinator)
+    newcomer = coordinator.client(1)
+    newcomer.join([], FINGERPRINT)
+    fresh = SharedState(0, torch.zeros(NUMEL), torch.zeros(NUMEL))
+    got = newcomer.shared_state(fresh)
+    assert got is not None
+    assert torch.equal(got.anchor, initial_state().anchor)
+    # Holding it already: nothing to download.
+    assert newcomer.shared_state(got) is None
+
+
+@pytest.mark.timeout(60)
+def test_wrong_token_is_refused_and_not_echoed(coordinator: Coordinator) -> None:
+    intruder = coordinator.client(0, token="someone-elses-token-xyz")
+    with pytest.raises(ConfigError, match="refused the run token") as error:
+        intruder.join([], FINGERPRINT)
+    assert "someone-elses" not in str(error.value)
+    assert coordinator.server.refused_calls >= 1
+    assert not coordinator.book.has_state()
+
+
+@pytest.mark.timeout(60)
+def test_another_model_is_refused_naming_the_difference(coordinator: Coordinator) -> None:
+    seeded(coordinator)
+    other = coordinator.client(1)
+    with pytest.raises(GroupMismatchError, match="model: group m1, island 1 m2"):
+        other.join([], {**FINGERPRINT, "model": "m2"})
+
+
+@pytest.mark.timeout(60)
+def test_nan_payload_is_refused_and_the_state_is_unchanged(coordinator: Coordinator) -> None:
+    island = seeded(coordinator)
+    before = coordinator.book.state_sha256()
+    # Our codecs refuse to encode NaN; a buggy or hostile island may not use them.
+    payload = coordinator.codec.encode(delta(0))
+    payload[HEADER_BYTES:].view(torch.float32)[17] = float("nan")
+    with pytest.raises(PayloadRefusedError, match="non-finite"):
+        island.average(payload, 10.0, 0, before)
+    assert coordinator.book.state_sha256() == before
+    assert coordinator.book.round == 0
+    assert coordinator.book.stats.refused_payloads == 1
+
+
+def raw_average(coordinator: Coordinator, header_bytes: int, body: bytes) -> grpc.RpcError:
+    """An Average call that announces `header_bytes` and sends `body`; returns its error."""
+    stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(coordinator.settings.address))
+    header = pb.AverageHeader(
+        run_id="run",
+        rank=0,
+        round=0,
+        weight=1.0,
+        params_sha256=coordinator.book.state_sha256(),
+        payload_bytes=header_bytes,
+    )
+
+    def requests() -> Iterator[pb.Chunk]:
+        yield pb.Chunk(average=header)
+        yield pb.Chunk(data=body)
+
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Average(requests(), metadata=token_metadata(TOKEN), timeout=20))
+    return error.value
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("announced", "sent", "fragment"),
+    [
+        ("full", "half", "truncated"),
+        ("short", "short", "announces"),
+        ("full", "garbage", "magic"),
+    ],
+)
+def test_malformed_payloads_are_refused(
+    coordinator: Coordinator, announced: str, sent: str, fragment: str
+) -> None:
+    seeded(coordinator)
+    before = coordinator.book.state_sha256()
+    payload = coordinator.codec.encode(delta(0)).numpy().tobytes()
+    sizes = {"full": len(payload), "short": len(payload) - 4}
+    bodies = {
+        "half": payload[: len(payload) // 2],
+        "short": payload[:-4],
+        "garbage": bytes(len(payload)),
+    }
+    error = raw_average(coordinator, sizes[announced], bodies[sent])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in error.details(), error.details()
+    assert coordinator.book.state_sha256() == before
+    assert coordinator.book.stats.refused_payloads == 1
+
+
+@pytest.mark.timeout(60)
+def test_payload_of_another_codec_is_refused(coordinator: Coordinator) -> None:
+    island = seeded(coordinator)
+    before = coordinator.book.state_sha256()
+    int8_payload = build_codec("int8").encode(delta(0))
+    with pytest.raises(PayloadRefusedError, match="announces"):
+        island.average(int8_payload, 1.0, 0, before)
+    assert coordinator.book.state_sha256() == before
