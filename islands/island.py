@@ -42,6 +42,7 @@ from diloco.transports import (
     Transport,
 )
 from islands.coordinator import grpc_island_transport
+from islands.hivemind import hivemind_island_transport
 from islands.hosted import HostedIsland, join_all, sync_all
 from islands.outputs import (
     checkpoint_state,
@@ -394,6 +395,8 @@ def _transports(
     if config.transport.kind is TransportKind.local:
         group = LocalGroup(config.transport.islands, codec, numel)
         return [group.transport(rank) for rank in ranks], group.abort
+    if config.transport.kind is TransportKind.hivemind:
+        return [hivemind_island_transport(config, codec, numel, ranks[0])], lambda: None
     if config.transport.kind is TransportKind.grpc:
         return [grpc_island_transport(config, codec, numel, ranks[0])], lambda: None
     settings = config.transport.torch

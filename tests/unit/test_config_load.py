@@ -177,14 +177,13 @@ def test_impossible_value_in_a_yaml_file(tmp_path: Path) -> None:
         load_config(write(tmp_path, "outer:\n  momentum: 1.5\n"))
 
 
-@pytest.mark.parametrize("kind", ["grpc", "hivemind"])
-def test_transports_not_built_yet_point_at_their_issues(kind: str) -> None:
-    with pytest.raises(
-        ConfigError,
-        match=rf"transport\.kind '{kind}' is not available yet \(issues #4, #5\); "
-        "use local or torch",
-    ):
-        load_config(None, [f"transport.kind={kind}"])
+def test_hivemind_kind_loads_and_names_bad_settings() -> None:
+    config = load_config(None, ["transport.kind=hivemind", "transport.islands=3"])
+    assert config.transport.hivemind.host_maddrs == ["/ip4/0.0.0.0/tcp/0"]
+    with pytest.raises(ConfigError, match=r"^transport\.hivemind\.request_timeout_s must be in"):
+        load_config(None, ["transport.kind=hivemind", "transport.hivemind.request_timeout_s=20"])
+    with pytest.raises(ConfigError, match=r"^transport\.hivemind\.initial_peers must be multiaddrs"):
+        load_config(None, ["transport.hivemind.initial_peers=[127.0.0.1:5000]"])
 
 
 # --- files and overrides --------------------------------------------------------------------
