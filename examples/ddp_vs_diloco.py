@@ -285,9 +285,12 @@ def flops_per_token(config: IslandConfig, numel: int) -> float:
 
 def run_gpu(setting: Setting) -> dict[str, Any]:
     k = setting.islands
-    batch = config_for(setting, "probe").data.batch_size
+    probe = config_for(setting, "probe")
+    # k x the batch, 1/k of the validation batches: the same validation windows as the islands'.
+    kx_batch = (f"data.batch_size={k * probe.data.batch_size}",)
+    kx_batch += (f"eval.batches={max(1, probe.eval.batches // k)}",)
     runs = {
-        "ddp": run_one_island(setting, "ddp-kx-batch", (f"data.batch_size={k * batch}",)),
+        "ddp": run_one_island(setting, "ddp-kx-batch", kx_batch),
         "diloco": None,
         "one-island": run_one_island(setting),
     }

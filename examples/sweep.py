@@ -52,12 +52,18 @@ def grid_points(args: argparse.Namespace) -> list[tuple[str, list[str], dict[str
         ]
         points.append((name.replace("kinddiloco-", ""), overrides, labels))
     if args.baselines:
-        batch = load_config(args.config, args.overrides).data.batch_size
+        base = load_config(args.config, args.overrides)
+        batch, eval_batches = base.data.batch_size, base.eval.batches
         h = max(args.inner_steps)  # one round per H: the same number of val points
         one_island = [f"outer.inner_steps={h}", f"outer.rounds={args.steps // h}", *PLAIN_ADAMW]
         for k in args.islands:
             labels = {"kind": f"ddp-equivalent ({k}x batch)", "islands": k, "H": 1}
             batch_k = [f"data.batch_size={k * batch}", "transport.islands=1", *one_island]
+            if eval_batches % k == 0:  # the same validation windows as the islands'
+                batch_k.append(f"eval.batches={eval_batches // k}")
+            else:
+                sys.stderr.write(f"eval.batches is not a multiple of {k}: the {k}x batch run "
+                                 "is evaluated on other (more) validation windows\n")  # fmt: skip
             points.append((f"ddp-equivalent-{k}", batch_k, labels | {"codec": "none"}))
         labels = {"kind": "one island alone", "islands": 1, "H": "—", "codec": "—"}
         points.append(("one-island", ["transport.islands=1", *one_island], labels))
