@@ -231,7 +231,7 @@ class HivemindTransportConfig:
     hivemind.initial_peers_file): this island starts the group and prints its address."""
     initial_peers_file: str = ""
     """File of multiaddrs, one a line, added to hivemind.initial_peers (e.g. another island's
-    hivemind.address_file)."""
+    hivemind.address_file); waited for up to hivemind.averaging_timeout_s."""
     address_file: str = ""
     """This island writes the multiaddrs others can join it at here once it listens."""
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])

@@ -98,7 +98,8 @@ class HivemindTransport:
         self._lock = threading.Lock()
         self._closed = False
         self.dht = IslandDHT(
-            initial_peers=list(settings.initial_peers) + _read_peers(settings.initial_peers_file),
+            initial_peers=list(settings.initial_peers)
+            + _read_peers(settings.initial_peers_file, settings.averaging_timeout_s),
             start=True,
             host_maddrs=list(settings.host_maddrs),
             announce_maddrs=list(settings.announce_maddrs) or None,
@@ -404,13 +405,27 @@ def _records(found: Any) -> dict[str, Any]:
     return {str(key): item.value for key, item in found.value.items()}
 
 
-def _read_peers(path: str) -> list[str]:
+def _read_peers(path: str, wait_s: float) -> list[str]:
+    """The multiaddrs in `path`, waiting up to `wait_s` for it to appear (islands may start in
+    any order: the first writes its hivemind.address_file)."""
     if not path:
         return []
-    try:
-        with open(path) as file:
-            return [line.strip() for line in file if line.strip()]
-    except OSError as error:
-        raise ValueError(
-            f"transport.hivemind.initial_peers_file {path!r} cannot be read: {error.strerror}"
-        ) from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(path) as file:
+                peers = [line.strip() for line in file if line.strip()]
+            if peers:
+                return peers
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise ValueError(
+                f"transport.hivemind.initial_peers_file {path!r} cannot be read: {error.strerror}"
+            ) from None
+        if time.monotonic() > deadline:
+            raise ValueError(
+                f"transport.hivemind.initial_peers_file {path!r} holds no multiaddr after "
+                f"{wait_s:.0f} s: start the first island with hivemind.address_file={path}"
+            )
+        time.sleep(0.1)
