@@ -87,13 +87,16 @@ def table(rows: dict[str, list[dict[str, Any]]], islands: int) -> str:
                 f"| {flops / base_flops:.2f} | {last['scoring_s']:.0f} |"
             )
     if "uniform-clean" in rows and "jest-clean" in rows:
-        uniform, jest = rows["uniform-clean"][-1], rows["jest-clean"][-1]
-        change = jest["val_loss"] / uniform["val_loss"] - 1
-        lines += [
-            "",
-            f"noise 0, {uniform['inner_step']} steps: uniform val {uniform['val_loss']:.4f}, "
-            f"jest val {jest['val_loss']:.4f} ({change:+.2%})",
-        ]
+        lines += ["", "noise 0, val loss at equal learner steps", ""]
+        lines += ["| steps | uniform | jest | jest / uniform - 1 |", "| --- | --- | --- | --- |"]
+        uniform = {r["inner_step"]: r["val_loss"] for r in rows["uniform-clean"]}
+        for row in rows["jest-clean"]:
+            if row["val_loss"] is not None and uniform.get(row["inner_step"]) is not None:
+                base = uniform[row["inner_step"]]
+                lines.append(
+                    f"| {row['inner_step']} | {base:.4f} | {row['val_loss']:.4f} "
+                    f"| {row['val_loss'] / base - 1:+.2%} |"
+                )
     return "\n".join(lines)
 
 

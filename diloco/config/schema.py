@@ -429,16 +429,14 @@ class InnerConfig:
 @dataclass(kw_only=True)
 class ReferenceConfig:
     checkpoint: str = ""
-    """jest: a file holding the frozen reference model: a diloco checkpoint
-    (run.dir/checkpoints/round-N.pt: its shared parameters) or a torch state_dict of the
-    reference model. Empty: train one first on data.selector.reference.data."""
+    """jest: the frozen reference's file: a diloco checkpoint (run.dir/checkpoints/round-*.pt)
+    or a torch state_dict. Empty: train one first on data.selector.reference.data."""
     data: str = "stdlib"
-    """jest: the clean dataset the reference is trained on when no checkpoint is given: stdlib
-    (the training split of the built-in corpus, without data.noise) or the path of a text file
-    (byte tokens). Never the validation split."""
+    """jest: the clean data the reference trains on: stdlib (the built-in corpus's training
+    split, without data.noise) or a text file's path (byte tokens)."""
     train_steps: int = 200
-    """jest: AdamW steps of the reference's training, batches of data.batch_size sequences
-    (warm-up a tenth of them, then cosine). Its FLOPs are counted (reference_flops)."""
+    """jest: AdamW steps (batches of data.batch_size) training the reference; its FLOPs are
+    counted (reference_flops)."""
     lr: float = 2e-3
     """jest: peak AdamW learning rate of the reference's training."""
     n_layer: int = 0
@@ -450,20 +448,17 @@ class ReferenceConfig:
 
     def __post_init__(self) -> None:
         key = "data.selector.reference"
-        _require(bool(self.data), f"{key}.data", "stdlib or a text file path", self.data)
         _require(self.train_steps >= 1, f"{key}.train_steps", ">= 1", self.train_steps)
         _require(self.lr > 0, f"{key}.lr", "> 0", self.lr)
         for name in ("n_layer", "n_head", "d_model"):
-            value = getattr(self, name)
-            _require(value >= 0, f"{key}.{name}", ">= 0 (0: the learner's)", value)
+            _require(getattr(self, name) >= 0, f"{key}.{name}", ">= 0", getattr(self, name))
 
 
 @dataclass(kw_only=True)
 class SelectorConfig:
     name: SelectorName = SelectorName.uniform
-    """Which examples of the stream the inner loop trains on: uniform (all of them) or jest
-    (score a super-batch with the learner and a frozen reference model, keep the most
-    learnable; Evans et al. 2024, arXiv 2406.17711; RHO-LOSS, arXiv 2206.07137)."""
+    """Which examples the inner loop trains on: uniform (all) or jest (the most learnable of a
+    super-batch, per the learner and a frozen reference; arXiv 2406.17711)."""
     ratio: float = 0.5
     """jest: the kept fraction; each step draws a super-batch of data.batch_size / ratio
     sequences and trains on data.batch_size of them. 1/ratio must be a whole number."""
@@ -484,13 +479,8 @@ class SelectorConfig:
     def __post_init__(self) -> None:
         key = "data.selector"
         _require(0 < self.ratio <= 1, f"{key}.ratio", "in (0, 1]", self.ratio)
-        factor = 1 / self.ratio
-        _require(
-            abs(factor - round(factor)) < 1e-6,
-            f"{key}.ratio",
-            "1/n for a whole number n (0.5, 0.25, ...)",
-            self.ratio,
-        )
+        whole = abs(1 / self.ratio - round(1 / self.ratio)) < 1e-6
+        _require(whole, f"{key}.ratio", "1/n for a whole number n (0.5, 0.25, ...)", self.ratio)
         _require(self.temperature >= 0, f"{key}.temperature", ">= 0", self.temperature)
         _require(self.rescore_every >= 1, f"{key}.rescore_every", ">= 1", self.rescore_every)
 
@@ -513,9 +503,8 @@ class DataConfig:
     seq_len: int = 128
     """Tokens per sequence (the model's context)."""
     noise: float = 0.0
-    """Share of training sequences replaced by junk, in [0, 1) (stdlib, text and tokens
-    only): random tokens, the window's own tokens shuffled, or a short fragment repeated, a
-    third each. The validation split stays clean. To see what data selection does."""
+    """Share of training sequences replaced by junk in [0, 1) (not for module:factory): random
+    tokens, shuffled or a repeated fragment, a third each. Validation stays clean."""
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     """Data selection in front of each island's inner loop (local, never sent)."""
     args: dict[str, Any] = field(default_factory=dict)
