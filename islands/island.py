@@ -351,6 +351,8 @@ def _warn_ignored_options(config: IslandConfig) -> None:
         transport.trim_fraction != defaults.transport.trim_fraction
     ):
         ignored.append("transport.trim_fraction")
+    if kind is not TransportKind.hivemind and transport.hivemind != defaults.transport.hivemind:
+        ignored.append("transport.hivemind")
     for key in dict.fromkeys(ignored):  # in order, once each
         log.warning("%s is set but has no effect with this configuration", key)
 
