@@ -258,6 +258,10 @@ def run_rounds(runtime: Runtime, start_round: int, events: RunEvents | None) -> 
         runtime.timings["compute_s"] += compute_s
         runtime.timings["sync_s"] += sync_s
         done = lead.round
+        if any(result.adopted for result in results):
+            # The group's state may be older than ours (a coordinator restarted from the round
+            # before): rows of rounds the group no longer has are dropped.
+            runtime.metrics.truncate_after(done - 1)
         evaluate = done == config.outer.rounds or (
             config.eval.every > 0 and done % config.eval.every == 0
         )

@@ -51,6 +51,8 @@ class SyncResult:
     bytes_sent: int
     bytes_received: int
     sync_s: float
+    adopted: bool = False
+    """The island took the group's shared state instead of a mean (see AverageResult.adopt)."""
 
 
 class OuterSync:
@@ -129,6 +131,7 @@ class OuterSync:
                 result.bytes_sent,
                 result.bytes_received,
                 time.perf_counter() - start,
+                adopted=True,
             )
         nesterov_step_(
             self.anchor_N,

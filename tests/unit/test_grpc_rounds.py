@@ -218,7 +218,7 @@ def test_a_full_round_gives_everyone_the_same_answer_and_steps_the_anchor(
     for answer in answers.values():
         assert answer.round == 0 and answer.participants == 3
         assert answer.adopt is None and not answer.late
-        assert answer.params_sha256 == book.state_sha256()
+        assert answer.params_sha256 == ""  # hashed after the answers go out
         assert answer.mean_payload is not None
         assert torch.equal(answer.mean_payload, answers[0].mean_payload)
         assert torch.equal(codec.decode(answer.mean_payload, NUMEL), applied)
@@ -348,7 +348,7 @@ def test_late_payload_gets_the_closed_rounds_mean_and_older_ones_adopt() -> None
     late = book.submit(2, 0, 1.0, sha0, deltas_for(0)[2])
     assert late.late and late.adopt is None
     assert late.round == 0 and late.participants == 2
-    assert late.params_sha256 == closed.params_sha256 == book.state_sha256()
+    assert late.params_sha256 == book.state_sha256() != ""
     assert late.mean_payload is not None and torch.equal(late.mean_payload, closed.mean_payload)
     assert book.stats.late_payloads == 1 and book.stats.participants == [2]
     assert book.round == 1
@@ -447,6 +447,7 @@ def test_a_restarted_coordinator_resumes_where_it_stopped(tmp_path: Path) -> Non
     answers = run_round(book, [0, 1, 2], deltas_for(0), [1.0, 2.0, 3.0])
     sha0 = params_sha256(initial_state().anchor)
     stats = book.stats
+    book.flush()
 
     again = RoundBook(
         make_rules(), build_codec("none"), {"model.shapes": "abc"}, tmp_path, clock=FakeClock()
@@ -492,6 +493,7 @@ def test_a_left_island_is_not_expected_after_a_restart(tmp_path: Path) -> None:
     book = make_book(state_dir=tmp_path)
     book.leave(2)
     run_round(book, [0, 1], deltas_for(0), [1.0, 1.0, 1.0])
+    book.flush()
     again = RoundBook(make_rules(), build_codec("none"), {}, tmp_path, clock=FakeClock())
     assert again.active_islands() == 2
     # The fake clock never reaches the deadline: the round must close on its own.

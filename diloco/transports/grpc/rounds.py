@@ -32,7 +32,7 @@ import torch
 
 from diloco.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from diloco.codecs import Codec
-from diloco.codecs.base import PayloadError
+from diloco.codecs.base import PayloadError, all_finite
 from diloco.outer.nesterov import nesterov_step_
 from diloco.outer.sync import params_sha256
 from diloco.transports.aggregate import (
@@ -81,7 +81,9 @@ class RoundAnswer:
     round: int
     participants: int
     params_sha256: str
-    """The shared parameters after the round."""
+    """The hash of the shared parameters after the round, or "" in the first answers of a
+    round (it is computed after they go out; each island hashes its own, and the next round
+    checks it)."""
     mean_payload: torch.Tensor | None
     """The re-encoded mean (uint8), or None when `adopt` is set."""
     adopt: SharedState | None = None
@@ -155,6 +157,9 @@ class RoundBook:
         self._last: _Closed | None = None
         self._waiting_warned = False
         self._stopped = False
+        # Hashing and saving the state after a round run here, off the islands' critical path.
+        self._finishing: threading.Thread | None = None
+        self._finish_error: BaseException | None = None
         if state_dir is not None:
             self._restore(state_dir)
 
@@ -221,12 +226,14 @@ class RoundBook:
     def state(self) -> SharedState | None:
         """A copy of the current shared state (None before the first island seeded it)."""
         with self._cond:
+            self._settle()
             if self._anchor is None or self._momentum is None:
                 return None
             return SharedState(self.round, self._anchor.clone(), self._momentum.clone())
 
     def state_sha256(self) -> str:
         with self._cond:
+            self._settle()
             return self._sha
 
     def seed(self, state: SharedState) -> bool:
@@ -239,7 +246,7 @@ class RoundBook:
             self.round = int(state.round)
             self._sha = params_sha256(self._anchor)
             log.info("shared state seeded at round %d (%d parameters)", self.round, self.numel)
-            self._persist()
+            self._write(self._snapshot())
             return True
 
     @property
@@ -257,7 +264,7 @@ class RoundBook:
             delta = self.codec.decode(payload, numel)
         except PayloadError as error:
             raise RefusedPayload(str(error)) from None
-        if not bool(torch.isfinite(delta).all()):
+        if not all_finite(delta):
             bad = int((~torch.isfinite(delta)).sum())
             raise RefusedPayload(f"the payload holds {bad} non-finite value(s) (NaN or inf)")
         return delta
@@ -284,6 +291,7 @@ class RoundBook:
         with self._cond:
             if self._anchor is None:
                 raise NotReady("the coordinator holds no shared state yet: join first")
+            self._settle()
             member = self._members.get(rank)
             if member is None:
                 raise NotReady(f"island {rank} has not joined this coordinator")
@@ -330,20 +338,28 @@ class RoundBook:
                 raise NotReady("the coordinator is shutting down")
             assert self._last is not None and self._last.round == round
             closed = self._last
-            return RoundAnswer(round, closed.participants, closed.sha_after, closed.mean_payload)
+            # The hash is not part of a fresh answer: it may still be being computed.
+            return RoundAnswer(round, closed.participants, "", closed.mean_payload)
 
     def tick(self) -> None:
         """Close the open round if its deadline has passed (called periodically)."""
         with self._cond:
             self._close_if_due()
 
+    def flush(self) -> None:
+        """Wait until the last closed round's state is hashed and saved."""
+        with self._cond:
+            self._settle()
+
     def stop(self) -> None:
         with self._cond:
+            self._settle()
             self._stopped = True
             self._cond.notify_all()
 
     def finished(self) -> bool:
         with self._cond:
+            self._settle()
             return self._anchor is not None and self.round >= self.rules.rounds
 
     def everyone_left(self) -> bool:
@@ -401,6 +417,7 @@ class RoundBook:
 
     def _close(self) -> None:
         assert self._anchor is not None and self._momentum is not None
+        self._settle()
         ranks = sorted(self._pending)
         entries = [self._pending[rank] for rank in ranks]
         deltas = [clip_to_norm(e.delta, self.rules.clip_norm) for e in entries]
@@ -410,27 +427,15 @@ class RoundBook:
             mean = trimmed_mean(deltas, self.rules.trim_fraction)
         else:
             mean = weighted_mean(deltas, [e.weight for e in entries])
-        # The islands apply what they decode from these bytes; so does the coordinator, so its
-        # state stays bit-identical to theirs.
         mean_payload = self.codec.encode(mean)
-        applied = self.codec.decode(mean_payload, mean.numel())
         sha_before = self._sha
-        nesterov_step_(
-            self._anchor,
-            applied,
-            self._momentum,
-            lr=self.rules.lr,
-            mu=self.rules.momentum,
-            nesterov=self.rules.nesterov,
-        )
-        self._sha = params_sha256(self._anchor)
         assert self._first_arrival is not None
         self._last = _Closed(
             self.round,
             len(ranks),
             mean_payload,
             sha_before,
-            self._sha,
+            "",  # filled in by _finish_round
             self._first_arrival,
             tuple(ranks),
         )
@@ -447,19 +452,67 @@ class RoundBook:
         self._first_arrival = None
         self._waiting_warned = False
         self.round += 1
-        self._persist()
+        # The islands get their answer now; the outer step, the new state's hash and its copy
+        # on disk follow in the background (nothing reads the state before _settle). A
+        # coordinator killed in between restarts one round back: the islands then adopt that.
+        self._sha = ""
+        self._finishing = threading.Thread(
+            target=self._finish_round, args=(mean_payload, self._snapshot()), daemon=True
+        )
+        self._finishing.start()
         self._cond.notify_all()
 
-    def _persist(self) -> None:
-        if self.state_dir is None:
-            return
+    def _finish_round(self, mean_payload: torch.Tensor, snapshot: dict[str, Any]) -> None:
+        try:
+            self._apply_and_save(mean_payload, snapshot)
+        except BaseException as error:  # re-raised by _settle, in a caller's thread
+            self._finish_error = error
+
+    def _apply_and_save(self, mean_payload: torch.Tensor, snapshot: dict[str, Any]) -> None:
+        assert self._anchor is not None and self._momentum is not None
+        assert self._last is not None
+        # The islands apply what they decode from these bytes; so does the coordinator, so its
+        # state stays bit-identical to theirs.
+        applied = self.codec.decode(mean_payload, self._anchor.numel())
+        nesterov_step_(
+            self._anchor,
+            applied,
+            self._momentum,
+            lr=self.rules.lr,
+            mu=self.rules.momentum,
+            nesterov=self.rules.nesterov,
+        )
+        sha = params_sha256(self._anchor)
+        self._sha = sha
+        self._last.sha_after = sha
+        snapshot["sha256"] = sha
+        if snapshot["last"] is not None:
+            snapshot["last"]["sha_after"] = sha
+        self._write(snapshot)
+
+    def _settle(self) -> None:
+        """Wait for the previous round's hash and save (called with the lock held)."""
+        if self._finishing is not None:
+            self._finishing.join()
+            self._finishing = None
+        if self._finish_error is not None:
+            raise RuntimeError(
+                f"the coordinator could not finish round {self.round - 1}: {self._finish_error}"
+            ) from self._finish_error
+
+    def _write(self, snapshot: dict[str, Any]) -> None:
+        if self.state_dir is not None:
+            save_checkpoint(self.state_dir, snapshot["round"], snapshot, keep=2)
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What a restarted coordinator needs (taken with the lock held); tensors by reference."""
         last = self._last
-        state = {
+        return {
             "round": self.round,
             "anchor": self._anchor,
             "momentum": self._momentum,
             "sha256": self._sha,
-            "fingerprint": self._fingerprint,
+            "fingerprint": None if self._fingerprint is None else dict(self._fingerprint),
             "members": sorted(rank for rank, m in self._members.items() if not m.left),
             "left": sorted(rank for rank, m in self._members.items() if m.left),
             "last": None
@@ -472,9 +525,8 @@ class RoundBook:
                 "sha_after": last.sha_after,
                 "ranks": list(last.ranks),
             },
-            "stats": self.stats.__dict__,
+            "stats": {**self.stats.__dict__, "participants": list(self.stats.participants)},
         }
-        save_checkpoint(self.state_dir, self.round, state, keep=2)
 
     def _restore(self, state_dir: Path) -> None:
         rounds = list_checkpoints(state_dir)

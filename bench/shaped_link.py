@@ -1,0 +1,153 @@
+"""The grpc transport over a shaped link: sync time per round against bytes / bandwidth.
+
+Needs root (it creates two network namespaces joined by a veth pair). The coordinator runs in
+one namespace; the islands share the other, like sites behind one uplink. Each direction of
+the link is limited to `--mbit` by a token-bucket filter (`tc tbf`). A `--delay-ms` is added
+with `tc netem` where the kernel has it (the sandbox this was written on has no sch_netem: the
+figures in docs/results/transports.md are bandwidth-limited only).
+
+Each island is a real `diloco-island` process training a GPT of about `--params` parameters
+(TLS and the run token on); `sync_s` is read from its metrics.jsonl (the outer sync: encode,
+upload, the coordinator's average, download, decode, outer step). The prediction for a round
+is the bytes every island sends through the shared link, divided by the bandwidth, once each
+way (the link is full duplex):  islands x payload / bandwidth.
+
+    sudo python bench/shaped_link.py [--mbit 100] [--delay-ms 25] [--codecs none int8]
+                                     [--islands 2] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+COORD_NS, SITES_NS = "diloco-coord", "diloco-sites"
+COORD_IP, SITES_IP = "10.77.0.1", "10.77.0.2"
+TOKEN = "shaped-link-token-0123456789abcdef"
+# ~24M parameters: 12 d^2 per layer, 6 layers of d = 576.
+MODEL = ["model.n_layer=6", "model.d_model=576", "model.n_head=8"]
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+def make_link(mbit: float, delay_ms: float) -> bool:
+    """Two namespaces and a shaped veth pair; returns whether the delay could be added."""
+    remove_link()
+    sh("ip", "netns", "add", COORD_NS)
+    sh("ip", "netns", "add", SITES_NS)
+    sh("ip", "link", "add", "dl-coord", "type", "veth", "peer", "name", "dl-sites")
+    delayed = True
+    for ns, dev, ip in ((COORD_NS, "dl-coord", COORD_IP), (SITES_NS, "dl-sites", SITES_IP)):
+        sh("ip", "link", "set", dev, "netns", ns)
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ip}/24", "dev", dev)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        rate = f"{mbit}mbit"
+        netem = sh(
+            "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "netem",
+            "delay", f"{delay_ms}ms", "rate", rate, "limit", "100000", check=False,
+        )  # fmt: skip
+        if netem.returncode != 0:
+            delayed = False
+            sh(
+                "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                "rate", rate, "burst", "64kb", "latency", "400ms",
+            )  # fmt: skip
+    return delayed
+
+
+def remove_link() -> None:
+    for ns in (COORD_NS, SITES_NS):
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def run_group(codec: str, islands: int, rounds: int, work: Path) -> list[float]:
+    """Coordinator + islands for `rounds` rounds; the islands' sync_s of each round after the
+    first (the first includes joining and the state download)."""
+    cli = str(Path(sys.executable).parent / "diloco-island")
+    common = [
+        "--config", "configs/demo.yaml", *MODEL,
+        "data.batch_size=1", "data.seq_len=32", "eval.batches=1", "eval.every=0",
+        "run.progress=none", "run.device=cpu", "run.threads=1", "run.checkpoint_every=0",
+        f"run.dir={work / codec}", f"outer.rounds={rounds}", "outer.inner_steps=2",
+        f"outer.codec={codec}", "transport.kind=grpc", f"transport.islands={islands}",
+        f"transport.grpc.address={COORD_IP}:50051", "transport.grpc.insecure=true",
+        "transport.grpc.deadline_floor_s=300", "transport.grpc.linger_s=5",
+    ]  # fmt: skip
+    env = {**os.environ, "DILOCO_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+    coordinator = subprocess.Popen(
+        ["ip", "netns", "exec", COORD_NS, cli, *common, "transport.grpc.role=coordinator"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)
+    sites = [
+        subprocess.Popen(
+            ["ip", "netns", "exec", SITES_NS, cli, *common, f"transport.rank={rank}"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(islands)
+    ]
+    for process in [*sites, coordinator]:
+        _, stderr = process.communicate(timeout=3600)
+        if process.returncode != 0:
+            raise RuntimeError(f"a process failed:\n{stderr}")
+    sync = []
+    for rank in range(islands):
+        rows = (work / codec / f"island-{rank}" / "metrics.jsonl").read_text().splitlines()
+        sync.append([json.loads(row)["sync_s"] for row in rows])
+    summary = json.loads((work / codec / "island-0" / "summary.json").read_text())
+    payload = summary["bytes_sent"] / rounds
+    print(f"  {codec}: {summary['shared_parameters']:,} parameters, {payload / 1e6:.1f} MB")
+    return [max(per_round) for per_round in zip(*sync, strict=True)][1:], payload
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mbit", type=float, default=100.0)
+    parser.add_argument("--delay-ms", type=float, default=25.0)
+    parser.add_argument("--codecs", nargs="+", default=["none", "int8"])
+    parser.add_argument("--islands", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    if shutil.which("tc") is None or os.geteuid() != 0:
+        sys.exit("needs root and iproute2 (ip, tc)")
+    delayed = make_link(args.mbit, args.delay_ms)
+    work = Path(tempfile.mkdtemp(prefix="shaped-link-"))
+    shape = f"{args.mbit:g} Mbit/s" + (f", {args.delay_ms:g} ms each way" if delayed else "")
+    print(f"# grpc over a shaped link ({shape}; netem delay {'on' if delayed else 'unavailable'})")
+    rows = []
+    try:
+        for codec in args.codecs:
+            sync, payload = run_group(codec, args.islands, args.rounds, work)
+            predicted = args.islands * payload * 8 / (args.mbit * 1e6)
+            rows.append((codec, payload, statistics.median(sync), predicted))
+    finally:
+        remove_link()
+    print()
+    print("| codec | payload MB | islands | sync s (median) | bytes / bandwidth s | ratio |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for codec, payload, sync_s, predicted in rows:
+        print(
+            f"| {codec} | {payload / 1e6:.1f} | {args.islands} | {sync_s:.2f} | {predicted:.2f} "
+            f"| {sync_s / predicted:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""One round's average through the grpc transport, next to the limits of the machine.
+
+For each size, codec and island count, in one run, with N island processes (one torch thread
+each) and the server side in this process:
+
+- grpc: `GrpcTransport.average` of an encoded pseudo-gradient, through a real coordinator
+  (TLS off: loopback; the token on), timed on each island from a shared barrier to its answer;
+  the round's time is the slowest island's. It includes the coordinator decoding every payload,
+  averaging in fp32, re-encoding and streaming the mean back, and the island decoding it.
+- raw TCP: the same bytes moved the same way with bare sockets: every island sends its payload
+  to one server, which answers each with as many bytes once it holds all of them. This is the
+  wire's limit for this pattern (no framing, no compute).
+- gloo: torch.distributed `all_reduce` of the fp32 tensor among the N islands (what the torch
+  transport does for codec none; no coordinator).
+
+Median over `--reps` rounds after one warm-up round.
+
+    python bench/transports.py [--sizes 25e6 124e6] [--islands 2 4] [--codecs none int8]
+                               [--reps 3]
+
+With `--netem DEV` the caller has shaped the link (see docs/results/transports.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from diloco.codecs import build_codec
+from diloco.config.schema import GrpcTransportConfig
+from diloco.outer.nesterov import nesterov_step_
+from diloco.outer.sync import params_sha256
+from diloco.transports.base import SharedState
+from diloco.transports.grpc import CoordinatorServer, GrpcTransport, RoundBook, RoundRules
+
+TOKEN = "bench-token-0123456789abcdef"
+HOST = "127.0.0.1"
+JOIN_S = 1800.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+# --- grpc -------------------------------------------------------------------------------------
+
+
+def _grpc_island(
+    rank: int, n: int, numel: int, codec_name: str, address: str, rounds: int, barrier: Any,
+    results: Any,
+) -> None:  # fmt: skip
+    torch.set_num_threads(1)
+    codec = build_codec(codec_name)
+    settings = GrpcTransportConfig(address=address, insecure=True)
+    transport = GrpcTransport(
+        settings, run_id="bench", token=TOKEN, codec=codec, numel=numel, rank=rank, num_islands=n
+    )
+    transport.join([], {"model": "bench"})
+    anchor, momentum = torch.zeros(numel), torch.zeros(numel)
+    transport.shared_state(SharedState(0, anchor, momentum))
+    payload = codec.encode(torch.randn(numel, generator=torch.Generator().manual_seed(rank)) * 1e-3)
+    times = []
+    for round in range(rounds):
+        sha = params_sha256(anchor)
+        barrier.wait()
+        start = time.perf_counter()
+        result = transport.average(payload, 1.0, round, sha)
+        times.append(time.perf_counter() - start)
+        assert result.participants == n and result.adopt is None
+        nesterov_step_(anchor, result.mean, momentum, lr=0.7, mu=0.9)
+    transport.close()
+    results.put((rank, times, payload.numel(), result.bytes_received))
+
+
+def measure_grpc(numel: int, codec_name: str, n: int, rounds: int) -> tuple[list[float], int]:
+    address = f"{HOST}:{_free_port()}"
+    rules = RoundRules(
+        run_id="bench", rounds=rounds, islands=n, min_islands=n, lr=0.7, momentum=0.9,
+        nesterov=True, deadline_floor_s=600, deadline_ceiling_s=600,
+    )  # fmt: skip
+    book = RoundBook(rules, build_codec(codec_name), {}, state_dir=None)
+    server = CoordinatorServer(book, GrpcTransportConfig(address=address, insecure=True), TOKEN)
+    server.start()
+    try:
+        per_island = _run_islands(
+            _grpc_island, n, (n, numel, codec_name, address, rounds), with_barrier=True
+        )
+    finally:
+        server.stop(0)
+    payload_bytes = per_island[0][1]
+    slowest = [max(times[r] for times, _, _ in per_island) for r in range(rounds)]
+    return slowest, payload_bytes
+
+
+# --- raw TCP: the same bytes, the same pattern --------------------------------------------------
+
+
+def _tcp_island(rank: int, nbytes: int, port: int, rounds: int, barrier: Any, results: Any) -> None:
+    payload = os.urandom(nbytes)
+    answer = bytearray(nbytes)
+    view = memoryview(answer)
+    times = []
+    with socket.create_connection((HOST, port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(rounds):
+            barrier.wait()
+            start = time.perf_counter()
+            sock.sendall(payload)
+            got = 0
+            while got < nbytes:
+                got += sock.recv_into(view[got:], nbytes - got)
+            times.append(time.perf_counter() - start)
+    results.put((rank, times, nbytes, nbytes))
+
+
+def measure_raw_tcp(nbytes: int, n: int, rounds: int) -> list[float]:
+    server = socket.create_server((HOST, 0))
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        connections = [server.accept()[0] for _ in range(n)]
+        buffers = [bytearray(nbytes) for _ in range(n)]
+        everyone = threading.Barrier(n)
+
+        def handle(index: int) -> None:
+            sock, view = connections[index], memoryview(buffers[index])
+            for _ in range(rounds):
+                got = 0
+                while got < nbytes:
+                    got += sock.recv_into(view[got:], nbytes - got)
+                everyone.wait()  # the mean exists once every payload is in
+                sock.sendall(view)
+
+        threads = [threading.Thread(target=handle, args=(i,)) for i in range(n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for sock in connections:
+            sock.close()
+        stop.set()
+
+    serving = threading.Thread(target=serve, daemon=True)
+    serving.start()
+    per_island = _run_islands(_tcp_island, n, (nbytes, port, rounds), with_barrier=True)
+    serving.join(timeout=60)
+    server.close()
+    return [max(times[r] for times, _, _ in per_island) for r in range(rounds)]
+
+
+# --- gloo all_reduce --------------------------------------------------------------------------
+
+
+def _gloo_island(
+    rank: int, n: int, numel: int, port: int, rounds: int, barrier: Any, results: Any
+) -> None:
+    torch.set_num_threads(1)
+    store = dist.TCPStore(HOST, port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=n)
+    x = torch.randn(numel)
+    times = []
+    for _ in range(rounds):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(x)
+        times.append(time.perf_counter() - start)
+    dist.destroy_process_group()
+    results.put((rank, times, 4 * numel, 4 * numel))
+
+
+def measure_gloo(numel: int, n: int, rounds: int) -> list[float]:
+    store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False)
+    per_island = _run_islands(_gloo_island, n, (n, numel, store.port, rounds), with_barrier=True)
+    return [max(times[r] for times, _, _ in per_island) for r in range(rounds)]
+
+
+# --- running islands --------------------------------------------------------------------------
+
+
+def _run_islands(target: Any, n: int, args: tuple[Any, ...], with_barrier: bool) -> list[Any]:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    barrier = context.Barrier(n)
+    processes = [
+        context.Process(target=target, args=(rank, *args, barrier, results)) for rank in range(n)
+    ]
+    for process in processes:
+        process.start()
+    collected = {}
+    deadline = time.monotonic() + JOIN_S
+    while len(collected) < n and time.monotonic() < deadline:
+        rank, times, sent, received = results.get(timeout=JOIN_S)
+        collected[rank] = (times, sent, received)
+    for process in processes:
+        process.join(timeout=60)
+        if process.is_alive():
+            process.kill()
+    if len(collected) < n:
+        raise RuntimeError(f"only islands {sorted(collected)} of {n} answered")
+    return [collected[rank] for rank in range(n)]
+
+
+def _median_after_warmup(times: list[float]) -> float:
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", type=float, default=[25e6, 124e6])
+    parser.add_argument("--islands", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--codecs", nargs="+", default=["none", "int8"])
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    rounds = args.reps + 1
+    print(f"# one round's average on loopback; {os.cpu_count()} cores; median of {args.reps}")
+    print()
+    print(
+        "| elements | islands | codec | payload MB | grpc s | raw TCP s | grpc / TCP "
+        "| gloo fp32 all_reduce s | grpc / gloo |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for size in args.sizes:
+        numel = int(size)
+        for n in args.islands:
+            gloo_s = _median_after_warmup(measure_gloo(numel, n, rounds))
+            for codec_name in args.codecs:
+                grpc_times, payload_bytes = measure_grpc(numel, codec_name, n, rounds)
+                grpc_s = _median_after_warmup(grpc_times)
+                tcp_s = _median_after_warmup(measure_raw_tcp(payload_bytes, n, rounds))
+                print(
+                    f"| {numel / 1e6:.0f}M | {n} | {codec_name} | {payload_bytes / 1e6:.1f} "
+                    f"| {grpc_s:.3f} | {tcp_s:.3f} | {grpc_s / tcp_s:.2f}x | {gloo_s:.3f} "
+                    f"| {grpc_s / gloo_s:.2f}x |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
