@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -265,3 +266,27 @@ def test_refusals_name_what_is_wrong(tmp_path: Path, tls_pair: tuple[Path, Path]
         assert fragment in result.stderr, result.describe()
     assert "not-the-run-token" not in wrong_token.stderr + wrong_token.stdout
     assert "model" in other_model.stderr
+
+
+@pytest.mark.timeout(150)
+def test_hosted_coordinator_and_sigterm_leaves_the_group(
+    tmp_path: Path, tls_pair: tuple[Path, Path]
+) -> None:
+    """Island 0 hosts the coordinator (grpc.serve). Island 1 gets SIGTERM after round 2: it
+    exits 130 and tells the coordinator it leaves, so island 0's later rounds close at once
+    (no deadline: the floor is set far beyond the test's timeout) with one participant."""
+    group = Group(
+        tmp_path, tls_pair, 2, "outer.rounds=8", "outer.inner_steps=20",
+        "transport.grpc.deadline_floor_s=500", "transport.grpc.deadline_ceiling_s=500",
+    )  # fmt: skip
+    host = group.island(0, "transport.grpc.serve=true")
+    leaver = group.island(1)
+    wait_for_rows(group.island_dir(1), 2, 90)
+    leaver.send_signal(signal.SIGTERM)
+    left = finish(leaver, 30)
+    assert left.returncode == 130, left.describe()
+    assert_ok(finish(host, 100))
+    rows = metrics_rows(group.island_dir(0))
+    assert [row["round"] for row in rows] == list(range(1, 9))
+    assert rows[-1]["islands"] == 1, "rounds after the leave should not include island 1"
+    assert rows[0]["islands"] == 2

@@ -8,6 +8,7 @@ coordinator's state hash before and after.
 from __future__ import annotations
 
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -231,3 +232,66 @@ def test_payload_of_another_codec_is_refused(coordinator: Coordinator) -> None:
     with pytest.raises(PayloadRefusedError, match="announces"):
         island.average(int8_payload, 1.0, 0, before)
     assert coordinator.book.state_sha256() == before
+
+
+@pytest.fixture
+def tls_pair(tmp_path: Path) -> tuple[str, str]:
+    cert, key = tmp_path / "run.crt", tmp_path / "run.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "1", "-subj", "/CN=diloco",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+@pytest.mark.timeout(60)
+def test_mutual_tls_refuses_an_island_without_a_certificate(
+    tmp_path: Path, tls_pair: tuple[str, str]
+) -> None:
+    cert, key = tls_pair
+    address = f"127.0.0.1:{free_port()}"
+    served = GrpcTransportConfig(address=address, tls_cert=cert, tls_key=key, mutual_tls=True)
+    rules = RoundRules(
+        run_id="run", rounds=2, islands=1, min_islands=1, lr=0.7, momentum=0.9, nesterov=True
+    )
+    book = RoundBook(rules, build_codec("none"), {}, None)
+    server = CoordinatorServer(book, served, TOKEN).start()
+    try:
+        with_cert = GrpcTransport(
+            served, run_id="run", token=TOKEN, codec=build_codec("none"), numel=NUMEL, rank=0,
+            num_islands=1,
+        )  # fmt: skip
+        with_cert.join([], FINGERPRINT)  # the island presents tls_cert / tls_key: accepted
+        with_cert.close()
+
+        # An island that trusts the coordinator but presents no certificate of its own.
+        channel = grpc.secure_channel(
+            address,
+            grpc.ssl_channel_credentials(root_certificates=Path(cert).read_bytes()),
+            options=[("grpc.ssl_target_name_override", "localhost")],
+        )
+        stub = pb_grpc.CoordinatorStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Join(
+                pb.JoinRequest(run_id="run", rank=0, fingerprint=FINGERPRINT),
+                metadata=token_metadata(TOKEN),
+                timeout=10,
+            )
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        channel.close()
+    finally:
+        server.stop(0)
+
+
+def test_plaintext_is_refused_unless_asked_for() -> None:
+    with pytest.raises(ConfigError, match="needs TLS"):
+        GrpcTransport(
+            GrpcTransportConfig(), run_id="run", token=TOKEN, codec=build_codec("none"),
+            numel=NUMEL, rank=0, num_islands=1,
+        )  # fmt: skip
