@@ -75,11 +75,9 @@ class ExactAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
         loop = asyncio.get_event_loop()
         if peer_id == self.peer_id:
             sender_index = self.sender_peer_ids.index(peer_id)
-            for part_index, raw_part in enumerate(self.parts_for_local_averaging):
-                # Our own span goes through the codec like everyone else's.
-                info = CompressionInfo.from_tensor(raw_part)
-                sent = self.codec_compression.compress(raw_part, info)
-                part = await loop.run_in_executor(None, self.codec_compression.extract, sent)
+            for part_index, part in enumerate(self.parts_for_local_averaging):
+                # Our own span is already decoded from our payload: no second trip through
+                # the codec (the mean below is what every peer shares).
                 mean_part = await self.tensor_part_reducer.accumulate_part(
                     sender_index, part_index, part, weight=self.weight
                 )

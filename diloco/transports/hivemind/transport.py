@@ -321,11 +321,13 @@ class HivemindTransport:
     # -- progress records and diagnostics ----------------------------------------------------
 
     def _publish_progress(self, round: int, sha: str) -> None:
+        # Not awaited: the record only needs to be there by the time a late island looks.
         self.dht.store(
             f"{self._prefix}.progress",
             [round, sha],
             get_dht_time() + _RECORD_TTL_S,
             subkey=str(self.dht.peer_id),
+            return_future=True,
         )
 
     def _group_is_ahead(self, round: int, sha: str) -> bool:
