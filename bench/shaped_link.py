@@ -9,8 +9,9 @@ figures in docs/results/transports.md are bandwidth-limited only).
 Each island is a real `diloco-island` process training a GPT of about `--params` parameters
 (TLS and the run token on); `sync_s` is read from its metrics.jsonl (the outer sync: encode,
 upload, the coordinator's average, download, decode, outer step). The prediction for a round
-is the bytes every island sends through the shared link, divided by the bandwidth, once each
-way (the link is full duplex):  islands x payload / bandwidth.
+is the bytes of the round through the shared link divided by its bandwidth: the uploads must all
+be in before the mean exists, so the downloads follow them rather than overlap:
+islands x (payload + mean) / bandwidth.
 
     sudo python bench/shaped_link.py [--mbit 100] [--delay-ms 25] [--codecs none int8]
                                      [--islands 2] [--rounds 4]
@@ -113,8 +114,9 @@ def run_group(codec: str, islands: int, rounds: int, work: Path) -> list[float]:
         sync.append([json.loads(row)["sync_s"] for row in rows])
     summary = json.loads((work / codec / "island-0" / "summary.json").read_text())
     payload = summary["bytes_sent"] / rounds
+    mean = summary["bytes_received"] / rounds
     print(f"  {codec}: {summary['shared_parameters']:,} parameters, {payload / 1e6:.1f} MB")
-    return [max(per_round) for per_round in zip(*sync, strict=True)][1:], payload
+    return [max(per_round) for per_round in zip(*sync, strict=True)][1:], payload, mean
 
 
 def main() -> None:
@@ -134,8 +136,8 @@ def main() -> None:
     rows = []
     try:
         for codec in args.codecs:
-            sync, payload = run_group(codec, args.islands, args.rounds, work)
-            predicted = args.islands * payload * 8 / (args.mbit * 1e6)
+            sync, payload, mean = run_group(codec, args.islands, args.rounds, work)
+            predicted = args.islands * (payload + mean) * 8 / (args.mbit * 1e6)
             rows.append((codec, payload, statistics.median(sync), predicted))
     finally:
         remove_link()
