@@ -83,7 +83,7 @@ def run_group(codec: str, islands: int, rounds: int, work: Path) -> list[float]:
         f"run.dir={work / codec}", f"outer.rounds={rounds}", "outer.inner_steps=2",
         f"outer.codec={codec}", "transport.kind=grpc", f"transport.islands={islands}",
         f"transport.grpc.address={COORD_IP}:50051", "transport.grpc.insecure=true",
-        "transport.grpc.deadline_floor_s=300", "transport.grpc.linger_s=5",
+        "transport.grpc.deadline_floor_s=300",
     ]  # fmt: skip
     env = {**os.environ, "DILOCO_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
     coordinator = subprocess.Popen(

@@ -108,12 +108,13 @@ def run_coordinator(config: IslandConfig) -> dict[str, Any]:
 
 
 def _linger_then_stop(server: CoordinatorServer, linger_s: float) -> None:
-    """Stay for islands still finishing (late ones need the last mean), then stop."""
+    """Stay until every island has left (late ones still need the last mean) or `linger_s`
+    passed, then stop; answers still streaming get `linger_s` more to finish."""
     book = server.book
     deadline = time.monotonic() + linger_s
     while time.monotonic() < deadline and not (book.finished() and book.everyone_left()):
         time.sleep(0.2)
-    server.stop()
+    server.stop(grace_s=linger_s)
 
 
 def _write_summary(config: IslandConfig, server: CoordinatorServer) -> dict[str, Any]:

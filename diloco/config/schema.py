@@ -190,8 +190,9 @@ class GrpcTransportConfig:
     retry_s: float = 300.0
     """How long an island retries an unreachable coordinator (bounded exponential backoff)
     before it fails."""
-    linger_s: float = 30.0
-    """A standalone coordinator stays this long after the last round for late islands."""
+    linger_s: float = 60.0
+    """After the last round the coordinator waits up to this long for every island to leave
+    (late ones still need the last mean), and as long again for answers still streaming."""
 
     def __post_init__(self) -> None:
         for key, value in (("address", self.address), ("listen", self.listen or "h:1")):
