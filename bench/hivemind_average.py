@@ -23,7 +23,7 @@ Median over `--reps` rounds after one warm-up round.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import multiprocessing as mp
 import statistics
 import sys
@@ -150,14 +150,11 @@ def _median_after_warmup(times: list[float]) -> float:
 
 
 def _grpc_bench() -> Any:
-    path = Path(__file__).with_name("transports.py")
-    spec = importlib.util.spec_from_file_location("bench_transports", path)
-    if spec is None or spec.loader is None:
-        return None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_transports"] = module
-    spec.loader.exec_module(module)
-    return module
+    """bench/transports.py, imported by its module name (its spawned children import it so)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("transports")
 
 
 def main() -> None:
