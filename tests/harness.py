@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import queue as queue_module
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -238,6 +239,48 @@ def finish(process: subprocess.Popen[str], timeout_s: float) -> CliResult:
 def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The complete rows of run_dir/metrics.jsonl (a torn last line is ignored)."""
     return read_metrics(run_dir / "metrics.jsonl")
+
+
+def wait_for_rows(run_dir: Path, rows: int, timeout_s: float) -> None:
+    """Block until run_dir/metrics.jsonl holds `rows` rows; AssertionError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(metrics_rows(run_dir)) >= rows:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{run_dir} did not reach {rows} rounds in {timeout_s} s")
+
+
+def assert_ok(*results: CliResult) -> None:
+    """Every CLI run exited 0 (else its output is shown)."""
+    for result in results:
+        assert result.returncode == 0, result.describe()
+
+
+# --- loopback networking ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for servers that need a fixed one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def self_signed_pair(directory: Path) -> tuple[Path, Path]:
+    """(certificate, key) made with the one-liner of docs/transports.md."""
+    cert, key = directory / "run.crt", directory / "run.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "1", "-subj", "/CN=diloco",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 # --- fault injection ----------------------------------------------------------------------------

@@ -11,38 +11,31 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from harness import TINY, CliResult, finish, finish_all, metrics_rows, run_cli, start_cli
+from harness import (
+    TINY,
+    CliResult,
+    assert_ok,
+    finish,
+    finish_all,
+    free_port,
+    metrics_rows,
+    run_cli,
+    self_signed_pair,
+    start_cli,
+    wait_for_rows,
+)
 
 TOKEN = "e2e-token-0123456789abcdef"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def tls_pair(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed pair made with the one-liner of docs/transports.md."""
-    cert, key = tmp_path / "run.crt", tmp_path / "run.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-days", "1", "-subj", "/CN=diloco",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
+    return self_signed_pair(tmp_path)
 
 
 @pytest.fixture(autouse=True)
@@ -90,20 +83,6 @@ class Group:
 
     def coordinator_summary(self) -> dict[str, object]:
         return json.loads((self.run_dir / "coordinator" / "summary.json").read_text())
-
-
-def assert_ok(*results: CliResult) -> None:
-    for result in results:
-        assert result.returncode == 0, result.describe()
-
-
-def wait_for_rows(run_dir: Path, rows: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if len(metrics_rows(run_dir)) >= rows:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{run_dir} did not reach {rows} rounds in {timeout_s} s")
 
 
 @pytest.mark.timeout(120)
@@ -208,7 +187,12 @@ def test_killed_island_restarts_from_its_checkpoint_and_matches(
 def test_coordinator_killed_and_restarted_mid_run_the_run_completes(
     tmp_path: Path, tls_pair: tuple[Path, Path]
 ) -> None:
-    group = Group(tmp_path, tls_pair, 2, "outer.rounds=12", "outer.inner_steps=20")
+    # min_islands=2: islands reconnect at different moments of their backoff, and rounds must
+    # wait for both (with 1, a round may close with the first one back: also correct, but then
+    # the other adopts the state and has fewer rows).
+    group = Group(
+        tmp_path, tls_pair, 2, "outer.rounds=12", "outer.inner_steps=20", "transport.min_islands=2"
+    )
     coordinator = group.coordinator()
     islands = [group.island(rank) for rank in range(2)]
     wait_for_rows(group.island_dir(0), 3, 90)

@@ -17,7 +17,15 @@ import pytest
 
 pytest.importorskip("hivemind")
 
-from harness import TINY, CliResult, finish, finish_all, metrics_rows, start_cli  # noqa: E402
+from harness import (  # noqa: E402
+    TINY,
+    assert_ok,
+    finish,
+    finish_all,
+    metrics_rows,
+    start_cli,
+    wait_for_rows,
+)
 
 
 class Group:
@@ -73,20 +81,6 @@ def _p2pd_pids(needle: str) -> list[int]:
         if "p2pd" in command and needle in command:
             pids.append(int(entry.name))
     return pids
-
-
-def assert_ok(*results: CliResult) -> None:
-    for result in results:
-        assert result.returncode == 0, result.describe()
-
-
-def wait_for_rows(run_dir: Path, rows: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if len(metrics_rows(run_dir)) >= rows:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{run_dir} did not reach {rows} rounds in {timeout_s} s")
 
 
 def wait_until_gone(group: Group, rank: int, timeout_s: float) -> None:

@@ -7,15 +7,13 @@ coordinator's state hash before and after.
 
 from __future__ import annotations
 
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from harness import run_threads
+from harness import free_port, run_threads, self_signed_pair
 
 from diloco.codecs import build_codec
 from diloco.codecs.base import HEADER_BYTES
@@ -40,12 +38,6 @@ NUMEL = 10_000
 TOKEN = "integration-token-0123456789"
 FINGERPRINT = {"model": "m1", "outer.inner_steps": "5"}
 SETTINGS = {"model": "m1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Coordinator:
@@ -236,17 +228,7 @@ def test_payload_of_another_codec_is_refused(coordinator: Coordinator) -> None:
 
 @pytest.fixture
 def tls_pair(tmp_path: Path) -> tuple[str, str]:
-    cert, key = tmp_path / "run.crt", tmp_path / "run.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-days", "1", "-subj", "/CN=diloco",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_pair(tmp_path)
     return str(cert), str(key)
 
 

@@ -182,7 +182,8 @@ def test_hivemind_kind_loads_and_names_bad_settings() -> None:
     assert config.transport.hivemind.host_maddrs == ["/ip4/0.0.0.0/tcp/0"]
     with pytest.raises(ConfigError, match=r"^transport\.hivemind\.request_timeout_s must be in"):
         load_config(None, ["transport.kind=hivemind", "transport.hivemind.request_timeout_s=20"])
-    with pytest.raises(ConfigError, match=r"^transport\.hivemind\.initial_peers must be multiaddrs"):
+    peers_error = r"^transport\.hivemind\.initial_peers must be multiaddrs"
+    with pytest.raises(ConfigError, match=peers_error):
         load_config(None, ["transport.hivemind.initial_peers=[127.0.0.1:5000]"])
 
 
