@@ -29,8 +29,10 @@ import socket
 import statistics
 import threading
 import time
+from concurrent import futures
 from typing import Any
 
+import grpc
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -41,6 +43,9 @@ from diloco.outer.nesterov import nesterov_step_
 from diloco.outer.sync import params_sha256
 from diloco.transports.base import SharedState
 from diloco.transports.grpc import CoordinatorServer, GrpcTransport, RoundBook, RoundRules
+from diloco.transports.grpc import coordinator_pb2 as pb
+from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
+from diloco.transports.grpc.service import CHANNEL_OPTIONS, chunks_of, receive_bytes
 
 TOKEN = "bench-token-0123456789abcdef"
 HOST = "127.0.0.1"
@@ -101,6 +106,52 @@ def measure_grpc(numel: int, codec_name: str, n: int, rounds: int) -> tuple[list
     payload_bytes = per_island[0][1]
     slowest = [max(times[r] for times, _, _ in per_island) for r in range(rounds)]
     return slowest, payload_bytes
+
+
+# --- a bare grpc stream: what grpc itself costs per byte ------------------------------------------
+
+
+class _Echo(pb_grpc.CoordinatorServicer):
+    """Average answered with the bytes it received: grpc streaming with no coordinator work."""
+
+    def Average(self, request_iterator: Any, context: Any) -> Any:
+        header = next(request_iterator).average
+        body = receive_bytes(request_iterator, header.payload_bytes, "payload")
+        yield pb.Chunk(reply=pb.AverageReply(payload_bytes=body.numel()))
+        yield from chunks_of(body)
+
+
+def _echo_island(
+    rank: int, nbytes: int, address: str, rounds: int, barrier: Any, results: Any
+) -> None:
+    stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+    payload = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    times = []
+    for _ in range(rounds):
+        barrier.wait()
+        start = time.perf_counter()
+
+        def requests() -> Any:
+            yield pb.Chunk(average=pb.AverageHeader(payload_bytes=nbytes))
+            yield from chunks_of(payload)
+
+        answers = iter(stub.Average(requests()))
+        receive_bytes(answers, next(answers).reply.payload_bytes, "answer")
+        times.append(time.perf_counter() - start)
+    results.put((rank, times, nbytes, nbytes))
+
+
+def measure_bare_grpc(nbytes: int, n: int, rounds: int) -> list[float]:
+    """Each island streams `nbytes` to a grpc server in this process and gets them back."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4 + n), options=CHANNEL_OPTIONS)
+    pb_grpc.add_CoordinatorServicer_to_server(_Echo(), server)
+    port = server.add_insecure_port(f"{HOST}:0")
+    server.start()
+    try:
+        per_island = _run_islands(_echo_island, n, (nbytes, f"{HOST}:{port}", rounds), True)
+    finally:
+        server.stop(0)
+    return [max(times[r] for times, _, _ in per_island) for r in range(rounds)]
 
 
 # --- raw TCP: the same bytes, the same pattern --------------------------------------------------
@@ -222,8 +273,16 @@ def main() -> None:
     parser.add_argument("--islands", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--codecs", nargs="+", default=["none", "int8"])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--bare-grpc",
+        action="store_true",
+        help="instead: a bare grpc echo of each codec's payload next to raw TCP (grpc's own cost)",
+    )
     args = parser.parse_args()
     rounds = args.reps + 1
+    if args.bare_grpc:
+        print_bare_grpc(args.sizes, args.islands, args.codecs, rounds)
+        return
     print(f"# one round's average on loopback; {os.cpu_count()} cores; median of {args.reps}")
     print()
     print(
@@ -243,6 +302,22 @@ def main() -> None:
                     f"| {numel / 1e6:.0f}M | {n} | {codec_name} | {payload_bytes / 1e6:.1f} "
                     f"| {grpc_s:.3f} | {tcp_s:.3f} | {grpc_s / tcp_s:.2f}x | {gloo_s:.3f} "
                     f"| {grpc_s / gloo_s:.2f}x |",
+                    flush=True,
+                )
+
+
+def print_bare_grpc(sizes: list[float], islands: list[int], codecs: list[str], rounds: int) -> None:
+    print("| elements | islands | codec | payload MB | bare grpc echo s | raw TCP s | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for size in sizes:
+        for n in islands:
+            for codec_name in codecs:
+                nbytes = build_codec(codec_name).payload_bytes(int(size))
+                grpc_s = _median_after_warmup(measure_bare_grpc(nbytes, n, rounds))
+                tcp_s = _median_after_warmup(measure_raw_tcp(nbytes, n, rounds))
+                print(
+                    f"| {size / 1e6:.0f}M | {n} | {codec_name} | {nbytes / 1e6:.1f} | {grpc_s:.3f} "
+                    f"| {tcp_s:.3f} | {grpc_s / tcp_s:.2f}x |",
                     flush=True,
                 )
 
