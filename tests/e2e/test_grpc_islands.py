@@ -212,9 +212,11 @@ def test_coordinator_killed_and_restarted_mid_run_the_run_completes(
 def test_refusals_name_what_is_wrong(tmp_path: Path, tls_pair: tuple[Path, Path]) -> None:
     """Wrong token, plaintext against TLS, another model: each island stops with exit 2 and
     one line saying why; the coordinator's state is untouched by them."""
+    # Many rounds: island 0 must still be running (alone, one deadline per round) when the
+    # island with another model tries to join.
     group = Group(
-        tmp_path, tls_pair, 2, "outer.rounds=2", "outer.inner_steps=2",
-        "transport.grpc.retry_s=5",
+        tmp_path, tls_pair, 2, "outer.rounds=50", "outer.inner_steps=2",
+        "transport.grpc.retry_s=30",
     )  # fmt: skip
     coordinator = group.coordinator()
     try:
@@ -231,7 +233,8 @@ def test_refusals_name_what_is_wrong(tmp_path: Path, tls_pair: tuple[Path, Path]
             "transport.grpc.insecure=true",
         )
         first = group.island(0)
-        wait_for_rows(group.island_dir(0), 0, 30)
+        # Island 0 sets the group's model: wait until it has finished a round.
+        wait_for_rows(group.island_dir(0), 1, 60)
         other_model = group.run_island(1, "model.n_layer=2")
     finally:
         coordinator.kill()
