@@ -14,19 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import TINY
 
 from diloco.codecs import build_codec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "ddp_vs_diloco.py"
-TINY = [
-    "model.n_layer=1",
-    "model.d_model=32",
-    "model.n_head=2",
-    "data.batch_size=2",
-    "data.seq_len=16",
-    "eval.batches=1",
-]
 H, ROUNDS = 5, 2
 
 

@@ -9,20 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import TINY
 
 from diloco.codecs import build_codec
 from diloco.transports import ring_allreduce_bytes
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sweep.py"
-TINY = [
-    "model.n_layer=1",
-    "model.d_model=32",
-    "model.n_head=2",
-    "data.batch_size=2",
-    "data.seq_len=16",
-    "eval.batches=1",
-    "run.threads=1",
-]
 STEPS = 10
 
 
