@@ -25,7 +25,7 @@ from diloco.codecs import Codec
 from diloco.outer.error_feedback import compensate, new_residual
 from diloco.outer.nesterov import nesterov_step_
 from diloco.outer.pseudo_gradient import copy_flat_into_, flatten_params, pseudo_gradient
-from diloco.transports.base import SharedState, Transport
+from diloco.transports.base import SharedState, SharedStateSource, Transport
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,9 @@ class OuterSync:
             target_N = compensate(delta_N, self.residual_N, self.hyper.error_feedback_decay)
             payload = self.codec.encode(target_N)
             self.residual_N = new_residual(target_N, self.codec.decode(payload, self.numel))
-        result = self.transport.average(
-            payload, weight=tokens, round=self.round, params_sha256=self.params_sha256()
-        )
+        # Only transports that keep the group's state check the hash: no hashing otherwise.
+        sha = self.params_sha256() if isinstance(self.transport, SharedStateSource) else None
+        result = self.transport.average(payload, weight=tokens, round=self.round, params_sha256=sha)
         if result.adopt is not None:
             log.warning(
                 "the group moved on without this island (its round %d): adopting the group's "
