@@ -1,0 +1,37 @@
+"""See the run live: the status document, built from a run directory or handed to a
+read-only HTTP server (JSON and a self-contained page), and printed as a terminal table."""
+
+from diloco.status.page import StatusPage, load_page
+from diloco.status.run_dir import RunDescription, snapshot_from_run_dir
+from diloco.status.server import SnapshotCache, StatusServer
+from diloco.status.snapshot import (
+    SNAPSHOT_VERSION,
+    CoordinatorFigures,
+    FragmentBytes,
+    IslandState,
+    IslandStatus,
+    RankBytes,
+    RoundRecord,
+    StatusSnapshot,
+    StatusUnavailable,
+)
+from diloco.status.table import format_status
+
+__all__ = [
+    "SNAPSHOT_VERSION",
+    "CoordinatorFigures",
+    "FragmentBytes",
+    "IslandState",
+    "IslandStatus",
+    "RankBytes",
+    "RoundRecord",
+    "RunDescription",
+    "SnapshotCache",
+    "StatusPage",
+    "StatusServer",
+    "StatusSnapshot",
+    "StatusUnavailable",
+    "format_status",
+    "load_page",
+    "snapshot_from_run_dir",
+]
