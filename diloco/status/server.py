@@ -9,7 +9,9 @@ Standard library only (`http.server`), built so that it can never change the run
   and headers may take at most `REQUEST_HEAD_BYTES` and the whole request `request_timeout_s`
   (a client that trickles bytes, "slowloris", is dropped at that deadline); the snapshot is
   built at most once per `cache_s` and the same bytes are served to every reader meanwhile,
-  so 50 concurrent readers cost the coordinator one build.
+  so 50 concurrent readers cost the coordinator one build; and connections are accepted at
+  most `max_requests_per_s` a second (after a burst), so a flood of readers cannot take the
+  Python interpreter (its GIL) from the coordinator's rounds.
 - **Access policy.** It binds loopback by default (the config's example is
   `127.0.0.1:8080`), where it needs no token: only this machine reaches it, and an operator
   elsewhere uses an SSH tunnel, which authenticates them. A non-loopback `listen` is refused
@@ -51,77 +53,16 @@ from diloco.status.access import (
     parse_listen,
     resolve_listen,
 )
+from diloco.status.bounds import REQUEST_HEAD_BYTES, DeadlineReader, SnapshotCache, Throttle
 from diloco.status.page import StatusPage, load_page
 from diloco.status.snapshot import StatusSnapshot
 
 logger = logging.getLogger(__name__)
 
-REQUEST_HEAD_BYTES = 8192
-"""Most bytes a request may send (request line and headers; no request here has a body)."""
 PENDING_CONNECTIONS = 128
 """Accepted connections waiting for a worker; more are closed unanswered."""
-
-
-class _RequestTooLarge(OSError):
-    pass
-
-
-class SnapshotCache:
-    """Builds the snapshot's JSON at most once per `max_age_s`; every reader in between gets
-    the same bytes. Readers that arrive during a build wait for it instead of building again."""
-
-    def __init__(
-        self,
-        build: Callable[[], StatusSnapshot],
-        max_age_s: float = 0.5,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self._build = build
-        self._max_age_s = max_age_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._body: bytes | None = None
-        self._built_at = float("-inf")
-        self.builds = 0
-
-    def get(self) -> bytes | None:
-        """The JSON bytes, or None when the last build failed (logged)."""
-        with self._lock:
-            if self._clock() - self._built_at < self._max_age_s:
-                return self._body
-            self.builds += 1
-            try:
-                self._body = self._build().to_json().encode()
-            except Exception:
-                # Whatever the snapshot function raises, the server answers 503 and lives on;
-                # the failure is cached like a success, so a flood cannot retry it in a loop.
-                logger.warning("status: building the snapshot failed", exc_info=True)
-                self._body = None
-            self._built_at = self._clock()
-            return self._body
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket's read side that stops at a deadline and a byte budget, whatever the pace."""
-
-    def __init__(self, connection: socket.socket, deadline: float, budget_bytes: int):
-        self._connection = connection
-        self._deadline = deadline
-        self._budget_bytes = budget_bytes
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        remaining_s = self._deadline - time.monotonic()
-        if remaining_s <= 0:
-            raise TimeoutError("request not complete before its deadline")
-        if self._budget_bytes <= 0:
-            raise _RequestTooLarge(f"request head over {REQUEST_HEAD_BYTES} bytes")
-        self._connection.settimeout(remaining_s)
-        received = self._connection.recv_into(memoryview(buffer)[: self._budget_bytes])
-        self._budget_bytes -= received
-        return received
+BURST_REQUESTS = 64
+"""Connections accepted at once before `max_requests_per_s` applies."""
 
 
 class _PooledHTTPServer(http.server.HTTPServer):
@@ -136,9 +77,11 @@ class _PooledHTTPServer(http.server.HTTPServer):
         *,
         workers: int,
         request_timeout_s: float,
+        max_requests_per_s: float,
         answer: _Answers,
     ):
         self.address_family = family
+        self._throttle = Throttle(max_requests_per_s, BURST_REQUESTS)
         self.request_timeout_s = request_timeout_s
         self.answers = answer
         self._pending: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(
@@ -158,6 +101,13 @@ class _PooledHTTPServer(http.server.HTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name = str(self.server_address[0])
         self.server_port = int(self.server_address[1])
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # Throttled before accept(): connections past the rate wait in the kernel's backlog
+        # (and past that, are refused by it) without costing this process any time, so a
+        # flood of readers cannot take the interpreter from the coordinator's rounds.
+        self._throttle.wait()
+        return super().get_request()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         try:
@@ -215,7 +165,7 @@ class _StatusHandler(http.server.BaseHTTPRequestHandler):
         super().setup()
         timeout_s = self.server.request_timeout_s
         self.rfile.close()
-        raw = _DeadlineReader(self.connection, time.monotonic() + timeout_s, REQUEST_HEAD_BYTES)
+        raw = DeadlineReader(self.connection, time.monotonic() + timeout_s, REQUEST_HEAD_BYTES)
         self.rfile = io.BufferedReader(raw, buffer_size=1024)
 
     def do_GET(self) -> None:
@@ -290,6 +240,8 @@ class StatusServer:
         request_timeout_s: the most a connection may take to send its request, and to take
             each write of the answer.
         cache_s: how long one snapshot is served before the next is built.
+        max_requests_per_s: connections accepted per second, on average (after a burst of
+            `BURST_REQUESTS`); a page refreshing every 3 s costs 1/3.
 
     Raises:
         ConfigError: `listen` is malformed or does not resolve, or is not loopback and there
@@ -305,6 +257,7 @@ class StatusServer:
         workers: int = 4,
         request_timeout_s: float = 5.0,
         cache_s: float = 0.5,
+        max_requests_per_s: float = 20.0,
     ):
         host, self._requested_port = parse_listen(listen)
         self._family, self._bind_host, self.loopback = resolve_listen(host, self._requested_port)
@@ -318,6 +271,7 @@ class StatusServer:
         self._answers = _Answers(self.cache, load_page(), bearer, self.loopback)
         self._workers = workers
         self._request_timeout_s = request_timeout_s
+        self._max_requests_per_s = max_requests_per_s
         self._server: _PooledHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -345,6 +299,7 @@ class StatusServer:
             (self._bind_host, self._requested_port),
             workers=self._workers,
             request_timeout_s=self._request_timeout_s,
+            max_requests_per_s=self._max_requests_per_s,
             answer=self._answers,
         )
         self._thread = threading.Thread(

@@ -35,7 +35,10 @@ def format_status(snapshot: StatusSnapshot) -> str:
     recent = snapshot.rounds[-RECENT_ROUNDS:]
     if recent:
         lines += ["", _ROUND_HEADER, *(_round_line(record) for record in reversed(recent))]
-    return "\n".join(line[:WIDTH].rstrip() for line in lines)
+    # Strings in a snapshot may come from another site (a coordinator, a DHT record): no
+    # control character of theirs reaches the terminal.
+    printable = ("".join(c if c.isprintable() else "?" for c in line) for line in lines)
+    return "\n".join(line[:WIDTH].rstrip() for line in printable)
 
 
 def format_bytes(count: float | None) -> str:

@@ -14,6 +14,7 @@ each island sends with its payload (the row of the round before).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diloco.status.run_dir import HISTORY_ROUNDS, round_history
+from diloco.status.run_dir import HISTORY_ROUNDS
 from diloco.status.snapshot import (
     CoordinatorFigures,
     FragmentBytes,
@@ -36,8 +37,9 @@ from diloco.status.snapshot import (
 
 logger = logging.getLogger(__name__)
 
-_ROW_FIELDS = ("round", "tokens", "train_loss", "val_loss", "params_sha256", "time")
-"""What a snapshot needs of an island's metrics row; the rest is dropped on arrival."""
+_ROW_FIELDS = ("round", "tokens", "train_loss", "params_sha256")
+"""What an island's line needs of its latest metrics row; the rest is dropped on arrival."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def current_rss_bytes() -> int | None:
@@ -63,8 +65,22 @@ class _Island:
     received: dict[int, int] = field(default_factory=dict)
     fragments_sent: dict[int, int] = field(default_factory=dict)
     fragments_received: dict[int, int] = field(default_factory=dict)
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    """Its metrics rows (the fields a snapshot needs), oldest first, at most HISTORY_ROUNDS."""
+    row: dict[str, Any] = field(default_factory=dict)
+    """The fields of its latest metrics row that its line shows."""
+    val_loss: float | None = None
+    """Its latest finite val loss (rows without an evaluation have none)."""
+
+
+@dataclass
+class _RoundRows:
+    """What the islands' metrics rows of one round say, folded as they arrive, so that a
+    snapshot costs one pass over the rounds rather than over every row."""
+
+    train_loss: dict[int, float] = field(default_factory=dict)
+    """By island rank."""
+    val_loss: float | None = None
+    tokens: dict[int, int] = field(default_factory=dict)
+    """By island rank: its cumulative count at this round."""
 
 
 @dataclass
@@ -106,6 +122,9 @@ class StatusTracker:
         self._lock = threading.Lock()
         self._islands = {rank: _Island() for rank in range(num_islands)}
         self._rounds: dict[int, _Round] = {}
+        self._round_rows: dict[int, _RoundRows] = {}
+        self._tokens_before: dict[int, int] = {}
+        """By island rank: its tokens at the newest round dropped from `_round_rows`."""
         self._refused_calls = 0
         self._late_payloads = 0
         self._refused_payloads = 0
@@ -143,7 +162,7 @@ class StatusTracker:
                     island.fragments_sent.get(fragment, 0) + payload_bytes
                 )
             if metrics is not None:
-                self._add_row(island, metrics)
+                self._add_row(rank, island, metrics)
 
     def answer_sent(
         self, rank: int, *, payload_bytes: int, shard: int = 0, fragment: int | None = None
@@ -206,15 +225,36 @@ class StatusTracker:
         # should one slip through, it is shown rather than dropped.
         return self._islands.setdefault(rank, _Island())
 
-    @staticmethod
-    def _add_row(island: _Island, metrics: Mapping[str, Any]) -> None:
-        if not isinstance(metrics.get("round"), int):
+    def _add_row(self, rank: int, island: _Island, metrics: Mapping[str, Any]) -> None:
+        round_index = metrics.get("round")
+        if not isinstance(round_index, int):
             logger.debug("status: a metrics row without a round is ignored")
             return
-        row = {key: metrics[key] for key in _ROW_FIELDS if key in metrics}
-        # A resumed island sends rows again from its checkpoint's round on: keep the newest.
-        island.rows = [old for old in island.rows if old["round"] < row["round"]] + [row]
-        del island.rows[:-HISTORY_ROUNDS]
+        if round_index < int(island.row.get("round", 0)):
+            # A resumed island sends rows again from its checkpoint's round: its later ones
+            # are void (rare, so a pass over the rounds is fine).
+            for later in (k for k in self._round_rows if k > round_index):
+                self._round_rows[later].train_loss.pop(rank, None)
+                self._round_rows[later].tokens.pop(rank, None)
+        island.row = {key: metrics[key] for key in _ROW_FIELDS if key in metrics}
+        if not _SHA256.fullmatch(str(island.row.get("params_sha256", ""))):
+            # The row comes from a semi-trusted site: keep only what looks like a hash.
+            island.row.pop("params_sha256", None)
+        entry = self._round_rows.setdefault(round_index, _RoundRows())
+        train_loss, val_loss = (
+            finite_or_none(metrics.get("train_loss")),
+            finite_or_none(metrics.get("val_loss")),
+        )
+        if train_loss is not None:
+            entry.train_loss[rank] = train_loss
+        if val_loss is not None:
+            entry.val_loss = island.val_loss = val_loss
+        tokens = metrics.get("tokens")
+        if isinstance(tokens, int):
+            entry.tokens[rank] = tokens
+        if len(self._round_rows) > HISTORY_ROUNDS + 100:  # trimmed in batches of 100 rounds
+            for old in sorted(self._round_rows)[:-HISTORY_ROUNDS]:
+                self._tokens_before.update(self._round_rows.pop(old).tokens)
 
     # -- the snapshot ------------------------------------------------------------------------
 
@@ -249,27 +289,35 @@ class StatusTracker:
             )
 
     def _history(self) -> tuple[RoundRecord, ...]:
-        """The closed rounds, with the losses and tokens the islands' rows give them."""
-        from_rows = {
-            record.round: record
-            for record in round_history([island.rows for island in self._islands.values()])
-        }
+        """The closed rounds, with the losses and tokens the islands' rows give them. Tokens
+        at round r are the sum over islands of each one's latest count at or before r."""
+        latest = dict(self._tokens_before)
+        total = sum(latest.values())
+        from_rows: dict[int, tuple[float | None, float | None, int | None]] = {}
+        for round_index in sorted(self._round_rows):
+            entry = self._round_rows[round_index]
+            for rank, count in entry.tokens.items():
+                total += count - latest.get(rank, 0)
+                latest[rank] = count
+            losses = entry.train_loss.values()
+            train_loss = sum(losses) / len(losses) if losses else None
+            from_rows[round_index] = (train_loss, entry.val_loss, total)
         records = []
         for round_index in sorted(self._rounds):
             closed = self._rounds[round_index]
-            rows = from_rows.get(round_index)
+            train_loss, val_loss, tokens = from_rows.get(round_index, (None, None, None))
             records.append(
                 RoundRecord(
                     round=round_index,
                     closed_at=closed.closed_at,
-                    duration_s=round(closed.duration_s, 6),
+                    duration_s=closed.duration_s,
                     participants=closed.participants,
                     late=closed.late,
                     refused=closed.refused,
                     deadline_s=closed.deadline_s,
-                    train_loss=None if rows is None else rows.train_loss,
-                    val_loss=None if rows is None else rows.val_loss,
-                    tokens=None if rows is None else rows.tokens,
+                    train_loss=train_loss,
+                    val_loss=val_loss,
+                    tokens=tokens,
                 )
             )
         return tuple(records)
@@ -286,8 +334,7 @@ def _island_status(rank: int, island: _Island, head: int, head_closed_at: float)
         state = IslandState.late
     else:
         state = IslandState.active
-    row = island.rows[-1] if island.rows else {}
-    vals = (finite_or_none(r.get("val_loss")) for r in reversed(island.rows))
+    row = island.row
     shards = sorted(set(island.sent) | set(island.received))
     fragments = sorted(set(island.fragments_sent) | set(island.fragments_received))
     return IslandStatus(
@@ -298,7 +345,7 @@ def _island_status(rank: int, island: _Island, head: int, head_closed_at: float)
         bytes_sent=sum(island.sent.values()),
         bytes_received=sum(island.received.values()),
         train_loss=finite_or_none(row.get("train_loss")),
-        val_loss=next((v for v in vals if v is not None), None),
+        val_loss=island.val_loss,
         tokens=row.get("tokens") if isinstance(row.get("tokens"), int) else None,
         params_sha256=row.get("params_sha256"),
         host=island.host,

@@ -19,7 +19,7 @@ import pytest
 from browser import chromium_or_skip, dump_dom, screenshot
 from status_fixtures import TOKENS_PER_ROUND, scripted_snapshot, train_loss
 
-from diloco.status import StatusServer
+from diloco.status import StatusServer, StatusSnapshot
 
 DOCS_IMAGE = Path(__file__).resolve().parents[2] / "docs" / "images" / "status-page.png"
 TOKEN = "browser-test-token-0123456789abcdef"
@@ -105,6 +105,27 @@ def test_page_renders_islands_and_plot_points() -> None:
     assert [float(p["data-y"]) for p in durations] == [r.duration_s for r in snapshot.rounds]
     recent = [row["data-round"] for row in dom.find("tr") if "data-round" in row]
     assert recent == ["5", "4", "3", "2", "1"]
+
+
+def test_page_refreshes_itself() -> None:
+    chromium = chromium_or_skip()
+    served: list[int] = []
+
+    def growing() -> StatusSnapshot:
+        # Each build is one round further on.
+        served.append(len(served) + 1)
+        return scripted_snapshot(2, served[-1])
+
+    # No cache: each of the page's fetches gets a new build. 7 s of virtual time is the
+    # first load and two refreshes (every 3 s).
+    with StatusServer("127.0.0.1:0", growing, cache_s=0.0) as server:
+        dom = parse(dump_dom(server.url, wait_ms=7000, chromium=chromium))
+    shown = int(dom.text_by_id["fig-round"])
+    # The first load shows round 1; a later one shows what a refresh fetched (the dump may
+    # come while the very last fetch is in flight).
+    assert len(served) >= 3 and 2 <= shown <= served[-1]
+    durations = dom.find("circle", svg="plot-rounds", **{"class": "series-duration"})
+    assert len(durations) == shown
 
 
 def test_page_sends_the_token_from_the_url_fragment() -> None:

@@ -16,6 +16,7 @@ from status_fixtures import scripted_snapshot
 
 from diloco.errors import ConfigError
 from diloco.status import SnapshotCache, StatusServer, StatusSnapshot
+from diloco.status.bounds import Throttle
 
 TOKEN = "s3cret-run-token-0123456789abcdef"
 
@@ -227,6 +228,27 @@ def test_cache_builds_once_per_max_age() -> None:
         now[0] = 0.1 * step
         assert cache.get() is not None
     assert source.calls == cache.builds == 8
+
+
+def test_throttle_allows_a_burst_then_the_rate() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    throttle = Throttle(rate_per_s=20.0, burst=64, clock=lambda: now[0], sleep=sleep)
+    for _ in range(64 + 40):
+        throttle.wait()
+    assert slept[:1] == [pytest.approx(0.05)] and len(slept) == 40
+    assert now[0] == pytest.approx(40 / 20.0)  # past the burst: 20 connections a second
+    now[0] += 100.0  # idle: the bucket refills to the burst, no more
+    for _ in range(64):
+        throttle.wait()
+    assert len(slept) == 40
+    throttle.wait()
+    assert len(slept) == 41
 
 
 def test_a_slow_client_is_dropped_at_the_deadline(server: StatusServer) -> None:

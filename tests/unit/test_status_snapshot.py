@@ -276,3 +276,11 @@ def test_table_warns_when_islands_at_the_same_round_disagree() -> None:
     assert "WARNING: islands at round 3 disagree on params_sha256:" in table
     assert f"  {'f' * 16}… islands 1" in table
     assert f"  {snapshot.islands[0].params_sha256[:16]}… islands 0" in table
+
+
+def test_table_prints_no_control_character_from_the_snapshot() -> None:
+    snapshot = scripted_snapshot(2, 3)
+    hostile = replace(snapshot.islands[0], host="\x1b[2Jsite\x07")
+    table = format_status(replace(snapshot, run_id="run\x1b]0;x\x07", islands=(hostile,)))
+    assert "\x1b" not in table and "\x07" not in table
+    assert "?[2Jsite?" in table

@@ -172,3 +172,12 @@ def test_a_resumed_island_replaces_its_later_rows(tracker: StatusTracker, clock:
 def test_rss_is_read_on_linux() -> None:
     rss = current_rss_bytes()
     assert rss is None or rss > 1_000_000
+
+
+def test_a_row_keeps_only_a_hash_shaped_params_sha256(tracker: StatusTracker) -> None:
+    tracker.payload_received(
+        0, 2, payload_bytes=1, metrics={**row(1, 10, 3.0), "params_sha256": "\x1b[2Jgotcha"}
+    )
+    tracker.payload_received(1, 2, payload_bytes=1, metrics=row(1, 10, 3.0))
+    islands = tracker.snapshot().islands
+    assert islands[0].params_sha256 is None and islands[1].params_sha256 == f"{1:064x}"
