@@ -104,9 +104,9 @@ def snapshot_from_run_dir(
         group_size = 1
         statuses = [_island_status(f, now, late_after_s, rank=f.rank) for f in files]
     rounds = round_history([f.rows for f in files], tokens_scale=group_size)
-    coordinator = _read_coordinator(run_dir / "coordinator" / "summary.json")
-    if coordinator is not None:
-        rounds = _with_coordinator_participants(rounds, run_dir / "coordinator" / "summary.json")
+    coordinator_summary = _read_json(run_dir / "coordinator" / "summary.json")
+    if coordinator_summary is not None:
+        rounds = _with_coordinator_participants(rounds, coordinator_summary)
     head = max(statuses, key=lambda s: s.last_round)
     joined = [s for s in statuses if s.state is not IslandState.never_joined]
     return StatusSnapshot(
@@ -119,7 +119,7 @@ def snapshot_from_run_dir(
         outer_settings=dict(run.outer_settings),
         islands=tuple(statuses),
         rounds=tuple(rounds[-HISTORY_ROUNDS:]),
-        coordinator=coordinator,
+        coordinator=_coordinator_figures(coordinator_summary),
     )
 
 
@@ -247,8 +247,8 @@ def _tokens_at(rounds: list[int], counts: list[int], round_index: int) -> int:
     return counts[position - 1] if position else 0
 
 
-def _read_coordinator(path: Path) -> CoordinatorFigures | None:
-    summary = _read_json(path)
+def _coordinator_figures(summary: dict[str, Any] | None) -> CoordinatorFigures | None:
+    """A finished grpc coordinator's counts (its summary.json has no uptime or RSS)."""
     if summary is None:
         return None
     return CoordinatorFigures(
@@ -260,10 +260,11 @@ def _read_coordinator(path: Path) -> CoordinatorFigures | None:
     )
 
 
-def _with_coordinator_participants(records: list[RoundRecord], path: Path) -> list[RoundRecord]:
+def _with_coordinator_participants(
+    records: list[RoundRecord], summary: dict[str, Any]
+) -> list[RoundRecord]:
     """The coordinator counted each round's participants; the islands' rows agree unless one
     of them missed rounds, so its figures win where they line up with rounds 1..N."""
-    summary = _read_json(path) or {}
     participants = summary.get("participants_per_round")
     if not isinstance(participants, list) or len(participants) != summary.get("rounds"):
         return records

@@ -219,10 +219,19 @@ class _StatusHandler(http.server.BaseHTTPRequestHandler):
         if send_body:
             self.wfile.write(body)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # The standard error page quotes the request line back; this one says only the code.
+        self.close_connection = True
+        reason = self.responses.get(code, ("error",))[0]
+        body = f"{code} {reason}\n".encode()
+        self._send(code, body, "text/plain", None, getattr(self, "command", "") != "HEAD")
+
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         # Method and path only: never the query string or headers, where a token could be.
-        path = urlsplit(self.path).path
-        logger.debug("status: %s %s %s -> %s", self.client_address[0], self.command, path, code)
+        # (A request line that did not parse leaves no command or path.)
+        path = urlsplit(getattr(self, "path", "")).path
+        command = getattr(self, "command", None)
+        logger.debug("status: %s %s %s -> %s", self.client_address[0], command, path, code)
 
     def log_error(self, format: str, *args: Any) -> None:
         logger.debug("status: %s: %s", self.client_address[0], format % args)

@@ -106,6 +106,19 @@ def test_writes_are_refused(server: StatusServer, source: ScriptedSource, method
     assert StatusSnapshot.from_json(request(server.port, "/status.json")[2]) == source.snapshot
 
 
+def test_malformed_requests_get_a_code_and_nothing_of_theirs_back(server: StatusServer) -> None:
+    for head in (b"BREW /pot HTTP/1.0\r\n\r\n", b"GET /x?token=abc a b c\r\n\r\n"):
+        connection = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        connection.sendall(head)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+        connection.close()
+        # (A request line that does not parse is answered as HTTP/0.9: a body, no headers.)
+        assert answer.startswith((b"HTTP/1.0 501 ", b"400 Bad Request"))
+        assert b"pot" not in answer and b"abc" not in answer and b"BREW" not in answer
+
+
 def test_other_paths_are_not_found(server: StatusServer) -> None:
     for path in ("/status", "/../status.json", "/favicon.ico", "/status.json/x"):
         assert request(server.port, path)[0] == 404
