@@ -9,6 +9,7 @@ import argparse
 import logging
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -16,8 +17,17 @@ from diloco.config import load_config, to_yaml
 from diloco.errors import ConfigError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors in two lines: argparse wraps its usage line to the terminal
+    width (three lines for ours), and the CLI's promise is at most two lines per error."""
+
+    def error(self, message: str) -> NoReturn:
+        usage = " ".join(self.format_usage().split())  # one line, however long
+        self.exit(2, f"{self.prog}: usage error: {_one_line(message)}\n{usage}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="diloco-island",
         description="Run one DiLoCo island (or, with transport.kind=local, a whole group).",
         epilog="Example: diloco-island --config configs/demo.yaml outer.inner_steps=100",
@@ -39,7 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return _run(config)
     except ConfigError as error:
-        return _fail(2, f"config error: {error}")
+        # A cause is kept where user code failed (a plug-in's factory): its traceback is the
+        # user's to read, behind --debug like every traceback.
+        if args.debug:
+            traceback.print_exception(error, file=sys.stderr)
+        hint = " (run with --debug for the traceback)" if error.__cause__ and not args.debug else ""
+        return _fail(2, f"config error: {_one_line(str(error))}{hint}")
     except KeyboardInterrupt:
         return _fail(
             130, "interrupted; run the same command again to resume from the last checkpoint"
@@ -47,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             raise
-        return _fail(1, f"{type(error).__name__}: {error} (run with --debug for the traceback)")
+        message = _one_line(f"{type(error).__name__}: {error}")
+        return _fail(1, f"{message} (run with --debug for the traceback)")
 
 
 def _run(config: Any) -> int:
@@ -99,6 +115,14 @@ def _interrupt(signum: int, frame: object) -> NoReturn:
 def _fail(code: int, message: str) -> int:
     print(f"diloco-island: {message}", file=sys.stderr)
     return code
+
+
+def _one_line(message: str) -> str:
+    """The first line of a message (library errors can span many: yaml's, torch's)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else message.strip()
+    return f"{lines[0]} […{len(lines) - 1} more lines]"
 
 
 if __name__ == "__main__":

@@ -1,20 +1,30 @@
 """Load an `IslandConfig`: schema defaults, then a YAML file, then dotted overrides.
 
-Every failure becomes a `ConfigError` whose message is one line naming the file or key.
+Every failure becomes a `ConfigError` whose message is one line naming the file, the override
+or the key: the text a user hands us (a file, an override's value) is parsed here, and any
+parser's error is turned into that line, whatever its class. Then the numbers and the sizes
+are checked (diloco/config/checks.py) before anything is built.
 """
 
 from __future__ import annotations
 
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from diloco.config.checks import check_numbers, check_sizes
 from diloco.config.schema import IslandConfig
 from diloco.errors import ConfigError
+
+# A config is a few KiB; anything this big is a data file passed as --config by mistake, and
+# is refused before it is read into memory.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> IslandConfig:
@@ -34,20 +44,20 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Islan
     layers: list[Any] = [OmegaConf.structured(IslandConfig)]
     if path is not None:
         layers.append(_read_yaml(Path(path)))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. outer.lr=0.5)")
+    layers.extend(_parse_override(item) for item in overrides)
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
         for layer in layers[1:]:
             _check_sections(layer, layers[0], "")
         merged = OmegaConf.merge(*layers)
+        assert isinstance(merged, DictConfig)
+        check_numbers(merged)
         config = OmegaConf.to_object(merged)
     except ConfigError:
         raise
     except OmegaConfBaseException as error:
         raise ConfigError(_describe(error)) from None
     assert isinstance(config, IslandConfig)
+    check_sizes(config)
     return config
 
 
@@ -64,16 +74,76 @@ def to_container(config: IslandConfig) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> DictConfig:
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    """The file's mapping of sections; anything else (empty, a list, binary) is one line."""
+    name = f"config file {str(path)!r}"
     try:
-        loaded = OmegaConf.load(path)
-    except Exception as error:  # yaml's own errors are not OmegaConf's
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first_line}") from None
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{name} does not exist") from None
+    except OSError as error:
+        raise ConfigError(f"{name} cannot be read: {error.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{name} is a directory, not a YAML file")
+    if not stat.S_ISREG(info.st_mode):  # a pipe or a device could block or never end
+        raise ConfigError(f"{name} is not a regular file")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{name} is {info.st_size} bytes; a config is a few KiB (is it a data file?)"
+        )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise ConfigError(f"{name} cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{name} is not UTF-8 text (byte {error.start}): not YAML") from None
+    try:
+        # safe_load for the document's shape only: OmegaConf.create reads a bare word as a key.
+        shape = yaml.safe_load(text)
+        loaded = OmegaConf.create(text) if isinstance(shape, dict) and shape else None
+    except (yaml.YAMLError, OmegaConfBaseException, RecursionError) as error:
+        raise ConfigError(f"{name} is not valid YAML: {_first_line(error)}") from None
+    if shape is None or shape == {}:
+        raise ConfigError(
+            f"{name} holds no settings (an empty file would start the default run); "
+            "give at least run.dir"
+        )
     if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        got = type(shape).__name__
+        raise ConfigError(f"{name} must hold a mapping of sections, got a YAML {got}")
     return loaded
+
+
+def _parse_override(item: str) -> DictConfig:
+    """One `key=value` override as a config layer; its value is YAML (`[1, 2]`, `{a: 1}`)."""
+    shown = item if len(item) <= 60 else f"{item[:40]}…"
+    key, equals, _ = item.partition("=")
+    if not equals:
+        raise ConfigError(f"override {shown!r} must look like key=value (e.g. outer.lr=0.5)")
+    if not key:
+        raise ConfigError(f"override {shown!r} must look like key=value (the key is empty)")
+    if not all(key.split(".")):
+        raise ConfigError(
+            f"override {shown!r} must look like key=value (the key has an empty part)"
+        )
+    try:
+        return OmegaConf.from_dotlist([item])
+    except (yaml.YAMLError, RecursionError) as error:
+        raise ConfigError(
+            f"override {shown!r}: the value is not valid YAML ({_first_line(error)})"
+        ) from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"override {shown!r}: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    """yaml's `problem` ("did not find expected ',' or ']'"), else the message's first line."""
+    if isinstance(error, RecursionError):  # pure-Python yaml and omegaconf both recurse
+        return "nested too deeply"
+    problem = getattr(error, "problem", None)
+    if isinstance(problem, str) and problem:
+        return problem
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_sections(given: Any, schema: Any, prefix: str) -> None:

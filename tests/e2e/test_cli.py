@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from harness import TINY, CliResult, FaultPlan, finish_all, metrics_rows, run_cli, start_cli
 
-from diloco.config.schema import OuterConfig
+from diloco.config import IslandConfig
 from diloco.metrics import REQUIRED_FIELDS
 
 
@@ -51,7 +51,7 @@ def test_unknown_key_names_it_and_lists_the_valid_keys(config_file: Path) -> Non
     line = assert_config_error(
         run_cli(["--config", str(config_file), "outer.sync_evry=5"]), "'outer.sync_evry'"
     )
-    for field in dataclasses.fields(OuterConfig):
+    for field in dataclasses.fields(IslandConfig().outer):
         assert field.name in line, f"valid key {field.name} not listed"
 
 
@@ -232,3 +232,122 @@ def test_torch_islands_with_different_models_refuse_to_start(
         assert "Traceback" not in result.stderr
         assert "islands differ and cannot average together: initial weights:" in result.stderr
         assert "model: island 0" in result.stderr
+
+
+# --- hardening (issue 12, items 9-12): every user error is exit 2 and at most 2 lines -------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("key", ["outer.lr", "inner.lr", "inner.weight_decay"])
+def test_an_infinite_float_is_refused_before_training(config_file: Path, key: str) -> None:
+    """inf used to pass the schema's `> 0` checks: a round trained, then the codec failed with
+    exit 1 naming no key."""
+    result = run_cli(["--config", str(config_file), *TINY, "outer.rounds=1", f"{key}=inf"])
+    assert_config_error(result, f"{key} must be a finite number, got inf")
+
+
+@pytest.mark.timeout(30)
+def test_a_malformed_override_value_is_one_line_naming_it(config_file: Path) -> None:
+    """outer.lr=[0.5 used to exit 1 with yaml's 4-line parser error."""
+    result = run_cli(["--config", str(config_file), "outer.lr=[0.5"])
+    assert_config_error(result, "override 'outer.lr=[0.5'", "not valid YAML")
+
+
+@pytest.mark.timeout(30)
+def test_an_empty_config_file_is_refused(tmp_path: Path) -> None:
+    """An empty file used to start the full default run in runs/default."""
+    empty = tmp_path / "island.yaml"
+    empty.write_text("")
+    result = run_cli(["--config", str(empty)], cwd=tmp_path)
+    assert_config_error(result, str(empty), "holds no settings")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.timeout(30)
+def test_a_seq_len_that_cannot_fit_is_refused_at_load_time(config_file: Path) -> None:
+    """A huge data.seq_len used to run out of memory (exit 1) while building the model."""
+    result = run_cli(["--config", str(config_file), *TINY, "data.seq_len=100000000000"])
+    assert_config_error(result, "data.seq_len=100000000000 is too large", "of memory")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "the following arguments are required: --config"),
+        (["--config"], "argument --config: expected one argument"),
+        (["--config", "x.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+    ids=["no-config", "config-without-file", "unknown-option"],
+)
+def test_usage_errors_fit_in_two_lines(args: list[str], fragment: str) -> None:
+    """argparse wrapped its usage line: 3 lines. Now: the error, then the usage on one line."""
+    result = run_cli(args)
+    assert result.returncode == 2, result.describe()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 2, result.describe()
+    assert lines[0] == f"diloco-island: usage error: {fragment}", result.describe()
+    assert lines[1].startswith("usage: diloco-island "), result.describe()
+
+
+FACTORY_CASES = {
+    "model-raises": (
+        "def build(**args):\n    raise ValueError('width must be even')\n",
+        ["model.name=user_plugin:build"],
+        ("model.name: 'user_plugin:build' raised ValueError: width must be even",),
+    ),
+    "data-raises": (
+        "def build(**args):\n    raise FileNotFoundError('shards/ is empty')\n",
+        ["data.name=user_plugin:build"],
+        ("data.name: 'user_plugin:build' raised FileNotFoundError: shards/ is empty",),
+    ),
+    "import-fails": (
+        "raise RuntimeError('needs a licence server')\n",
+        ["model.name=user_plugin:build"],
+        ("model.name: module 'user_plugin' failed to import: RuntimeError: needs a licence",),
+    ),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", sorted(FACTORY_CASES))
+def test_a_failing_plugin_names_its_key_and_module(tmp_path: Path, case: str) -> None:
+    """A user's factory that raises, or a module that fails at import, is exit 2 naming
+    model.name / data.name and module:factory; --debug adds the factory's traceback."""
+    source, overrides, fragments = FACTORY_CASES[case]
+    (tmp_path / "user_plugin.py").write_text(source)
+    config = tmp_path / "island.yaml"
+    config.write_text(f"run:\n  dir: {tmp_path / 'run'}\n")
+    # A factory model reads none of the GPT's keys (each would add a warning line).
+    tiny = [
+        arg for arg in TINY if not (arg.startswith("model.") and "model.name" in str(overrides))
+    ]
+    command = ["--config", str(config), *tiny, *overrides]
+    result = run_cli(command, cwd=tmp_path)
+    line = assert_config_error(result, *fragments)
+    assert line.endswith("(run with --debug for the traceback)"), line
+    debug = run_cli([*command, "--debug"], cwd=tmp_path)
+    assert debug.returncode == 2, debug.describe()
+    assert "Traceback" in debug.stderr and "user_plugin.py" in debug.stderr, debug.describe()
+    assert debug.stderr.strip().splitlines()[-1].startswith("diloco-island: config error: ")
+
+
+@pytest.mark.timeout(30)
+def test_a_multi_line_runtime_error_is_one_line(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Library errors (torch's, yaml's) can span many lines: the CLI prints the first, exit 1
+    (in process: the runtime is replaced by one that fails)."""
+    from islands import cli
+
+    def fail(config: object) -> int:
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB\nSee the docs")
+
+    monkeypatch.setattr(cli, "_run", fail)
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
+    assert cli.main(["--config", str(config_file)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "diloco-island: RuntimeError: CUDA out of memory. […2 more lines] "
+        "(run with --debug for the traceback)"
+    ]

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from diloco.metrics import REQUIRED_FIELDS, MetricsWriter, read_metrics
+from diloco.metrics.jsonl import to_strict_json
 
 
 def row(round: int, **extra: Any) -> dict[str, Any]:
@@ -94,3 +95,73 @@ def test_row_missing_a_required_field_is_our_bug(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match=r"metrics row lacks \['val_loss', 'params_sha256'\]"):
         writer.write(incomplete)
     assert read_metrics(tmp_path / "metrics.jsonl") == []
+
+
+# --- strict JSON: a non-finite float is written as null ---------------------------------------
+
+
+def strict_loads(text: str) -> Any:
+    """json.loads that refuses NaN and Infinity, as browsers and jq do."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_non_finite_loss_is_written_as_null(tmp_path: Path) -> None:
+    """A diverged round used to write a bare NaN, which is not JSON."""
+    path = tmp_path / "metrics.jsonl"
+    writer = MetricsWriter(path)
+    writer.write(row(1, train_loss=float("nan"), val_loss=float("inf")))
+    writer.write(row(2, train_loss=2.5, extra={"norms": [1.0, float("-inf")]}))
+    lines = path.read_text().splitlines()
+    first, second = (strict_loads(line) for line in lines)
+    assert first["train_loss"] is None and first["val_loss"] is None
+    assert second["train_loss"] == 2.5 and second["extra"] == {"norms": [1.0, None]}
+
+
+def test_truncation_rewrites_old_nan_rows_as_null(tmp_path: Path) -> None:
+    """A metrics.jsonl written before the fix (bare NaN) comes out strict after a resume."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(row(1, train_loss=float("nan"))) + "\n")
+    assert "NaN" in path.read_text()
+    MetricsWriter(path).truncate_after(1)
+    assert strict_loads(path.read_text())["train_loss"] is None
+
+
+def test_to_strict_json_replaces_every_non_finite_float() -> None:
+    document = {
+        "a": float("nan"),
+        "b": [float("inf"), 1.5, (float("-inf"), 2)],
+        "c": {"d": {"e": float("nan")}, "f": "NaN"},
+        "g": True,
+        "h": None,
+        "i": 3,
+    }
+    parsed = strict_loads(to_strict_json(document))
+    assert parsed == {
+        "a": None,
+        "b": [None, 1.5, [None, 2]],
+        "c": {"d": {"e": None}, "f": "NaN"},
+        "g": True,
+        "h": None,
+        "i": 3,
+    }
+    assert document["a"] != document["a"], "the input is not modified"
+
+
+def test_to_strict_json_keeps_json_dumps_layout() -> None:
+    """Same text as json.dumps for finite data (indent passes through, as summary.json uses)."""
+    document = {"round": 3, "loss": 1.25, "rows": [1, 2]}
+    assert to_strict_json(document) == json.dumps(document)
+    assert to_strict_json(document, indent=2) == json.dumps(document, indent=2)
+    assert to_strict_json(float("nan")) == "null"
+
+
+def test_numpy_floats_are_covered() -> None:
+    """np.float64 is a float; np.float32 is not, but is a number all the same."""
+    np = pytest.importorskip("numpy")
+    parsed = strict_loads(to_strict_json({"a": np.float64("nan"), "b": np.float32("inf")}))
+    assert parsed == {"a": None, "b": None}
+    assert strict_loads(to_strict_json({"c": np.float32(0.5)})) == {"c": 0.5}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from diloco.errors import ConfigError
-from diloco.resolve import resolve_factory
+from diloco.resolve import call_factory, resolve_factory
 
 
 @pytest.fixture
@@ -81,3 +81,137 @@ def test_not_callable() -> None:
     """An attribute that cannot be called (a constant) is refused."""
     with pytest.raises(ConfigError, match=r"data.name: 'math:pi' is not callable"):
         resolve_factory("math:pi", "data.name")
+
+
+# --- a user module or factory that fails: the key and the module named, the cause kept -------
+
+
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> None:
+    """Write `name`.py in tmp_path and make tmp_path the current directory."""
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("source", "reported"),
+    [
+        ("raise RuntimeError('no GPU driver')\n", "RuntimeError: no GPU driver"),
+        ("def build(:\n    pass\n", "SyntaxError: "),
+        ("import sys\nsys.exit(2)\n", "SystemExit: 2"),
+        ("x = 1 / 0\n", "ZeroDivisionError: division by zero"),
+        ("raise ValueError('first line\\nsecond line')\n", "ValueError: first line"),
+    ],
+    ids=["runtime-error", "syntax-error", "sys-exit", "zero-division", "two-lines"],
+)
+def test_a_module_that_fails_at_import_names_the_key_and_the_module(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    clean_imports: None,
+    source: str,
+    reported: str,
+) -> None:
+    """Any exception while importing (not only ImportError) is the user's module failing."""
+    user_module(tmp_path, monkeypatch, "diloco_test_broken", source)
+    with pytest.raises(ConfigError) as caught:
+        resolve_factory("diloco_test_broken:build", "model.name")
+    message = str(caught.value)
+    assert message.startswith("model.name: module 'diloco_test_broken' failed to import: ")
+    assert reported in message and "\n" not in message
+    assert caught.value.__cause__ is not None, "the original error is kept for --debug"
+
+
+def test_call_factory_passes_what_diloco_gives_and_the_users_args(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_imports: None
+) -> None:
+    user_module(
+        tmp_path,
+        monkeypatch,
+        "diloco_test_factory_ok",
+        "def build(seq_len, width=2):\n    return (seq_len, width)\n",
+    )
+    built = call_factory(
+        "diloco_test_factory_ok:build",
+        "data.name",
+        given={"seq_len": 16},
+        args={"width": 5},
+        args_key="data.args",
+    )
+    assert built == (16, 5)
+
+
+@pytest.mark.parametrize(
+    ("source", "reported"),
+    [
+        (
+            "def build(width=2):\n    raise ValueError('width too odd')\n",
+            "ValueError: width too odd",
+        ),
+        ("def build(width=2):\n    return {}['missing']\n", "KeyError: 'missing'"),
+        ("def build(width=2):\n    return len(width)\n", "TypeError: object of type 'int' has"),
+        ("def build(width=2):\n    raise MemoryError()\n", "MemoryError"),
+    ],
+    ids=["value-error", "key-error", "type-error-inside", "memory-error"],
+)
+def test_a_factory_that_raises_names_the_key_and_the_factory(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    clean_imports: None,
+    source: str,
+    reported: str,
+) -> None:
+    """The factory cannot build: a ConfigError (exit 2) naming model.name and module:factory,
+    with the factory's own error, first line only, and the original kept as the cause."""
+    user_module(tmp_path, monkeypatch, "diloco_test_factory_raises", source)
+    with pytest.raises(ConfigError) as caught:
+        call_factory(
+            "diloco_test_factory_raises:build", "model.name", args={}, args_key="model.args"
+        )
+    message = str(caught.value)
+    assert message.startswith("model.name: 'diloco_test_factory_raises:build' raised "), message
+    assert reported in message and "\n" not in message
+    assert caught.value.__cause__ is not None
+
+
+def test_args_the_factory_does_not_take_name_the_args_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_imports: None
+) -> None:
+    """A misspelt model.args entry is named as model.args, not as a crash of the factory."""
+    user_module(
+        tmp_path, monkeypatch, "diloco_test_factory_args", "def build(width=2):\n    return width\n"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^model\.args do not fit 'diloco_test_factory_args:build': got an unexpected "
+        r"keyword argument 'widht'$",
+    ):
+        call_factory(
+            "diloco_test_factory_args:build",
+            "model.name",
+            args={"widht": 3},
+            args_key="model.args",
+        )
+
+
+def test_an_arg_that_diloco_passes_itself_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_imports: None
+) -> None:
+    """data.args.seq_len would collide with the seq_len diloco passes (a TypeError, exit 1)."""
+    user_module(
+        tmp_path,
+        monkeypatch,
+        "diloco_test_factory_twice",
+        "def build(seq_len, **options):\n    return seq_len\n",
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.args\.seq_len cannot be set: diloco passes seq_len to "
+        r"'diloco_test_factory_twice:build' itself \(from the config\)$",
+    ):
+        call_factory(
+            "diloco_test_factory_twice:build",
+            "data.name",
+            given={"seq_len": 16},
+            args={"seq_len": 8},
+            args_key="data.args",
+        )
