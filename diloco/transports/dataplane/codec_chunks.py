@@ -1,0 +1,312 @@
+"""Codec payloads read and written one block-aligned chunk of elements at a time.
+
+Every codec's payload is a header, then a part that describes the whole tensor at once, then
+a part laid out element by element; this module calls them the *prefix* (read whole before
+streaming: the header, plus the block scales of int8 / fp8 / fp4, or topk's fp16 values) and
+the *section* (streamed: the codes of elements [start, stop) are one contiguous byte range).
+Layouts: diloco/codecs/* and docs/codecs.md.
+
+    codec            prefix                     section bytes of elements [a, b)
+    none/fp16/bf16   header                     itemsize * (b - a)
+    int8, fp8        header | scale fp32[nb]    b - a
+    fp4              header | scale fp32[nb]    ceil(b / 2) - a / 2   (a even)
+    topk             header | values fp16[K]    index bytes * (kept before b - kept before a)
+
+Chunks start on a multiple of `alignment` (whole blocks; for fp4 also whole bytes). Decoding
+and encoding a chunk call the codecs' own functions (the fused CPU kernels where the codec
+uses them) on chunk-sized views, so every element gets the same bits as a whole-tensor
+`codec.decode` / `codec.encode`: each is computed within its block alone.
+
+Shape suffixes: `_n` elements of one chunk, `_nb` blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Protocol
+
+import torch
+
+from diloco.codecs import cpu_kernels
+from diloco.codecs.base import (
+    DTYPE_FP8_E4M3,
+    DTYPE_FP16,
+    DTYPE_IDS,
+    DTYPE_INT8,
+    HEADER_BYTES,
+    Codec,
+    Header,
+    PayloadError,
+    all_finite,
+    empty,
+    flat_fp32,
+    num_blocks,
+    pack_header,
+    refuse_non_finite_scales,
+    runs_fused,
+    scales_from_body,
+)
+from diloco.codecs.floating import Bf16Codec, Fp16Codec, NoneCodec
+from diloco.codecs.fp4 import Fp4Codec, fp4_decode, fp4_encode
+from diloco.codecs.fp8 import Fp8Codec, fp8_decode, fp8_encode
+from diloco.codecs.int8 import Int8Codec, int8_decode, int8_encode
+from diloco.codecs.topk import TopKCodec, topk_decode, topk_encode, topk_sizes
+
+# The header layout of diloco/codecs/base.py, parsed only to explain a mismatch.
+_HEADER = struct.Struct("<4sBBBxIQ")
+
+
+class ChunkCodec(Protocol):
+    """One codec's payload of `numel` elements, chunk by chunk."""
+
+    name: str
+    numel: int
+    alignment: int
+    """Chunk starts are multiples of this many elements."""
+    prefix_bytes: int
+    payload_bytes: int
+
+    def section_offset(self, element: int) -> int:
+        """Bytes of the section before `element` (a multiple of `alignment`, or `numel`)."""
+        ...
+
+    def check_prefix(self, prefix: torch.Tensor) -> None:
+        """Raise PayloadError unless the prefix is this codec's for `numel` elements."""
+        ...
+
+    def decode_chunk(
+        self, prefix: torch.Tensor, section: torch.Tensor, start: int, scratch_n: torch.Tensor
+    ) -> torch.Tensor:
+        """The fp32 values of elements [start, start + len(scratch_n)): written into
+        `scratch_n`, or a view of `section` where the wire holds them verbatim (none)."""
+        ...
+
+    def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
+        """Write the encoding of elements [start, start + len(x_n)) into `payload` (the whole
+        payload buffer); ValueError for values the codec refuses (non-finite)."""
+        ...
+
+    def verbatim_view(self, payload: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        """Where the payload holds elements [start, stop) as plain fp32 (codec none), so a mean
+        can be accumulated in place; None for every other codec."""
+        ...
+
+
+def chunk_codec(codec: Codec, numel: int) -> ChunkCodec:
+    """The chunked form of `codec` for tensors of `numel` elements.
+
+    Raises:
+        ValueError: a codec this module does not know (decode it whole instead).
+    """
+    chunked: ChunkCodec
+    if isinstance(codec, NoneCodec | Fp16Codec | Bf16Codec):
+        chunked = _CastChunks(codec, numel)
+    elif isinstance(codec, Int8Codec | Fp8Codec | Fp4Codec):
+        chunked = _BlockChunks(codec, numel)
+    elif isinstance(codec, TopKCodec):
+        chunked = _TopKChunks(codec, numel)
+    else:
+        raise ValueError(f"codec {codec.name!r} has no chunked form in the data plane")
+    assert chunked.payload_bytes == codec.payload_bytes(numel), codec.name
+    return chunked
+
+
+def new_payload(chunked: ChunkCodec) -> torch.Tensor:
+    """An empty payload buffer with its header written, for `encode_chunk` to fill."""
+    payload = empty(chunked.payload_bytes, torch.uint8, torch.device("cpu"))
+    payload[:HEADER_BYTES] = pack_header(_expected_header(chunked), torch.device("cpu"))
+    return payload
+
+
+def _expected_header(chunked: ChunkCodec) -> Header:
+    assert isinstance(chunked, _CastChunks | _BlockChunks | _TopKChunks)
+    return chunked.header
+
+
+def _check_header(prefix: torch.Tensor, expected: Header, name: str) -> None:
+    got = bytes(prefix[:HEADER_BYTES].numpy().tobytes())
+    if got == bytes(pack_header(expected, torch.device("cpu")).numpy().tobytes()):
+        return
+    magic, version, codec_id, dtype_id, block, numel = _HEADER.unpack(got)
+    raise PayloadError(
+        f"{name} payload header (magic {magic!r}, version {version}, codec {codec_id}, dtype "
+        f"{dtype_id}, block {block}, numel {numel}) does not match the expected {expected}"
+    )
+
+
+class _CastChunks:
+    def __init__(self, codec: NoneCodec | Fp16Codec | Bf16Codec, numel: int):
+        self.dtype = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            codec.name
+        ]
+        self.itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.name, self.numel, self.alignment = codec.name, numel, 1
+        self.header = Header(codec.codec_id, DTYPE_IDS[self.dtype], 0, numel)
+        self.prefix_bytes = HEADER_BYTES
+        self.payload_bytes = HEADER_BYTES + self.itemsize * numel
+
+    def section_offset(self, element: int) -> int:
+        return self.itemsize * element
+
+    def check_prefix(self, prefix: torch.Tensor) -> None:
+        _check_header(prefix, self.header, self.name)
+
+    def decode_chunk(
+        self, prefix: torch.Tensor, section: torch.Tensor, start: int, scratch_n: torch.Tensor
+    ) -> torch.Tensor:
+        wire_n = section.view(self.dtype)
+        if self.dtype == torch.float32:
+            return wire_n
+        scratch_n.copy_(wire_n)
+        return scratch_n
+
+    def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
+        flat_fp32(x_n, self.name)  # refuses non-finite values, as the codec's encode does
+        begin = HEADER_BYTES + self.itemsize * start
+        wire_n = payload[begin : begin + self.itemsize * x_n.numel()].view(self.dtype)
+        if wire_n.data_ptr() != x_n.data_ptr():
+            wire_n.copy_(x_n)
+        if self.dtype != torch.float32 and not all_finite(wire_n):
+            raise ValueError(
+                f"{self.name} codec cannot encode values beyond {torch.finfo(self.dtype).max:g}"
+            )
+
+    def verbatim_view(self, payload: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        if self.dtype != torch.float32:
+            return None
+        return payload[HEADER_BYTES + 4 * start : HEADER_BYTES + 4 * stop].view(torch.float32)
+
+
+class _BlockChunks:
+    """int8, fp8 and fp4: an fp32 scale per block in the prefix, codes in the section."""
+
+    def __init__(self, codec: Int8Codec | Fp8Codec | Fp4Codec, numel: int):
+        self.codec, self.name, self.numel = codec, codec.name, numel
+        self.block = codec.block_size
+        self.nb = num_blocks(numel, self.block)
+        self.half_bytes = isinstance(codec, Fp4Codec)  # two codes per byte
+        self.alignment = math.lcm(self.block, 2) if self.half_bytes else self.block
+        if isinstance(codec, Fp4Codec):
+            dtype_id = codec.fmt.dtype_id
+        else:
+            dtype_id = DTYPE_INT8 if isinstance(codec, Int8Codec) else DTYPE_FP8_E4M3
+        self.header = Header(codec.codec_id, dtype_id, self.block, numel)
+        self.prefix_bytes = HEADER_BYTES + 4 * self.nb
+        self.payload_bytes = self.prefix_bytes + self.section_offset(numel)
+
+    def section_offset(self, element: int) -> int:
+        return (element + 1) // 2 if self.half_bytes else element
+
+    def check_prefix(self, prefix: torch.Tensor) -> None:
+        _check_header(prefix, self.header, self.name)
+        scales_from_body(prefix[HEADER_BYTES:], self.nb, self.name)
+
+    def _scales(self, buffer: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        b0, b1 = start // self.block, num_blocks(start + count, self.block)
+        return buffer[HEADER_BYTES + 4 * b0 : HEADER_BYTES + 4 * b1].view(torch.float32)
+
+    def decode_chunk(
+        self, prefix: torch.Tensor, section: torch.Tensor, start: int, scratch_n: torch.Tensor
+    ) -> torch.Tensor:
+        count, codec = scratch_n.numel(), self.codec
+        scale_nb = self._scales(prefix, start, count)
+        fused = runs_fused(section)
+        if isinstance(codec, Int8Codec):
+            q_n = section.view(torch.int8)
+            if fused:
+                cpu_kernels.int8_decode_into(q_n, scale_nb, scratch_n, self.block)
+            else:
+                scratch_n.copy_(int8_decode(q_n, scale_nb, self.block))
+        elif isinstance(codec, Fp8Codec):
+            scratch_n.copy_(fp8_decode(section.view(torch.float8_e4m3fn), scale_nb, self.block))
+        elif fused:
+            mags = codec.fmt.magnitudes
+            cpu_kernels.fp4_decode_into(section, scale_nb, scratch_n, self.block, mags)
+        else:
+            scratch_n.copy_(fp4_decode(section, scale_nb, count, self.block, codec.fmt))
+        return scratch_n
+
+    def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
+        count, codec = x_n.numel(), self.codec
+        scale_nb = self._scales(payload, start, count)
+        begin = self.prefix_bytes + self.section_offset(start)
+        codes = payload[begin : self.prefix_bytes + self.section_offset(start + count)]
+        if isinstance(codec, Fp8Codec):
+            e_n, s_nb = fp8_encode(flat_fp32(x_n, self.name), self.block)
+            codes.copy_(e_n.view(torch.uint8))
+            scale_nb.copy_(s_nb)
+            return
+        x_n = x_n.contiguous()
+        if isinstance(codec, Int8Codec):
+            if runs_fused(x_n):
+                cpu_kernels.int8_encode_into(x_n, codes.view(torch.int8), scale_nb, self.block)
+            else:
+                q_n, s_nb = int8_encode(x_n, self.block)
+                codes.view(torch.int8).copy_(q_n)
+                scale_nb.copy_(s_nb)
+        elif runs_fused(x_n):
+            cpu_kernels.fp4_encode_into(x_n, codes, scale_nb, self.block, codec.fmt.magnitudes)
+        else:
+            packed, s_nb = fp4_encode(x_n, self.block, codec.fmt)
+            codes.copy_(packed)
+            scale_nb.copy_(s_nb)
+        refuse_non_finite_scales(scale_nb, x_n, self.name)
+
+    def verbatim_view(self, payload: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        return None
+
+
+class _TopKChunks:
+    """topk: the fp16 values of all blocks in the prefix, their indices in the section."""
+
+    def __init__(self, codec: TopKCodec, numel: int):
+        self.codec, self.name, self.numel = codec, codec.name, numel
+        self.block, self.alignment = codec.block_size, codec.block_size
+        self.header = Header(codec.codec_id, DTYPE_FP16, self.block, numel)
+        self.kept = codec.kept(numel)
+        self.prefix_bytes = HEADER_BYTES + 2 * self.kept
+        self.payload_bytes = self.prefix_bytes + codec.index_bytes * self.kept
+
+    def _kept_before(self, element: int) -> int:
+        if element >= self.numel:
+            return self.kept
+        return (element // self.block) * topk_sizes(self.numel, self.block, self.codec.fraction)[1]
+
+    def section_offset(self, element: int) -> int:
+        return self.codec.index_bytes * self._kept_before(element)
+
+    def check_prefix(self, prefix: torch.Tensor) -> None:
+        _check_header(prefix, self.header, self.name)
+
+    def _values(self, buffer: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        k0, k1 = self._kept_before(start), self._kept_before(start + count)
+        return buffer[HEADER_BYTES + 2 * k0 : HEADER_BYTES + 2 * k1].view(torch.float16)
+
+    def decode_chunk(
+        self, prefix: torch.Tensor, section: torch.Tensor, start: int, scratch_n: torch.Tensor
+    ) -> torch.Tensor:
+        count, codec = scratch_n.numel(), self.codec
+        raw = section.to(torch.int64)
+        indices = raw if codec.index_bytes == 1 else raw[0::2] | (raw[1::2] << 8)
+        values = self._values(prefix, start, count)
+        scratch_n.copy_(topk_decode(values, indices, count, self.block, codec.fraction))
+        return scratch_n
+
+    def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
+        count, codec = x_n.numel(), self.codec
+        values_K, indices_K = topk_encode(flat_fp32(x_n, self.name), self.block, codec.fraction)
+        half_K = values_K.to(torch.float16)
+        if not all_finite(half_K):
+            raise ValueError(f"topk codec cannot encode values beyond fp16's range ({codec.name})")
+        self._values(payload, start, count).copy_(half_K)
+        begin = self.prefix_bytes + self.section_offset(start)
+        section = payload[begin : self.prefix_bytes + self.section_offset(start + count)]
+        if codec.index_bytes == 1:
+            section.copy_(indices_K.to(torch.uint8))
+        else:
+            low, high = (indices_K & 0xFF).to(torch.uint8), (indices_K >> 8).to(torch.uint8)
+            section.copy_(torch.stack([low, high], dim=1).reshape(-1))
+
+    def verbatim_view(self, payload: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        return None

@@ -1,0 +1,70 @@
+"""The data plane's limits: one small config the composition root builds the server from.
+
+Standard library and `diloco.errors` only (config errors must answer without loading torch).
+The yaml keys are proposed under `transport.grpc.dataplane` (grpc stays the control plane);
+every message names that full key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diloco.errors import require
+
+KEY = "transport.grpc.dataplane"
+
+
+@dataclass(kw_only=True)
+class DataPlaneConfig:
+    max_connections: int = 128
+    """Connections the data-plane server holds at once, all islands and unauthenticated peers
+    together; one more is closed at accept and counted."""
+    max_pending: int = 64
+    """Connections still in their TLS handshake or hello (not yet holding a valid ticket); one
+    more is closed at accept. With dataplane.hello_timeout_s it bounds what peers without a
+    ticket can hold."""
+    max_connections_per_island: int = 8
+    """Exchanges one island may run at once (shards x fragments in flight); one more is
+    refused after its hello, so one island cannot take the slots of the others."""
+    hello_timeout_s: float = 10.0
+    """Seconds a new connection has for its TLS handshake and hello."""
+    inactivity_timeout_s: float = 60.0
+    """Seconds any single read or write of an exchange may wait for progress."""
+    chunk_bytes: int = 4 << 20
+    """Target size of one chunk of fp32 values the coordinator decodes and accumulates at a
+    time (rounded to whole codec blocks); its memory is O(chunk_bytes x islands)."""
+    socket_buffer_bytes: int = 4 << 20
+    """SO_SNDBUF / SO_RCVBUF asked of the kernel for every data-plane socket (capped by
+    net.core.wmem_max / rmem_max); 0 keeps the kernel's autotuning."""
+    ticket_ttl_s: float = 600.0
+    """Seconds a ticket stays valid after the control plane issues it."""
+    replay_cache_size: int = 1 << 16
+    """Used ticket ids remembered until they expire; when full, new hellos are refused
+    rather than forgetting an unexpired id (a replay must never pass)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_pending", "max_connections_per_island"):
+            value = getattr(self, name)
+            require(value >= 1, f"{KEY}.{name}", ">= 1", value)
+        require(
+            self.max_pending <= self.max_connections,
+            f"{KEY}.max_pending",
+            f"<= max_connections ({self.max_connections})",
+            self.max_pending,
+        )
+        for name in ("hello_timeout_s", "inactivity_timeout_s", "ticket_ttl_s"):
+            value = getattr(self, name)
+            require(value > 0, f"{KEY}.{name}", "> 0 seconds", value)
+        require(self.chunk_bytes >= 4096, f"{KEY}.chunk_bytes", ">= 4096", self.chunk_bytes)
+        require(
+            self.socket_buffer_bytes >= 0,
+            f"{KEY}.socket_buffer_bytes",
+            ">= 0 (0: the kernel's autotuning)",
+            self.socket_buffer_bytes,
+        )
+        require(
+            self.replay_cache_size >= 1,
+            f"{KEY}.replay_cache_size",
+            ">= 1",
+            self.replay_cache_size,
+        )

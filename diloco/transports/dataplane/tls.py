@@ -1,0 +1,62 @@
+"""TLS for the data plane: Python `ssl` contexts from the run's certificate, key and CA.
+
+The same PEM files as the grpc control plane (transport.grpc.tls_cert / tls_key / tls_ca /
+mutual_tls; a self-signed pair: docs/transports.md), so a run has one identity. Islands check
+the certificate against the CA (by default the certificate itself) and the name
+`TLS_SERVER_NAME`, which every site's certificate carries, whatever address it is dialled at
+(as the grpc transport does). TLS 1.2 at least.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from diloco.errors import ConfigError
+
+TLS_SERVER_NAME = "localhost"
+_KEY = "transport.grpc"
+
+
+def _existing(key: str, path: str) -> str:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{_KEY}.{key}: no such file {str(file)!r}")
+    return str(file)
+
+
+def server_context(cert: str, key: str, *, ca: str = "", mutual: bool = False) -> ssl.SSLContext:
+    """The coordinator's context: serve `cert`; with `mutual`, require islands to present a
+    certificate signed by `ca` (default: `cert` itself).
+
+    Raises:
+        ConfigError: a missing file, or a certificate and key that do not load together.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(_existing("tls_cert", cert), _existing("tls_key", key))
+    except ssl.SSLError as error:
+        raise ConfigError(f"{_KEY}.tls_key: does not load with tls_cert: {error}") from None
+    if mutual:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(_existing("tls_ca", ca or cert))
+    return context
+
+
+def client_context(ca: str, *, cert: str = "", key: str = "") -> ssl.SSLContext:
+    """An island's context: trust `ca`; present `cert` / `key` when the server requires
+    mutual TLS.
+
+    Raises:
+        ConfigError: a missing file, or a certificate and key that do not load together.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(_existing("tls_ca", ca))
+    if cert:
+        try:
+            context.load_cert_chain(_existing("tls_cert", cert), _existing("tls_key", key))
+        except ssl.SSLError as error:
+            raise ConfigError(f"{_KEY}.tls_key: does not load with tls_cert: {error}") from None
+    return context
