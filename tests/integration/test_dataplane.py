@@ -401,7 +401,7 @@ def test_a_connection_flood_beyond_the_limits_is_refused_at_accept(
     start_server: ServerFactory, pem: tuple[Path, Path]
 ) -> None:
     settings = DataPlaneConfig(
-        max_connections=6, max_pending=4, hello_timeout_s=1.0, inactivity_timeout_s=5.0
+        max_connections=6, max_pending=4, hello_timeout_s=5.0, inactivity_timeout_s=5.0
     )
     server, codec = start_server(settings, tls=False), build_codec("none")
     flood = [_raw_connect(server) for _ in range(12)]
@@ -410,7 +410,7 @@ def test_a_connection_flood_beyond_the_limits_is_refused_at_accept(
     finally:
         for sock in flood:
             sock.close()
-    # The four admitted ones time out on their hello; then real islands get in again.
+    # The four admitted ones close before their hello; then real islands get in again.
     _wait_for(
         lambda: (
             server.refusals().get("hello-broken", 0) + server.refusals().get("hello-timeout", 0)
@@ -423,6 +423,35 @@ def test_a_connection_flood_beyond_the_limits_is_refused_at_accept(
         server.address, tickets[0].to_bytes(), payload, answer_bytes=payload.numel(), timeout_s=10
     )
     assert torch.equal(answer, payload)
+
+
+def test_the_total_limit_counts_exchanges_in_progress(
+    start_server: ServerFactory, pem: tuple[Path, Path]
+) -> None:
+    settings = DataPlaneConfig(max_connections=2, max_pending=2, inactivity_timeout_s=5.0)
+    server, codec = start_server(settings, tls=False), build_codec("none")
+    client, payloads = _client(pem, tls=False), dict(enumerate(_payloads(codec, 2)))
+    _, tickets = _group(server, codec, {0: 1.0, 1: 1.0})
+    size = payloads[0].numel()
+    first = threading.Thread(
+        target=lambda: client.exchange(
+            server.address, tickets[0].to_bytes(), payloads[0], answer_bytes=size, timeout_s=30
+        ),
+        daemon=True,
+    )
+    first.start()  # admitted, then waits in the group for island 1
+    _wait_for(lambda: server._per_island[0] == 1)
+    with _raw_connect(server):  # the second slot, idle
+        _wait_for(lambda: server._pending == 1)
+        with _raw_connect(server) as extra:
+            assert extra.recv(1) == b""  # closed at accept
+        assert server.refusals() == {"max-connections": 1}
+    _wait_for(lambda: server._open == 1)
+    client.exchange(
+        server.address, tickets[1].to_bytes(), payloads[1], answer_bytes=size, timeout_s=30
+    )
+    first.join(timeout=30)
+    assert server.exchanges_completed == 2
 
 
 def test_one_island_cannot_hold_more_than_its_share_of_connections(
