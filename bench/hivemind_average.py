@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from diloco.codecs import build_codec
-from diloco.config.schema import HivemindTransportConfig
 from diloco.transports.base import SharedState
+from diloco.transports.hivemind.config import HivemindTransportConfig
 
 WINDOW_S = 60.0  # matchmaking window: peers arrive together (barrier), groups fill at once
 

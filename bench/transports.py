@@ -38,13 +38,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diloco.codecs import build_codec
-from diloco.config.schema import GrpcTransportConfig
 from diloco.outer.nesterov import nesterov_step_
 from diloco.outer.sync import params_sha256
 from diloco.transports.base import SharedState
 from diloco.transports.grpc import CoordinatorServer, GrpcTransport, RoundBook, RoundRules
 from diloco.transports.grpc import coordinator_pb2 as pb
 from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
+from diloco.transports.grpc.config import GrpcTransportConfig
 from diloco.transports.grpc.service import CHANNEL_OPTIONS, chunks_of, receive_bytes
 
 TOKEN = "bench-token-0123456789abcdef"

@@ -16,20 +16,26 @@ import torch
 from torch import nn
 
 from diloco.data.base import Batch, DataSource
-from diloco.data.selectors import Selector
-from diloco.inner import InnerTrainer
-from diloco.outer import OuterSync, SyncResult
+from diloco.data.selectors.base import Selector
+from diloco.inner.trainer import InnerTrainer
+from diloco.outer.sync import OuterSync, SyncResult
 
 T = TypeVar("T")
 
 
 @dataclass
 class RoundWork:
-    """What one island's inner phase did this round."""
+    """What one island's inner phase did this round (and its cumulative counters after it)."""
 
     loss_sum: torch.Tensor
     steps: int
     tokens: int
+    inner_step: int
+    """Inner steps this island has taken in the whole run."""
+    inner_lr: float
+    """The learning rate of the round's last inner step."""
+    selection: dict[str, Any]
+    """What data selection cost and kept so far (metrics fields, docs/output.md)."""
 
 
 @dataclass
@@ -43,6 +49,8 @@ class HostedIsland:
     tokens: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    flops_per_token: int = 0
+    """Training FLOPs per token of the model (metrics: learner_flops)."""
     examples_labelled: int = 0
     """Trained-on examples whose noise flag the data source gave (data.noise), cumulative."""
     noisy_examples: int = 0
@@ -62,7 +70,29 @@ class HostedIsland:
             if on_step is not None:
                 on_step()
         self.tokens += tokens
-        return RoundWork(loss_sum, steps, tokens)
+        step_count = self.trainer.step_count
+        return RoundWork(
+            loss_sum,
+            steps,
+            tokens,
+            inner_step=step_count,
+            inner_lr=self.trainer.lr_at(max(0, step_count - 1)),
+            selection=self.selection_fields(),
+        )
+
+    def selection_fields(self) -> dict[str, Any]:
+        """What data selection cost and kept on this island, cumulative (docs/output.md)."""
+        cost = self.selector.cost
+        labelled = self.examples_labelled
+        return {
+            "learner_flops": self.tokens * self.flops_per_token,
+            "scoring_flops": cost.scoring_flops,
+            "scoring_s": round(cost.scoring_s, 6),
+            "reference_flops": cost.reference_flops,
+            "selected_noisy_fraction": (
+                round(self.noisy_examples / labelled, 6) if labelled else None
+            ),
+        }
 
     def sync(self, tokens: int) -> SyncResult:
         result = self.outer.sync(tokens)

@@ -6,19 +6,28 @@ The output contract is in docs/output.md; the field names here are public.
 from __future__ import annotations
 
 import json
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from diloco.checkpoint.atomic import write_atomic
 from diloco.config import IslandConfig, to_container
-from diloco.data.reference import train_flops_per_token
 from diloco.errors import ConfigError
+from diloco.outer.sync import SyncResult
 from diloco.transports.base import ring_allreduce_bytes
-from islands.hosted import HostedIsland
+from islands.hosted import RoundWork
 from islands.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class RoundTimings:
+    compute_s: float
+    """Wall time of the round's inner steps (all hosted islands)."""
+    sync_s: float
+    """Wall time of the round's sync (all hosted islands, concurrently)."""
 
 
 def write_summary(runtime: Runtime) -> dict[str, Any]:
@@ -48,54 +57,39 @@ def write_summary(runtime: Runtime) -> dict[str, Any]:
         "run_dir": str(runtime.out_dir),
         "config": to_container(runtime.config),
     }
-    temporary = runtime.out_dir / "summary.json.tmp"
-    temporary.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(temporary, runtime.out_dir / "summary.json")
+    write_atomic(runtime.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def metrics_row(
     runtime: Runtime,
     done: int,
+    work: RoundWork,
+    result: SyncResult,
     train_loss: float,
     val_loss: float | None,
-    compute_s: float,
-    sync_s: float,
-    participants: int,
+    timings: RoundTimings,
 ) -> dict[str, Any]:
-    first = runtime.hosted[0]
+    """One metrics.jsonl row (`done` rounds complete) from what the lead island did this round
+    (`work`, `result`) and its cumulative counters."""
+    lead = runtime.hosted[0]
     ddp_step_bytes = ring_allreduce_bytes(4 * runtime.numel, runtime.num_islands)
     return {
         "round": done,
-        "inner_step": first.trainer.step_count,
-        "tokens": first.tokens,
+        "inner_step": work.inner_step,
+        "tokens": lead.tokens,
         "train_loss": round(train_loss, 6),
         "val_loss": None if val_loss is None else round(val_loss, 6),
-        "bytes_sent": first.bytes_sent,
-        "bytes_received": first.bytes_received,
-        "ddp_bytes_sent": first.trainer.step_count * ddp_step_bytes,
-        "sync_s": round(sync_s, 6),
-        "compute_s": round(compute_s, 6),
-        "islands": participants,
-        "inner_lr": first.trainer.lr_at(max(0, first.trainer.step_count - 1)),
-        **selection_fields(first),
-        "params_sha256": first.outer.params_sha256(),
+        "bytes_sent": lead.bytes_sent,
+        "bytes_received": lead.bytes_received,
+        "ddp_bytes_sent": work.inner_step * ddp_step_bytes,
+        "sync_s": round(timings.sync_s, 6),
+        "compute_s": round(timings.compute_s, 6),
+        "islands": result.participants,
+        "inner_lr": work.inner_lr,
+        **work.selection,
+        "params_sha256": result.params_sha256,
         "time": round(time.time(), 3),
-    }
-
-
-def selection_fields(island: HostedIsland) -> dict[str, Any]:
-    """What data selection cost and kept on this island, cumulative (docs/output.md)."""
-    cost = island.selector.cost
-    labelled = island.examples_labelled
-    return {
-        "learner_flops": island.tokens * train_flops_per_token(island.model),
-        "scoring_flops": cost.scoring_flops,
-        "scoring_s": round(cost.scoring_s, 6),
-        "reference_flops": cost.reference_flops,
-        "selected_noisy_fraction": (
-            round(island.noisy_examples / labelled, 6) if labelled else None
-        ),
     }
 
 

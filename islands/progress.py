@@ -7,7 +7,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from diloco.config.schema import Progress
+from diloco.config.run import Progress
 
 
 def _format_row(row: dict[str, Any]) -> str:
@@ -51,6 +51,10 @@ class ProgressDisplay:
             )
         elif not self.quiet:
             print(_format_row(row), file=self.stream, flush=True)
+
+    def on_announce(self, message: str) -> None:
+        # On stdout: scripts that start islands read the address from there.
+        print(message, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

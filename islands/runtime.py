@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from diloco.config import IslandConfig
-from diloco.metrics import MetricsWriter
+from diloco.metrics.jsonl import MetricsWriter
 from islands.hosted import HostedIsland
 
 
@@ -20,6 +20,9 @@ class RunEvents(Protocol):
     def on_start(self, total_steps: int, done_steps: int) -> None: ...
     def on_step(self) -> None: ...
     def on_round(self, row: dict[str, Any]) -> None: ...
+    def on_announce(self, message: str) -> None:
+        """Something the user must act on (where other islands can join this one)."""
+        ...
 
 
 @dataclass

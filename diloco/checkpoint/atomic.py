@@ -1,62 +1,51 @@
-"""Atomic checkpoints: written to a temporary file, flushed, then renamed into place.
+"""The one way this project writes a file: to a temporary file, flushed, then renamed into place.
 
-A kill during a save leaves the previous checkpoints untouched and at worst a stray
-temporary file, which the next save removes. Files are named `round-000012.pt` (the number of
-completed outer rounds) and the newest `keep` are kept.
+A kill during a write leaves the previous file untouched and at worst a stray `*.tmp` file, so a
+reader never sees half a file. Used by checkpoints, metrics, summaries, the coordinator's state
+and the files islands leave for each other.
 """
 
 from __future__ import annotations
 
 import os
-import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
-
-_NAME = re.compile(r"^round-(\d{6,})\.pt$")
 
 
-def checkpoint_path(directory: Path, round: int) -> Path:
-    return directory / f"round-{round:06d}.pt"
+def write_atomic(path: Path | str, data: bytes | str | Callable[[Path], None]) -> Path:
+    """Write `data` (bytes, text, or a function that writes a given path) to `path` atomically.
 
-
-def save_checkpoint(directory: Path, round: int, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` as the checkpoint of `round` atomically; keep the newest `keep`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for stray in directory.glob("*.tmp"):
-        stray.unlink(missing_ok=True)
-    final = checkpoint_path(directory, round)
-    temporary = final.with_suffix(".pt.tmp")
-    with open(temporary, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, final)
-    _fsync_directory(directory)
-    for old in sorted(list_checkpoints(directory))[:-keep]:
-        checkpoint_path(directory, old).unlink(missing_ok=True)
+    The parent directory is created if needed; the rename itself is flushed to disk.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.with_name(f"{final.name}.{os.getpid()}.tmp")
+    try:
+        if callable(data):
+            data(temporary)
+        else:
+            with open(temporary, "wb") as handle:
+                handle.write(data.encode() if isinstance(data, str) else data)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
+    fsync_directory(final.parent)
     return final
 
 
-def list_checkpoints(directory: Path) -> list[int]:
-    """The rounds that have a complete checkpoint in `directory`, ascending."""
-    if not directory.is_dir():
-        return []
-    rounds = (_NAME.match(path.name) for path in directory.iterdir())
-    return sorted(int(match.group(1)) for match in rounds if match)
-
-
-def load_checkpoint(directory: Path, round: int) -> dict[str, Any]:
-    state = torch.load(checkpoint_path(directory, round), map_location="cpu", weights_only=False)
-    assert isinstance(state, dict)
-    return state
-
-
-def _fsync_directory(directory: Path) -> None:
-    # The rename itself must reach the disk, or a power cut can forget it.
+def fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries: a rename must reach the disk, or a power cut can forget it."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_strays(directory: Path) -> None:
+    """Delete temporary files a killed writer left in `directory`."""
+    if directory.is_dir():
+        for stray in directory.glob("*.tmp"):
+            stray.unlink(missing_ok=True)

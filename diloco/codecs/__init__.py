@@ -1,69 +1,53 @@
-"""Codecs: how a pseudo-gradient is written on the wire (byte layouts: docs/codecs.md)."""
+"""Codecs: how a pseudo-gradient is written on the wire (byte layouts: docs/codecs.md).
 
-from collections.abc import Callable
-from dataclasses import dataclass
+`registry.py` names them (`CODECS`, `build_codec`); `base.py` holds the `Codec` protocol and
+the payload header; one module per family: `floating` (none, fp16, bf16), `int8`, `fp8`,
+`fp4`, `topk`.
+"""
 
-from diloco.codecs.base import HEADER_BYTES, Codec, PayloadError
-from diloco.codecs.floating import Bf16Codec, Fp16Codec, NoneCodec
-from diloco.codecs.fp4 import E2M1, E3M0, Fp4Codec, Fp4Format
-from diloco.codecs.fp8 import Fp8Codec
-from diloco.codecs.int8 import Int8Codec
-from diloco.codecs.topk import TopKCodec
+from typing import TYPE_CHECKING
 
-# `fp4` is the 4-bit format that trained better here (docs/codecs.md, "Which fp4").
-DEFAULT_FP4 = E2M1
+from diloco.lazy import lazy_exports
 
+if TYPE_CHECKING:
+    from diloco.codecs.base import HEADER_BYTES as HEADER_BYTES
+    from diloco.codecs.base import Codec as Codec
+    from diloco.codecs.base import PayloadError as PayloadError
+    from diloco.codecs.floating import Bf16Codec as Bf16Codec
+    from diloco.codecs.floating import Fp16Codec as Fp16Codec
+    from diloco.codecs.floating import NoneCodec as NoneCodec
+    from diloco.codecs.fp4 import DEFAULT_FP4 as DEFAULT_FP4
+    from diloco.codecs.fp4 import E2M1 as E2M1
+    from diloco.codecs.fp4 import E3M0 as E3M0
+    from diloco.codecs.fp4 import Fp4Codec as Fp4Codec
+    from diloco.codecs.fp4 import Fp4Format as Fp4Format
+    from diloco.codecs.fp8 import Fp8Codec as Fp8Codec
+    from diloco.codecs.int8 import Int8Codec as Int8Codec
+    from diloco.codecs.registry import CODECS as CODECS
+    from diloco.codecs.registry import CodecName as CodecName
+    from diloco.codecs.registry import CodecOptions as CodecOptions
+    from diloco.codecs.registry import build_codec as build_codec
+    from diloco.codecs.topk import TopKCodec as TopKCodec
 
-@dataclass(frozen=True, kw_only=True)
-class CodecOptions:
-    """What a codec may be built with; each factory reads only what it needs."""
-
-    block_size: int = 256
-    """Elements per block: one fp32 scale each (int8, fp8, fp4), the unit of top-k selection."""
-    topk_fraction: float = 0.1
-    """Share of each block that topk sends."""
-
-
-CODECS: dict[str, Callable[[CodecOptions], Codec]] = {
-    "none": lambda options: NoneCodec(),
-    "fp16": lambda options: Fp16Codec(),
-    "bf16": lambda options: Bf16Codec(),
-    "int8": lambda options: Int8Codec(options.block_size),
-    "fp8": lambda options: Fp8Codec(options.block_size),
-    "fp4": lambda options: Fp4Codec(DEFAULT_FP4, options.block_size),
-    "fp4_e2m1": lambda options: Fp4Codec(E2M1, options.block_size),
-    "fp4_e3m0": lambda options: Fp4Codec(E3M0, options.block_size),
-    "topk": lambda options: TopKCodec(options.block_size, options.topk_fraction),
+_EXPORTS = {
+    "HEADER_BYTES": "diloco.codecs.base",
+    "Codec": "diloco.codecs.base",
+    "PayloadError": "diloco.codecs.base",
+    "Bf16Codec": "diloco.codecs.floating",
+    "Fp16Codec": "diloco.codecs.floating",
+    "NoneCodec": "diloco.codecs.floating",
+    "DEFAULT_FP4": "diloco.codecs.fp4",
+    "E2M1": "diloco.codecs.fp4",
+    "E3M0": "diloco.codecs.fp4",
+    "Fp4Codec": "diloco.codecs.fp4",
+    "Fp4Format": "diloco.codecs.fp4",
+    "Fp8Codec": "diloco.codecs.fp8",
+    "Int8Codec": "diloco.codecs.int8",
+    "CODECS": "diloco.codecs.registry",
+    "CodecName": "diloco.codecs.registry",
+    "CodecOptions": "diloco.codecs.registry",
+    "build_codec": "diloco.codecs.registry",
+    "TopKCodec": "diloco.codecs.topk",
 }
-
-
-def build_codec(name: str, *, block_size: int = 256, topk_fraction: float = 0.1) -> Codec:
-    """The codec registered under `name`.
-
-    Raises:
-        ValueError: an unknown name, or a block size or fraction the codec cannot use.
-    """
-    if name not in CODECS:
-        raise ValueError(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}")
-    return CODECS[name](CodecOptions(block_size=block_size, topk_fraction=topk_fraction))
-
-
-__all__ = [
-    "CODECS",
-    "DEFAULT_FP4",
-    "E2M1",
-    "E3M0",
-    "HEADER_BYTES",
-    "Bf16Codec",
-    "Codec",
-    "CodecOptions",
-    "Fp16Codec",
-    "Fp4Codec",
-    "Fp4Format",
-    "Fp8Codec",
-    "Int8Codec",
-    "NoneCodec",
-    "PayloadError",
-    "TopKCodec",
-    "build_codec",
-]
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

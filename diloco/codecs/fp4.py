@@ -66,6 +66,8 @@ class Fp4Format:
 
 E2M1 = Fp4Format("fp4_e2m1", 5, DTYPE_FP4_E2M1, (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0))
 E3M0 = Fp4Format("fp4_e3m0", 6, DTYPE_FP4_E3M0, (0.0, *(2.0**-e for e in range(6, -1, -1))))
+# `fp4` is the 4-bit format that trained better here (docs/codecs.md, "Which fp4").
+DEFAULT_FP4 = E2M1
 
 
 def fp4_encode(x_N: torch.Tensor, block: int, fmt: Fp4Format) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from diloco.config.schema import DataConfig
 from diloco.data.base import DataSource
+from diloco.data.config import DataConfig
 from diloco.data.corpus import load_stdlib_corpus
 from diloco.data.noise import NoisyWindows
 from diloco.data.token_files import read_text_tokens, read_token_file, split_tail
 from diloco.data.windows import TokenWindows
 from diloco.errors import ConfigError
-from diloco.resolve import resolve_factory
+from diloco.resolve import call_factory
 
 
 def build_data_sources(
@@ -86,14 +86,15 @@ def _existing(path: str, key: str) -> Path:
 
 
 def _from_factory(config: DataConfig, island: int, num_islands: int, seed: int) -> DataSource:
-    factory = resolve_factory(config.name, "data.name")
-    source = factory(
-        island=island,
-        num_islands=num_islands,
-        seed=seed,
-        batch_size=config.batch_size,
-        seq_len=config.seq_len,
-        **config.args,
+    given = {
+        "island": island,
+        "num_islands": num_islands,
+        "seed": seed,
+        "batch_size": config.batch_size,
+        "seq_len": config.seq_len,
+    }
+    source = call_factory(
+        config.name, "data.name", args=config.args, args_key="data.args", given=given
     )
     # The runtime calls all four: state_dict at every checkpoint, load_state_dict on resume.
     methods = ("next_batch", "val_batches", "state_dict", "load_state_dict")

@@ -9,19 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from diloco.config.schema import DataConfig, InnerConfig, ModelConfig, ReferenceConfig
+from diloco.checkpoint.store import load_checkpoint
+from diloco.data.config import DataConfig
 from diloco.data.corpus import load_stdlib_corpus
+from diloco.data.selectors.config import ReferenceConfig
 from diloco.data.token_files import read_text_tokens
 from diloco.data.windows import TokenWindows
 from diloco.errors import ConfigError
-from diloco.inner import InnerTrainer
-from diloco.models import build_model
-from diloco.outer import copy_flat_into_
+from diloco.inner.config import InnerConfig
+from diloco.inner.trainer import InnerTrainer
+from diloco.models.build import build_model
+from diloco.models.config import ModelConfig
+from diloco.models.flops import train_flops_per_token
+from diloco.outer.pseudo_gradient import copy_flat_into_
 
 log = logging.getLogger(__name__)
 KEY = "data.selector.reference"
@@ -43,15 +51,22 @@ def reference_model_config(model: ModelConfig, reference: ReferenceConfig) -> Mo
 def load_reference_(model: nn.Module, path: str) -> None:
     """Load a diloco checkpoint's shared parameters, or a state_dict, into `model`.
 
+    A diloco checkpoint (`round-*.safetensors`), a safetensors state_dict, or a torch
+    state_dict read with `weights_only=True`: nothing is unpickled, so the file cannot run code.
+
     Raises:
         ConfigError: the file is missing, unreadable or does not fit the reference model.
     """
-    if not Path(path).is_file():
+    file = Path(path)
+    if not file.is_file():
         raise ConfigError(f"{KEY}.checkpoint: file {path!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # any unpickling failure is the user's file, not our bug
-        raise ConfigError(f"{KEY}.checkpoint: cannot read {path!r}: {error}") from None
+        state = _read_weights(file)
+    except Exception as error:  # any failure to read is the user's file, not our bug
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(
+            f"{KEY}.checkpoint: cannot read {path!r}: {first_line or type(error).__name__}"
+        ) from None
     params = list(model.parameters())
     numel = sum(p.numel() for p in params)
     try:
@@ -65,6 +80,15 @@ def load_reference_(model: nn.Module, path: str) -> None:
     except (ValueError, RuntimeError, KeyError, TypeError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(f"{KEY}.checkpoint: {path!r} does not fit: {first_line}") from None
+
+
+def _read_weights(file: Path) -> Any:
+    if file.suffix == ".safetensors":
+        match = re.match(r"^round-(\d+)\.safetensors$", file.name)
+        if match:  # a diloco checkpoint
+            return load_checkpoint(file.parent, int(match.group(1)))
+        return load_file(str(file))
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def clean_source(data: DataConfig, seed: int, vocab_size: int) -> TokenWindows:
@@ -111,14 +135,6 @@ def train_reference_(
         trainer.train_step(batch.inputs)
         tokens += batch.num_tokens
     return tokens * train_flops_per_token(model)
-
-
-def train_flops_per_token(model: nn.Module) -> int:
-    """Training FLOPs per token: the model's own figure, else 6 N (forward and backward)."""
-    flops = getattr(model, "flops_per_token", None)
-    if callable(flops):
-        return int(flops())
-    return 6 * sum(p.numel() for p in model.parameters())
 
 
 def build_reference(

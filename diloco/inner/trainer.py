@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from diloco.config.schema import InnerConfig
+from diloco.inner.config import InnerConfig
 from diloco.inner.schedule import warmup_cosine_lr
 
 

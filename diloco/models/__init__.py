@@ -1,35 +1,24 @@
-"""Models: the built-in small GPT, and user models from `module:factory`."""
+"""Models: the built-in small GPT (`gpt.py`), user models from `module:factory` (`build.py`),
+and the `model` section of the config (`config.py`).
+"""
 
-from __future__ import annotations
+from typing import TYPE_CHECKING
 
-from torch import nn
+from diloco.lazy import lazy_exports
 
-from diloco.config.schema import ModelConfig
-from diloco.errors import ConfigError
-from diloco.models.gpt import GPT, GPTConfig
-from diloco.resolve import resolve_factory
+if TYPE_CHECKING:
+    from diloco.models.build import build_model as build_model
+    from diloco.models.config import ModelConfig as ModelConfig
+    from diloco.models.flops import train_flops_per_token as train_flops_per_token
+    from diloco.models.gpt import GPT as GPT
+    from diloco.models.gpt import GPTConfig as GPTConfig
 
-
-def build_model(config: ModelConfig, context: int) -> nn.Module:
-    """The model named by `config` (GPT with `context` positions, or a user factory)."""
-    if config.name == "gpt":
-        return GPT(
-            GPTConfig(
-                n_layer=config.n_layer,
-                n_head=config.n_head,
-                d_model=config.d_model,
-                vocab_size=config.vocab_size,
-                context=context,
-                dropout=config.dropout,
-            )
-        )
-    factory = resolve_factory(config.name, "model.name")
-    model = factory(**config.args)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(
-            f"model.name: {config.name!r} returned {type(model).__name__}, not a torch.nn.Module"
-        )
-    return model
-
-
-__all__ = ["GPT", "GPTConfig", "build_model"]
+_EXPORTS = {
+    "build_model": "diloco.models.build",
+    "ModelConfig": "diloco.models.config",
+    "train_flops_per_token": "diloco.models.flops",
+    "GPT": "diloco.models.gpt",
+    "GPTConfig": "diloco.models.gpt",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -33,20 +33,3 @@ def copy_flat_into_(params: Sequence[torch.Tensor], flat_N: torch.Tensor) -> Non
 def pseudo_gradient(anchor_N: torch.Tensor, local_N: torch.Tensor) -> torch.Tensor:
     """anchor - local: the direction the outer optimizer treats as a gradient."""
     return anchor_N - local_N
-
-
-def weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum(w_i * v_i) / sum(w_i), summed in fp32 in the given order.
-
-    The order is fixed by the caller (island index) so every island that computes the mean of
-    the same vectors gets the same bits.
-    """
-    if not vectors or len(vectors) != len(weights):
-        raise ValueError(f"need one weight per vector, got {len(vectors)} and {len(weights)}")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"weights must sum to > 0, got {list(weights)}")
-    mean = torch.zeros_like(vectors[0], dtype=torch.float32)
-    for vector, weight in zip(vectors, weights, strict=True):
-        mean.add_(vector.to(torch.float32), alpha=weight / total)
-    return mean

@@ -1,41 +1,41 @@
 """The outer synchronisation of one island: pseudo-gradient, average, Nesterov step.
 
 `OuterSync` owns the shared state of a run (the anchor: the shared parameters at the start of
-the round, and the outer momentum) and hooks into any training loop: call `after_inner_step`
-after each optimizer step, or `sync` yourself every H steps.
+the round, and the outer optimizer's state) and hooks into any training loop: call
+`after_inner_step` after each optimizer step, or `sync` yourself every H steps.
 
 Data path of a round (docs/architecture.md): delta = anchor - local -> (+ residual, with error
-feedback) -> codec.encode -> transport.average (weighted by tokens) -> nesterov_step_(anchor)
--> local = anchor.
+feedback) -> codec.encode -> transport.average (weighted by tokens) -> the outer optimizer's
+step on the anchor (Nesterov SGD by default) -> local = anchor.
 DiLoCo, Douillard et al. 2023, Algorithm 1: https://arxiv.org/abs/2311.08105
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from diloco.codecs import Codec
+from diloco.codecs.base import Codec, all_finite
+from diloco.errors import TrainingDiverged
 from diloco.outer.error_feedback import compensate, new_residual
-from diloco.outer.nesterov import nesterov_step_
 from diloco.outer.pseudo_gradient import copy_flat_into_, flatten_params, pseudo_gradient
-from diloco.transports.base import SharedState, SharedStateSource, Transport
+from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
+from diloco.transports.base import SharedStateSource, Transport
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class OuterHyperparams:
-    lr: float = 0.7
-    momentum: float = 0.9
-    nesterov: bool = True
+    """How an island syncs (the outer step's own settings belong to its `OuterOptimizer`)."""
+
     inner_steps: int = 50
+    """H: inner steps between two syncs."""
     error_feedback: bool = False
     error_feedback_decay: float = 1.0
     """Keep what the codec lost and add it to the next round's pseudo-gradient."""
@@ -53,6 +53,8 @@ class SyncResult:
     sync_s: float
     adopted: bool = False
     """The island took the group's shared state instead of a mean (see AverageResult.adopt)."""
+    params_sha256: str = ""
+    """The hash of the shared parameters after the round: equal on every island."""
 
 
 class OuterSync:
@@ -62,7 +64,9 @@ class OuterSync:
         params: the model's parameters, updated in place after each round.
         transport: this island's handle on the group.
         codec: how this island's pseudo-gradient is written on the wire.
-        hyper: outer lr, momentum, Nesterov, H and error feedback.
+        optimizer: the outer step (`diloco.outer.optimizers`; the same object every island of
+            the process, and the coordinator's state keeper, use).
+        hyper: H and error feedback.
     """
 
     def __init__(
@@ -70,14 +74,17 @@ class OuterSync:
         params: Iterable[torch.nn.Parameter],
         transport: Transport,
         codec: Codec,
+        optimizer: OuterOptimizer,
         hyper: OuterHyperparams,
     ):
         self.params = [p for p in params]
         self.transport = transport
         self.codec = codec
+        self.optimizer = optimizer
         self.hyper = hyper
         self.anchor_N = flatten_params(self.params)
-        self.momentum_N = torch.zeros_like(self.anchor_N)
+        # The outer optimizer's state (SGD: the momentum buffer), shared by the group.
+        self.outer_state: dict[str, torch.Tensor] = optimizer.init_state(self.anchor_N)
         # This island's own error-feedback residual (never shared); None without error feedback.
         self.residual_N = torch.zeros_like(self.anchor_N) if hyper.error_feedback else None
         if hyper.error_feedback and codec.name == "none":
@@ -104,9 +111,18 @@ class OuterSync:
 
         Args:
             tokens: tokens this island trained on this round: its weight in the average.
+
+        Raises:
+            TrainingDiverged: this island's parameters, or the shared ones after the step, are
+                not finite (nothing is sent, and the caller writes no checkpoint of them).
         """
         start = time.perf_counter()
         delta_N = pseudo_gradient(self.anchor_N, flatten_params(self.params))
+        if not all_finite(delta_N):
+            raise TrainingDiverged(
+                f"round {self.round}: this island's parameters are not finite after its inner "
+                "steps (the training diverged): lower inner.lr or outer.lr"
+            )
         if self.residual_N is None:
             payload = self.codec.encode(delta_N)
         else:
@@ -116,6 +132,7 @@ class OuterSync:
         # Only transports that keep the group's state check the hash: no hashing otherwise.
         sha = self.params_sha256() if isinstance(self.transport, SharedStateSource) else None
         result = self.transport.average(payload, weight=tokens, round=self.round, params_sha256=sha)
+        done_round = self.round
         if result.adopt is not None:
             log.warning(
                 "the group moved on without this island (its round %d): adopting the group's "
@@ -123,37 +140,28 @@ class OuterSync:
                 self.round,
                 result.adopt.round,
             )
-            done_round = self.round
             self.adopt(result.adopt)
-            return SyncResult(
-                done_round,
-                result.participants,
-                result.bytes_sent,
-                result.bytes_received,
-                time.perf_counter() - start,
-                adopted=True,
-            )
-        nesterov_step_(
-            self.anchor_N,
-            result.mean,
-            self.momentum_N,
-            lr=self.hyper.lr,
-            mu=self.hyper.momentum,
-            nesterov=self.hyper.nesterov,
-        )
-        copy_flat_into_(self.params, self.anchor_N)
-        self._anchor_sha256 = None
-        done = SyncResult(
-            self.round,
+        else:
+            self.optimizer.step_(self.anchor_N, result.mean, self.outer_state, self.round)
+            if not all_finite(self.anchor_N):
+                raise TrainingDiverged(
+                    f"round {self.round}: the shared parameters are not finite after the outer "
+                    "step (the training diverged): lower outer.lr"
+                )
+            copy_flat_into_(self.params, self.anchor_N)
+            self._anchor_sha256 = None
+            self.round += 1
+            self._steps_this_round = 0
+            self._tokens_this_round = 0.0
+        return SyncResult(
+            done_round,
             result.participants,
             result.bytes_sent,
             result.bytes_received,
             time.perf_counter() - start,
+            adopted=result.adopt is not None,
+            params_sha256=self.params_sha256(),
         )
-        self.round += 1
-        self._steps_this_round = 0
-        self._tokens_this_round = 0.0
-        return done
 
     def params_sha256(self) -> str:
         """sha256 of the shared parameters: equal on every island after every round."""
@@ -163,7 +171,7 @@ class OuterSync:
 
     def shared_state(self) -> SharedState:
         """The shared state this island holds (what a transport hands a newcomer)."""
-        return SharedState(self.round, self.anchor_N, self.momentum_N)
+        return SharedState(self.round, self.anchor_N, self.outer_state)
 
     def adopt(self, state: SharedState) -> None:
         """Replace the shared state with the group's; the local replica restarts from it.
@@ -177,7 +185,7 @@ class OuterSync:
                 f"this model has {self.numel}"
             )
         self.anchor_N.copy_(state.anchor)
-        self.momentum_N.copy_(state.momentum)
+        self._load_outer_state(state.outer_state)
         self.round = int(state.round)
         self._steps_this_round = 0
         self._tokens_this_round = 0.0
@@ -187,7 +195,7 @@ class OuterSync:
     def state_dict(self) -> dict[str, Any]:
         state = {
             "anchor": self.anchor_N.cpu(),
-            "momentum": self.momentum_N.cpu(),
+            "outer_state": {name: t.cpu() for name, t in self.outer_state.items()},
             "round": self.round,
         }
         if self.residual_N is not None:
@@ -195,19 +203,32 @@ class OuterSync:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        anchor, momentum = state["anchor"], state["momentum"]
+        anchor = state["anchor"]
         if anchor.shape != self.anchor_N.shape:
             raise ValueError(
                 f"checkpoint holds {anchor.numel()} shared elements, the model has {self.numel}"
             )
         self.anchor_N.copy_(anchor)
-        self.momentum_N.copy_(momentum)
+        self._load_outer_state(state["outer_state"])
         self.load_residual(state.get("residual"))
         self.round = int(state["round"])
         self._steps_this_round = 0
         self._tokens_this_round = 0.0
         self._anchor_sha256 = None
         copy_flat_into_(self.params, self.anchor_N)
+
+    def _load_outer_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Take the group's outer optimizer state, in this dict (transports may hold it)."""
+        for name, value in state.items():
+            if value.numel() not in (self.numel, 1):
+                raise ValueError(
+                    f"the outer optimizer state {name!r} holds {value.numel()} elements, "
+                    f"the model has {self.numel}"
+                )
+        device = self.anchor_N.device
+        loaded = {name: value.to(device).clone() for name, value in state.items()}
+        self.outer_state.clear()
+        self.outer_state.update(loaded)
 
     def load_residual(self, residual: torch.Tensor | None) -> None:
         """Restore this island's error-feedback residual; None (a checkpoint written without
@@ -224,9 +245,3 @@ class OuterSync:
                 f"checkpoint residual holds {residual.numel()} elements, the model has {self.numel}"
             )
         self.residual_N.copy_(residual)
-
-
-def params_sha256(flat_N: torch.Tensor) -> str:
-    """sha256 of the fp32 bytes of a flat parameter vector."""
-    data = flat_N.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()

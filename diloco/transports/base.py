@@ -14,17 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from diloco.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class SharedState:
-    """The group's shared state after `round` completed rounds: what a newcomer downloads."""
-
-    round: int
-    anchor: torch.Tensor
-    """The shared parameters, flat fp32."""
-    momentum: torch.Tensor
-    """The outer optimizer's momentum buffer, flat fp32."""
+from diloco.shared_state import SharedState
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from diloco.codecs import Codec
-from diloco.outer.pseudo_gradient import weighted_mean
+from diloco.aggregate import weighted_mean
+from diloco.codecs.base import Codec
 from diloco.transports.base import (
     AverageResult,
     GroupMismatchError,

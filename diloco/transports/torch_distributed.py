@@ -16,14 +16,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from diloco.codecs import Codec
-from diloco.outer.pseudo_gradient import weighted_mean
+from diloco.aggregate import weighted_mean
+from diloco.codecs.base import Codec
 from diloco.transports.base import (
     AverageResult,
     check_fingerprints,
     newest_common_round,
     ring_allreduce_bytes,
 )
+from diloco.transports.config import TorchBackend, TransportSetup
 
 
 class TorchDistributedTransport:
@@ -142,3 +143,21 @@ class TorchDistributedTransport:
         dist.all_gather(everyone, mine)
         rows = torch.cat(everyone).cpu().tolist()
         return [row[0] for row in rows], [int(row[1]) for row in rows]
+
+
+def build_torch_transport(setup: TransportSetup) -> TorchDistributedTransport:
+    """The torch transport of `setup`'s one hosted island (nccl on cuda, gloo on cpu by default)."""
+    settings = setup.config.torch
+    backend = settings.backend.value
+    if settings.backend is TorchBackend.auto:
+        backend = "nccl" if setup.device.type == "cuda" else "gloo"
+    return TorchDistributedTransport(
+        setup.codec,
+        setup.numel,
+        rank=setup.ranks[0],
+        num_islands=setup.config.islands,
+        init_method=settings.init_method,
+        backend=backend,
+        timeout_s=settings.timeout_s,
+        store=setup.store,
+    )

@@ -11,8 +11,8 @@ pytestmark = [
 ]
 
 from diloco.config import load_config  # noqa: E402
-from diloco.config.schema import InnerConfig  # noqa: E402
 from diloco.inner import InnerTrainer  # noqa: E402
+from diloco.inner.config import InnerConfig  # noqa: E402
 from diloco.models import GPT, GPTConfig  # noqa: E402
 from islands.island import run_island  # noqa: E402
 

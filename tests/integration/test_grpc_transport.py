@@ -15,13 +15,12 @@ import pytest
 import torch
 from harness import free_port, run_threads, self_signed_pair
 
+from diloco.aggregate import weighted_mean
 from diloco.codecs import build_codec
 from diloco.codecs.base import HEADER_BYTES
-from diloco.config.schema import GrpcTransportConfig
 from diloco.errors import ConfigError
 from diloco.outer.nesterov import nesterov_step_
 from diloco.outer.sync import params_sha256
-from diloco.transports.aggregate import weighted_mean
 from diloco.transports.base import GroupMismatchError, SharedState
 from diloco.transports.grpc import (
     CoordinatorServer,
@@ -32,6 +31,7 @@ from diloco.transports.grpc import (
 )
 from diloco.transports.grpc import coordinator_pb2 as pb
 from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
+from diloco.transports.grpc.config import GrpcTransportConfig
 from diloco.transports.grpc.security import token_metadata
 
 NUMEL = 10_000

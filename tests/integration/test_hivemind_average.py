@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from harness import spawn_children  # noqa: E402
 
 from diloco.codecs import build_codec  # noqa: E402
-from diloco.config.schema import HivemindTransportConfig  # noqa: E402
 from diloco.transports.base import SharedState  # noqa: E402
+from diloco.transports.hivemind.config import HivemindTransportConfig  # noqa: E402
 
 NUMEL = 300_001  # not a multiple of the parts or blocks
 FINGERPRINT = {"model": "test"}

@@ -42,11 +42,16 @@ class SharedStateRecorder:
     def on_step(self) -> None:
         return None
 
+    def on_announce(self, message: str) -> None:
+        return None
+
     def on_round(self, row: dict[str, Any]) -> None:
         hosted = self.runtime.hosted
         self.rows.append(row)
         self.anchors.append([island.outer.anchor_N.numpy().tobytes() for island in hosted])
-        self.momenta.append([island.outer.momentum_N.numpy().tobytes() for island in hosted])
+        self.momenta.append(
+            [island.outer.outer_state["momentum"].numpy().tobytes() for island in hosted]
+        )
         self.rounds.append([island.outer.round for island in hosted])
 
 

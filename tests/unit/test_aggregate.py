@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diloco.transports.aggregate import (
+from diloco.aggregate import (
     clip_to_norm,
     coordinate_median,
     trimmed_mean,
@@ -51,7 +51,7 @@ def test_weighted_mean_refuses_nothing_to_average() -> None:
 
 
 def test_weighted_mean_refuses_mismatched_weights() -> None:
-    with pytest.raises(ValueError, match="2 tensors but 3 weights"):
+    with pytest.raises(ValueError, match="need one weight per vector, got 2 and 3"):
         weighted_mean([torch.ones(2), torch.ones(2)], [1.0, 1.0, 1.0])
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from diloco.config.schema import DataConfig, TokenDtype
 from diloco.data import Batch, TokenWindows, build_data_sources
+from diloco.data.config import DataConfig, TokenDtype
 from diloco.errors import ConfigError
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from diloco.codecs import NoneCodec
-from diloco.config.schema import InnerConfig
 from diloco.inner import InnerTrainer, warmup_cosine_lr
+from diloco.inner.config import InnerConfig
 from diloco.models import GPT, GPTConfig
-from diloco.outer import OuterHyperparams, OuterSync
+from diloco.outer import OuterHyperparams, OuterSync, SgdOuter
 from diloco.transports import LocalGroup
 
 STEPS = 20
@@ -69,8 +69,9 @@ def _plain_adamw_losses(model: GPT, batches: list[torch.Tensor]) -> list[float]:
 def _diloco_losses(model: GPT, batches: list[torch.Tensor], inner_steps: int) -> list[float]:
     trainer = InnerTrainer(model, INNER, total_steps=STEPS, device=torch.device("cpu"))
     transport = LocalGroup(1, NoneCodec(), sum(p.numel() for p in model.parameters())).transport(0)
-    hyper = OuterHyperparams(lr=1.0, momentum=0.0, nesterov=False, inner_steps=inner_steps)
-    outer = OuterSync(model.parameters(), transport, NoneCodec(), hyper)
+    hyper = OuterHyperparams(inner_steps=inner_steps)
+    plain = SgdOuter(lr=1.0, momentum=0.0, nesterov=False)
+    outer = OuterSync(model.parameters(), transport, NoneCodec(), plain, hyper)
     losses, syncs = [], 0
     for batch in batches:
         losses.append(trainer.train_step(batch).item())
@@ -95,7 +96,10 @@ def test_outer_momentum_changes_the_trajectory() -> None:
     reference = _plain_adamw_losses(copy.deepcopy(model), _batches())
     trainer = InnerTrainer(model, INNER, total_steps=STEPS, device=torch.device("cpu"))
     transport = LocalGroup(1, NoneCodec(), sum(p.numel() for p in model.parameters())).transport(0)
-    outer = OuterSync(model.parameters(), transport, NoneCodec(), OuterHyperparams(inner_steps=5))
+    nesterov = SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
+    outer = OuterSync(
+        model.parameters(), transport, NoneCodec(), nesterov, OuterHyperparams(inner_steps=5)
+    )
     losses = []
     for batch in _batches():
         losses.append(trainer.train_step(batch).item())

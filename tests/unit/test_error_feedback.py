@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from diloco.codecs import Codec, NoneCodec, build_codec
-from diloco.outer import OuterHyperparams, OuterSync, flatten_params, nesterov_step_
+from diloco.outer import OuterHyperparams, OuterSync, SgdOuter, flatten_params, nesterov_step_
 from diloco.outer.error_feedback import compensate, new_residual
 from diloco.transports import LocalGroup
 
@@ -86,8 +86,9 @@ def model() -> nn.Module:
 def one_island(net: nn.Module, codec: Codec, error_feedback: bool = True) -> OuterSync:
     numel = flatten_params(list(net.parameters())).numel()
     transport = LocalGroup(1, codec, numel, timeout_s=JOIN_S).transport(0)
-    hyper = OuterHyperparams(lr=0.7, momentum=0.9, inner_steps=1, error_feedback=error_feedback)
-    return OuterSync(net.parameters(), transport, codec, hyper)
+    hyper = OuterHyperparams(inner_steps=1, error_feedback=error_feedback)
+    optimizer = SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
+    return OuterSync(net.parameters(), transport, codec, optimizer, hyper)
 
 
 @torch.no_grad()
@@ -145,7 +146,11 @@ def test_a_checkpoint_without_residual_loads_as_zeros() -> None:
     outer = one_island(model(), build_codec("int8"))
     assert outer.residual_N is not None
     outer.residual_N.fill_(1.0)
-    old = {"anchor": outer.anchor_N.clone(), "momentum": torch.zeros(11), "round": 3}
+    old = {
+        "anchor": outer.anchor_N.clone(),
+        "outer_state": {"momentum": torch.zeros(11)},
+        "round": 3,
+    }
     outer.load_state_dict(old)
     assert torch.equal(outer.residual_N, torch.zeros(11)) and outer.round == 3
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from diloco.config.schema import ModelConfig
 from diloco.errors import ConfigError
 from diloco.models import GPT, GPTConfig, build_model
+from diloco.models.config import ModelConfig
 
 TINY = GPTConfig(n_layer=2, n_head=2, d_model=16, vocab_size=256, context=8)
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 
+from diloco.aggregate import weighted_mean
 from diloco.codecs import HEADER_BYTES, Codec, build_codec
 from diloco.outer.nesterov import nesterov_step_
 from diloco.outer.sync import params_sha256
-from diloco.transports.aggregate import weighted_mean
 from diloco.transports.base import GroupMismatchError, SharedState
 from diloco.transports.grpc.rounds import (
     NotReady,

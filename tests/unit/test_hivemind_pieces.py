@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from diloco.codecs import build_codec  # noqa: E402
 from diloco.config import load_config  # noqa: E402
 from diloco.transports.hivemind.compression import CodecCompression  # noqa: E402
 from diloco.transports.hivemind.transport import _group_bits, _read_peers  # noqa: E402
-from islands.island import _warn_ignored_options  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["none", "int8", "fp4", "topk"])
@@ -54,10 +52,8 @@ def test_peers_file_is_read_and_a_missing_one_named(tmp_path: Path) -> None:
         _read_peers(str(tmp_path / "absent.txt"), 0.0)
 
 
-def test_hivemind_settings_are_ignored_with_a_warning_by_other_kinds(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_hivemind_settings_are_ignored_by_other_kinds() -> None:
     config = load_config(None, ["transport.hivemind.matchmaking_s=5"])
-    with caplog.at_level(logging.WARNING):
-        _warn_ignored_options(config)
-    assert "transport.hivemind is set but has no effect" in caplog.text
+    assert config.ignored_options() == ["transport.hivemind"]
+    hivemind = load_config(None, ["transport.kind=hivemind", "transport.hivemind.matchmaking_s=5"])
+    assert hivemind.ignored_options() == []

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from diloco.config.schema import InnerConfig
 from diloco.inner import InnerTrainer, move_to, param_groups, warmup_cosine_lr
+from diloco.inner.config import InnerConfig
 from diloco.models import GPT, GPTConfig
 
 CPU = torch.device("cpu")

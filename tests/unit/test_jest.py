@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from diloco.config.schema import JestScore, SelectorConfig
 from diloco.data.base import Batch
+from diloco.data.selectors.config import JestScore, SelectorConfig
 from diloco.data.selectors.jest import JestSelector, choose, jest_scores, per_sequence_losses
 from diloco.models.gpt import GPT, GPTConfig
 

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from diloco.config import load_config
-from diloco.config.schema import DataConfig, ModelConfig, ReferenceConfig, SelectorConfig
+from diloco.data.config import DataConfig
 from diloco.data.noise import NoisyWindows, corrupt, junk
 from diloco.data.reference import build_reference, load_reference_, reference_model_config
+from diloco.data.selectors.config import ReferenceConfig, SelectorConfig
 from diloco.data.windows import TokenWindows
 from diloco.errors import ConfigError
 from diloco.models import build_model
+from diloco.models.config import ModelConfig
 
 TEXT = np.frombuffer(b"def f(x):\n    return x + 1\n" * 200, dtype=np.uint8)
 

@@ -15,6 +15,7 @@ from diloco.codecs import NoneCodec
 from diloco.outer import (
     OuterHyperparams,
     OuterSync,
+    SgdOuter,
     SyncResult,
     flatten_params,
     nesterov_step_,
@@ -31,10 +32,17 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))  # 8 + 3 = 11 parameters
 
 
-def one_island(net: nn.Module, **hyper: float) -> OuterSync:
+def sgd(lr: float = 0.7, momentum: float = 0.9) -> SgdOuter:
+    return SgdOuter(lr=lr, momentum=momentum, nesterov=True)
+
+
+def one_island(
+    net: nn.Module, lr: float = 0.7, momentum: float = 0.9, inner_steps: int = 50
+) -> OuterSync:
     numel = sum(p.numel() for p in net.parameters())
     transport = LocalGroup(1, NoneCodec(), numel, timeout_s=JOIN_S).transport(0)
-    return OuterSync(net.parameters(), transport, NoneCodec(), OuterHyperparams(**hyper))  # type: ignore[arg-type]
+    hyper = OuterHyperparams(inner_steps=inner_steps)
+    return OuterSync(net.parameters(), transport, NoneCodec(), sgd(lr, momentum), hyper)
 
 
 @torch.no_grad()
@@ -84,7 +92,9 @@ def test_sync_applies_nesterov_to_the_pseudo_gradient() -> None:
         delta = anchor - flatten_params(list(net.parameters()))
         nesterov_step_(anchor, delta, momentum, lr=0.7, mu=0.9)
         outer.after_inner_step(tokens=5)
-        assert torch.equal(outer.anchor_N, anchor) and torch.equal(outer.momentum_N, momentum)
+        assert torch.equal(outer.anchor_N, anchor) and torch.equal(
+            outer.outer_state["momentum"], momentum
+        )
         assert torch.equal(flatten_params(list(net.parameters())), anchor)
 
 
@@ -94,9 +104,9 @@ def test_two_islands_weighted_by_their_tokens_end_bit_identical() -> None:
     nets = [model(), model()]
     numel = flatten_params(list(nets[0].parameters())).numel()
     group = LocalGroup(2, NoneCodec(), numel, timeout_s=JOIN_S)
-    hyper = OuterHyperparams(lr=0.7, momentum=0.9, inner_steps=2)
+    hyper = OuterHyperparams(inner_steps=2)
     outers = [
-        OuterSync(net.parameters(), group.transport(rank), NoneCodec(), hyper)
+        OuterSync(net.parameters(), group.transport(rank), NoneCodec(), sgd(), hyper)
         for rank, net in enumerate(nets)
     ]
     tokens_per_step = [3.0, 1.0]  # island 0 trains on 3x the tokens: 3/4 of the weight
@@ -127,7 +137,7 @@ def test_two_islands_weighted_by_their_tokens_end_bit_identical() -> None:
     nesterov_step_(expected_anchor, mean, expected_momentum, lr=0.7, mu=0.9)
     for outer, net in zip(outers, nets, strict=True):
         assert torch.equal(outer.anchor_N, expected_anchor)
-        assert torch.equal(outer.momentum_N, expected_momentum)
+        assert torch.equal(outer.outer_state["momentum"], expected_momentum)
         assert torch.equal(flatten_params(list(net.parameters())), expected_anchor)
     assert outers[0].params_sha256() == outers[1].params_sha256()
 
@@ -148,7 +158,7 @@ def test_state_dict_round_trip() -> None:
     other.load_state_dict(state)
     assert other.round == 2
     assert torch.equal(other.anchor_N, outer.anchor_N)
-    assert torch.equal(other.momentum_N, outer.momentum_N)
+    assert torch.equal(other.outer_state["momentum"], outer.outer_state["momentum"])
     assert torch.equal(flatten_params(list(other_net.parameters())), outer.anchor_N)
     assert other.params_sha256() == outer.params_sha256()
 
@@ -156,7 +166,7 @@ def test_state_dict_round_trip() -> None:
 def test_load_state_dict_refuses_another_model_size() -> None:
     """A checkpoint of another model is refused, naming both sizes."""
     outer = one_island(model())
-    state = {"anchor": torch.zeros(3), "momentum": torch.zeros(3), "round": 1}
+    state = {"anchor": torch.zeros(3), "outer_state": {"momentum": torch.zeros(3)}, "round": 1}
     with pytest.raises(ValueError, match="checkpoint holds 3 shared elements, the model has 11"):
         outer.load_state_dict(state)
     assert outer.round == 0

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diloco.config.schema import JestScore, SelectorConfig
 from diloco.data.base import Batch
 from diloco.data.selectors.base import SelectorCost
+from diloco.data.selectors.config import JestScore, SelectorConfig, SelectorSetup
 from diloco.inner.trainer import move_to
 from diloco.models.gpt import GPT
 
@@ -213,3 +213,28 @@ class JestSelector:
             return
         self.steps = int(state["steps"])
         self.cost = SelectorCost(**state["cost"])
+
+
+def build_jest_selectors(setup: SelectorSetup) -> list[JestSelector]:
+    """One JEST selector per hosted island, sharing one frozen reference model."""
+    from diloco.data.reference import build_reference
+
+    config = setup.data.selector
+    reference: nn.Module
+    if config.score is JestScore.hard_learner:
+        reference, flops = nn.Identity(), 0  # never called: the score needs no reference
+    else:
+        reference, flops = build_reference(
+            setup.data, setup.model, device=setup.device, bf16=setup.bf16, seed=setup.seed
+        )
+    return [
+        JestSelector(
+            config,
+            reference,
+            device=setup.device,
+            bf16=setup.bf16,
+            seed=setup.seed * 1_009 + rank,
+            reference_flops=flops,
+        )
+        for rank in setup.ranks
+    ]

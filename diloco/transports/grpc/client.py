@@ -1,8 +1,10 @@
 """The island's side of the grpc transport: join, average, fetch state, leave.
 
-Every call carries the run token. A coordinator that cannot be reached (down, restarting) is
-retried with bounded exponential backoff for `grpc.retry_s`; the same payload is sent again,
-which the coordinator takes as the same island's payload for the same round.
+Every call carries the run token, and every call after Join the session the coordinator gave
+this island (saved in `session_file`, so a restarted island takes its rank back). Every call
+has a deadline. A coordinator that cannot be reached (down, restarting, busy) is retried with
+bounded exponential backoff for `grpc.retry_s`; the same payload is sent again, which the
+coordinator takes as the same island's payload for the same round.
 """
 
 from __future__ import annotations
@@ -10,26 +12,38 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 import torch
 
-from diloco.codecs import Codec
-from diloco.config.schema import GrpcTransportConfig
+from diloco.checkpoint.atomic import write_atomic
+from diloco.codecs.base import Codec
 from diloco.errors import ConfigError
-from diloco.outer.sync import params_sha256
-from diloco.transports.base import AverageResult, GroupMismatchError, SharedState
+from diloco.shared_state import SharedState, params_sha256
+from diloco.transports.base import AverageResult, GroupMismatchError
 from diloco.transports.grpc import coordinator_pb2 as pb
 from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
+from diloco.transports.grpc.config import GrpcTransportConfig
+from diloco.transports.grpc.guard import MIN_BYTES_PER_S
 from diloco.transports.grpc.security import (
     TLS_TARGET_NAME,
     channel_credentials,
     token_metadata,
 )
-from diloco.transports.grpc.service import CHANNEL_OPTIONS, chunks_of, receive_bytes
+from diloco.transports.grpc.service import CHANNEL_OPTIONS
+from diloco.transports.grpc.wire import (
+    RANK_METADATA_KEY,
+    SESSION_METADATA_KEY,
+    chunks_of,
+    receive_bytes,
+    receive_state,
+    spec_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +63,12 @@ class PayloadRefusedError(RuntimeError):
 
 
 class GrpcTransport:
-    """One island's handle on a grpc coordinator."""
+    """One island's handle on a grpc coordinator.
+
+    Args:
+        session_file: where this island keeps the session the coordinator gave it (its
+            run.dir); None keeps it in memory only.
+    """
 
     def __init__(
         self,
@@ -61,6 +80,7 @@ class GrpcTransport:
         numel: int,
         rank: int,
         num_islands: int,
+        session_file: Path | None = None,
     ):
         self.settings = settings
         self.run_id = run_id
@@ -68,7 +88,10 @@ class GrpcTransport:
         self.numel = numel
         self.rank = rank
         self.num_islands = num_islands
-        self._metadata = token_metadata(token)
+        self._token_metadata = token_metadata(token)
+        self._session_file = session_file
+        self._session = _read_session(session_file)
+        self._metrics: dict[str, float] = {}
         self._fingerprint: dict[str, str] = {}
         credentials = channel_credentials(settings)
         options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
@@ -95,7 +118,7 @@ class GrpcTransport:
         return max(available_rounds) if available_rounds else None
 
     def shared_state(self, local: SharedState) -> SharedState | None:
-        local_sha = _sha(local.anchor)
+        local_sha = params_sha256(local.anchor)
         while True:
             header, state = self._retrying(
                 "fetching the shared state", lambda: self._get_state(local.round, local_sha)
@@ -107,6 +130,10 @@ class GrpcTransport:
                 log.info("this island seeded the group's shared state at round %d", local.round)
                 return None
 
+    def note_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Figures of this island's latest round, sent with its next payload (status page)."""
+        self._metrics = {key: float(value) for key, value in metrics.items()}
+
     def average(
         self,
         payload: torch.Tensor,
@@ -116,24 +143,26 @@ class GrpcTransport:
     ) -> AverageResult:
         home = payload.device
         host_payload = payload.cpu()
+        header = pb.AverageHeader(
+            run_id=self.run_id,
+            rank=self.rank,
+            round=round,
+            weight=weight,
+            params_sha256=params_sha256 or "",
+            payload_bytes=host_payload.numel(),
+            metrics=self._metrics,
+        )
+        # The round may wait for the slowest island up to its deadline, then both ways move
+        # the payload: past this, the call is given up and retried.
+        timeout_s = self._transfer_s(2 * host_payload.numel()) + self.settings.deadline_ceiling_s
 
         def call() -> AverageResult:
-            header = pb.AverageHeader(
-                run_id=self.run_id,
-                rank=self.rank,
-                round=round,
-                weight=weight,
-                params_sha256=params_sha256 or "",
-                payload_bytes=host_payload.numel(),
-            )
-
             def requests() -> Iterator[pb.Chunk]:
                 yield pb.Chunk(average=header)
                 yield from chunks_of(host_payload)
 
-            return self._read_answer(
-                self._stub.Average(requests(), metadata=self._metadata), home, host_payload.numel()
-            )
+            replies = self._stub.Average(requests(), metadata=self._metadata(), timeout=timeout_s)
+            return self._read_answer(replies, home, host_payload.numel())
 
         return self._retrying(f"averaging round {round}", call)
 
@@ -145,7 +174,7 @@ class GrpcTransport:
         with contextlib.suppress(grpc.RpcError):
             self._stub.Leave(
                 pb.LeaveRequest(run_id=self.run_id, rank=self.rank),
-                metadata=self._metadata,
+                metadata=self._metadata(),
                 timeout=2.0,
             )
         self._channel.close()
@@ -154,11 +183,15 @@ class GrpcTransport:
 
     # -- calls ------------------------------------------------------------------------------
 
-    def _join(self) -> None:
-        request = pb.JoinRequest(run_id=self.run_id, rank=self.rank, fingerprint=self._fingerprint)
-        reply = self._retrying(
-            "joining", lambda: self._stub.Join(request, metadata=self._metadata, timeout=30.0)
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (
+            *self._token_metadata,
+            (RANK_METADATA_KEY, str(self.rank)),
+            (SESSION_METADATA_KEY, self._session),
         )
+
+    def _join(self) -> None:
+        reply = self._retrying("joining", self._join_once)
         log.info(
             "joined the coordinator at %s: round %d, %d island(s) active",
             self.settings.address,
@@ -166,13 +199,30 @@ class GrpcTransport:
             reply.islands_active,
         )
 
+    def _join_once(self) -> pb.JoinReply:
+        request = pb.JoinRequest(
+            run_id=self.run_id,
+            rank=self.rank,
+            fingerprint=self._fingerprint,
+            session=self._session,
+            host=socket.gethostname(),
+        )
+        reply: pb.JoinReply = self._stub.Join(
+            request, metadata=self._token_metadata, timeout=30.0
+        )
+        self._session = reply.session
+        if self._session_file is not None:
+            write_atomic(self._session_file, self._session)
+            self._session_file.chmod(0o600)
+        return reply
+
     def _get_state(self, round: int, sha: str) -> tuple[pb.StateHeader, SharedState | None]:
         request = pb.StateRequest(
             run_id=self.run_id, rank=self.rank, round=round, params_sha256=sha
         )
-        chunks = iter(self._stub.GetState(request, metadata=self._metadata))
-        first = next(chunks)
-        header = first.state
+        timeout_s = self._transfer_s(16 * self.numel)
+        chunks = iter(self._stub.GetState(request, metadata=self._metadata(), timeout=timeout_s))
+        header = next(chunks).state
         if not header.has_state or header.same:
             return header, None
         if header.numel != self.numel:
@@ -180,40 +230,53 @@ class GrpcTransport:
                 f"the coordinator's shared state has {header.numel} parameters, this model "
                 f"{self.numel}"
             )
-        anchor = receive_bytes(chunks, 4 * self.numel, "anchor").view(torch.float32)
-        momentum = receive_bytes(chunks, 4 * self.numel, "momentum").view(torch.float32)
-        return header, SharedState(int(header.round), anchor, momentum)
+        return header, receive_state(chunks, header)
 
     def _put_state(self, local: SharedState) -> bool:
+        tensors = [(name, t.detach().cpu()) for name, t in local.tensors()]
         header = pb.StateHeader(
             round=local.round,
             numel=local.anchor.numel(),
-            params_sha256=_sha(local.anchor),
+            params_sha256=params_sha256(local.anchor),
             has_state=True,
             run_id=self.run_id,
             rank=self.rank,
+            tensors=[spec_of(name, tensor) for name, tensor in tensors],
         )
 
         def requests() -> Iterator[pb.Chunk]:
             yield pb.Chunk(state=header)
-            yield from chunks_of(local.anchor.detach().to(torch.float32).cpu())
-            yield from chunks_of(local.momentum.detach().to(torch.float32).cpu())
+            for _, tensor in tensors:
+                yield from chunks_of(tensor)
 
-        reply = self._stub.PutState(requests(), metadata=self._metadata)
+        timeout_s = self._transfer_s(16 * self.numel)
+        reply = self._stub.PutState(requests(), metadata=self._metadata(), timeout=timeout_s)
         return bool(reply.accepted)
 
     def _read_answer(
         self, replies: Iterator[pb.Chunk], home: torch.device, sent: int
     ) -> AverageResult:
         replies = iter(replies)
-        first = next(replies)
-        reply = first.reply
+        reply = next(replies).reply
         if reply.adopt:
-            anchor = receive_bytes(replies, 4 * self.numel, "anchor").view(torch.float32)
-            momentum = receive_bytes(replies, 4 * self.numel, "momentum").view(torch.float32)
-            state = SharedState(int(reply.round), anchor.to(home), momentum.to(home))
+            if reply.state.numel != self.numel:
+                raise GroupMismatchError(
+                    f"the coordinator's shared state has {reply.state.numel} parameters, this "
+                    f"model {self.numel}"
+                )
+            state = receive_state(replies, reply.state)
+            state = SharedState(
+                state.round,
+                state.anchor.to(home),
+                {name: t.to(home) for name, t in state.outer_state.items()},
+            )
             empty = torch.zeros(0, device=home)
-            return AverageResult(empty, reply.participants, sent, 8 * self.numel, adopt=state)
+            return AverageResult(empty, reply.participants, sent, reply.payload_bytes, adopt=state)
+        expected = self.codec.payload_bytes(self.numel)
+        if reply.payload_bytes != expected:
+            raise RuntimeError(
+                f"the coordinator answered {reply.payload_bytes} bytes; a mean has {expected}"
+            )
         mean_payload = receive_bytes(replies, reply.payload_bytes, "mean")
         if reply.late:
             log.warning(
@@ -222,6 +285,9 @@ class GrpcTransport:
             )
         mean = self.codec.decode(mean_payload, self.numel).to(home)
         return AverageResult(mean, reply.participants, sent, reply.payload_bytes)
+
+    def _transfer_s(self, nbytes: int) -> float:
+        return 60.0 + nbytes / MIN_BYTES_PER_S
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         """`call`, retried with backoff while the coordinator is unreachable or not ready."""
@@ -233,7 +299,10 @@ class GrpcTransport:
                 return call()
             except grpc.RpcError as error:
                 code = error.code() if hasattr(error, "code") else None
-                details = error.details() if hasattr(error, "details") else str(error)
+                details = (error.details() if hasattr(error, "details") else str(error)) or ""
+                if code == grpc.StatusCode.UNAUTHENTICATED and "join first" in details:
+                    self._join_quietly()  # the coordinator forgot this island (restarted)
+                    code = grpc.StatusCode.UNAVAILABLE
                 self._raise_permanent(code, details, what)
                 # A TLS server closes a plaintext connection at once; a coordinator that is
                 # down refuses it instead.
@@ -250,7 +319,7 @@ class GrpcTransport:
                         f"{self.settings.retry_s:.0f} s while {what} (last error: {details}); "
                         "is it running, and are transport.grpc.address and TLS right?"
                     ) from None
-                if "join first" in (details or "") or "has not joined" in (details or ""):
+                if "has not joined" in details:
                     self._join_quietly()
                 log.warning("%s: %s; retrying in %.1f s", what, details, delay)
                 time.sleep(delay * (1 + 0.2 * random.random()))
@@ -259,11 +328,7 @@ class GrpcTransport:
     def _join_quietly(self) -> None:
         # Failing here is fine: the retry loop reports what is wrong.
         with contextlib.suppress(grpc.RpcError):
-            self._stub.Join(
-                pb.JoinRequest(run_id=self.run_id, rank=self.rank, fingerprint=self._fingerprint),
-                metadata=self._metadata,
-                timeout=10.0,
-            )
+            self._join_once()
 
     def _raise_permanent(self, code: grpc.StatusCode | None, details: str, what: str) -> None:
         address = self.settings.address
@@ -290,5 +355,9 @@ def _tls_mismatch(details: str) -> bool:
     return any(word in text for word in ("ssl", "tls", "handshake", "certificate", "wrong version"))
 
 
-def _sha(anchor: torch.Tensor) -> str:
-    return params_sha256(anchor)
+def _read_session(path: Path | None) -> str:
+    """The session saved by this island's previous process, if any."""
+    if path is None or not path.is_file():
+        return ""
+    text = path.read_text().strip()
+    return text if len(text) <= 64 and text.isalnum() else ""

@@ -59,13 +59,19 @@ class CoordinatorStub:
                 request_serializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/diloco.grpc.v1.Coordinator/Status',
+                request_serializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.StatusRequest.SerializeToString,
+                response_deserializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.StatusReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request, context):
-        """Register an island; refused (FAILED_PRECONDITION) when its fingerprint differs.
+        """Register an island; refused (FAILED_PRECONDITION) when its fingerprint differs, or when
+        its rank is held by another live island.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -79,15 +85,15 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetState(self, request, context):
-        """The shared state: a header, then the anchor's and the momentum's fp32 bytes when they
-        differ from what the caller holds.
+        """The shared state: a header, then the bytes of each tensor it lists, in that order, when
+        they differ from what the caller holds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PutState(self, request_iterator, context):
-        """Seed a coordinator that holds no state yet with an island's.
+        """Seed a coordinator that holds no state yet with a joined island's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +101,13 @@ class CoordinatorServicer:
 
     def Leave(self, request, context):
         """Leave the group: later rounds no longer wait for this island.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """The run as the coordinator sees it (read-only): the JSON of docs/output.md, "Status".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +140,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.LeaveRequest.FromString,
                     response_serializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.LeaveReply.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.StatusRequest.FromString,
+                    response_serializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.StatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +282,33 @@ class Coordinator:
             '/diloco.grpc.v1.Coordinator/Leave',
             diloco_dot_transports_dot_grpc_dot_coordinator__pb2.LeaveRequest.SerializeToString,
             diloco_dot_transports_dot_grpc_dot_coordinator__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diloco.grpc.v1.Coordinator/Status',
+            diloco_dot_transports_dot_grpc_dot_coordinator__pb2.StatusRequest.SerializeToString,
+            diloco_dot_transports_dot_grpc_dot_coordinator__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,

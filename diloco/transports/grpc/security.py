@@ -19,8 +19,8 @@ from typing import Any
 
 import grpc
 
-from diloco.config.schema import GrpcTransportConfig
 from diloco.errors import ConfigError
+from diloco.transports.grpc.config import GrpcTransportConfig
 
 TOKEN_METADATA_KEY = "authorization"
 # Everyone in a run shares one certificate name, whatever address they dial.

@@ -31,13 +31,12 @@ from typing import Any
 import torch
 from hivemind.utils.timed_storage import get_dht_time
 
-from diloco.codecs import Codec
-from diloco.config.schema import HivemindTransportConfig
-from diloco.outer.nesterov import nesterov_step_
-from diloco.outer.sync import params_sha256
-from diloco.transports.base import AverageResult, SharedState
+from diloco.codecs.base import Codec
+from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
+from diloco.transports.base import AverageResult
 from diloco.transports.hivemind.allreduce import IslandAverager, IslandDHT
 from diloco.transports.hivemind.compression import CodecCompression
+from diloco.transports.hivemind.config import HivemindTransportConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +50,9 @@ class HivemindGroup:
 
     run_id: str
     num_islands: int
+    optimizer: OuterOptimizer
+    """The outer step (to serve the state after a round); the island's own object."""
     min_islands: int = 1
-    lr: float = 0.7
-    momentum: float = 0.9
-    nesterov: bool = True
 
 
 class HivemindTransport:
@@ -94,7 +92,7 @@ class HivemindTransport:
         self._buffer_N = torch.zeros(0)
         self._live: SharedState | None = None  # OuterSync's own tensors, updated in place
         self._served: SharedState | None = None  # the state a newcomer downloads
-        self._pending: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._pending: tuple[int, SharedState, torch.Tensor] | None = None
         self._lock = threading.Lock()
         self._closed = False
         self.dht = IslandDHT(
@@ -155,7 +153,7 @@ class HivemindTransport:
 
     def shared_state(self, local: SharedState) -> SharedState | None:
         self._live = local
-        self._serve(SharedState(local.round, local.anchor.clone(), local.momentum.clone()))
+        self._serve(local.copy())
         group = self._download_state()
         if group is None:
             log.info("hivemind: no island serves a shared state yet: starting from this one's")
@@ -268,7 +266,7 @@ class HivemindTransport:
         if before is None:
             return
         with self._lock:
-            self._pending = (round, before[0], before[1], mean_N)
+            self._pending = (round, before, mean_N)
         averager = self._require_averager()
         if averager.allow_state_sharing:
             averager.state_sharing_priority = float(round + 1)
@@ -277,20 +275,17 @@ class HivemindTransport:
         # Runs in hivemind's helper thread of this process, when a peer downloads our state.
         with self._lock:
             if self._pending is not None:
-                round, anchor_N, momentum_N, mean_N = self._pending
-                nesterov_step_(
-                    anchor_N,
-                    mean_N,
-                    momentum_N,
-                    lr=self.group.lr,
-                    mu=self.group.momentum,
-                    nesterov=self.group.nesterov,
-                )
-                self._served, self._pending = SharedState(round + 1, anchor_N, momentum_N), None
+                round, before, mean_N = self._pending
+                outer_state = dict(before.outer_state)
+                self.group.optimizer.step_(before.anchor, mean_N, outer_state, round)
+                self._served = SharedState(round + 1, before.anchor, outer_state)
+                self._pending = None
             state = self._served
         if state is None:
             return {}, []
-        return {"round": state.round, "numel": self.numel}, [state.anchor, state.momentum]
+        names = [name for name, _ in state.tensors()]
+        metadata = {"round": state.round, "numel": self.numel, "tensors": names}
+        return metadata, [tensor for _, tensor in state.tensors()]
 
     def _download_state(self) -> SharedState | None:
         averager = self._require_averager()
@@ -298,11 +293,21 @@ class HivemindTransport:
         if answer is None:
             return None
         metadata, tensors = answer
-        if metadata.get("numel") != self.numel or len(tensors) != 2:
+        names = metadata.get("tensors")
+        if (
+            metadata.get("numel") != self.numel
+            or not isinstance(names, list)
+            or len(names) != len(tensors)
+            or not names
+            or names[0] != "anchor"
+            or any(t.numel() not in (self.numel, 1) for t in tensors)
+            or tensors[0].numel() != self.numel
+        ):
             log.warning("hivemind: a peer served a state of another shape: ignored")
             return None
-        anchor_N, momentum_N = (t.detach().to(torch.float32).reshape(-1).clone() for t in tensors)
-        return SharedState(int(metadata["round"]), anchor_N, momentum_N)
+        copied = {str(name): t.detach().clone() for name, t in zip(names, tensors, strict=True)}
+        anchor_N = copied.pop("anchor").to(torch.float32).reshape(-1)
+        return SharedState(int(metadata["round"]), anchor_N, copied)
 
     def _adopt(self, round: int, sha: str, sent: int) -> AverageResult | None:
         """The group's newer state, to adopt instead of this round's mean, or None."""
@@ -379,16 +384,16 @@ class _Snapshot:
     """A copy of the shared state taken in the background while the round is averaged."""
 
     def __init__(self, live: SharedState | None):
-        self._copy: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._copy: SharedState | None = None
         self._thread: threading.Thread | None = None
         if live is not None:
             self._thread = threading.Thread(target=self._take, args=(live,), daemon=True)
             self._thread.start()
 
     def _take(self, live: SharedState) -> None:
-        self._copy = (live.anchor.detach().cpu().clone(), live.momentum.detach().cpu().clone())
+        self._copy = live.copy()
 
-    def wait(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def wait(self) -> SharedState | None:
         if self._thread is not None:
             self._thread.join()
         return self._copy

@@ -1,0 +1,134 @@
+"""Building the grpc transport's pieces from a `TransportSetup`: an island's transport, and the
+coordinator (hosted by an island with `transport.grpc.serve`, or standalone).
+
+Either way the coordinator keeps the group's shared state in `<run.dir>/coordinator/`
+(persisted after every round), so a restarted coordinator carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from diloco.errors import ConfigError
+from diloco.transports.config import TransportSetup
+from diloco.transports.grpc.client import GrpcTransport
+from diloco.transports.grpc.coordinator import Coordinator
+from diloco.transports.grpc.rounds import RoundRules
+from diloco.transports.grpc.security import read_token
+from diloco.transports.grpc.service import CoordinatorServer
+
+log = logging.getLogger(__name__)
+
+
+def coordinator_dir(run_dir: Path) -> Path:
+    return run_dir / "coordinator"
+
+
+def round_rules(setup: TransportSetup) -> RoundRules:
+    transport, grpc = setup.config, setup.config.grpc
+    return RoundRules(
+        run_id=transport.run_id,
+        rounds=setup.rounds,
+        islands=transport.islands,
+        min_islands=transport.min_islands,
+        aggregate=transport.aggregate.value,
+        trim_fraction=transport.trim_fraction,
+        clip_norm=transport.clip_norm,
+        deadline_floor_s=grpc.deadline_floor_s,
+        deadline_ceiling_s=grpc.deadline_ceiling_s,
+        deadline_slack=grpc.deadline_slack,
+    )
+
+
+def pinned_fingerprint(setup: TransportSetup) -> dict[str, str]:
+    """What the coordinator fixes before any island joins: the settings it knows from its own
+    config, and the whole fingerprint when `transport.grpc.fingerprint_file` names one."""
+    pinned = dict(setup.group_settings)
+    path = setup.config.grpc.fingerprint_file
+    if path:
+        pinned.update(read_fingerprint_file(Path(path)))
+    return pinned
+
+
+def read_fingerprint_file(path: Path) -> dict[str, str]:
+    key = "transport.grpc.fingerprint_file"
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such file {str(path)!r}")
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{key}: {str(path)!r} is not a fingerprint file ({error})") from None
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in loaded.items()
+    ):
+        raise ConfigError(f"{key}: {str(path)!r} must map names to strings (fingerprint.json)")
+    return loaded
+
+
+def start_coordinator(setup: TransportSetup, token: str) -> CoordinatorServer:
+    """Build the coordinator from the setup, restore its persisted state, start serving."""
+    coordinator = Coordinator(
+        round_rules(setup),
+        setup.codec,
+        setup.optimizer,
+        pinned=pinned_fingerprint(setup),
+        state_dir=coordinator_dir(setup.run_dir),
+    )
+    return CoordinatorServer(coordinator, setup.config.grpc, token).start()
+
+
+def build_grpc_transport(setup: TransportSetup) -> GrpcTransport:
+    """The island's transport; with grpc.serve, the coordinator starts in this process."""
+    settings = setup.config.grpc
+    token = read_token(settings)
+    hosted = start_coordinator(setup, token) if settings.serve else None
+    rank = setup.ranks[0]
+    transport = GrpcTransport(
+        settings,
+        run_id=setup.config.run_id,
+        token=token,
+        codec=setup.codec,
+        numel=setup.numel,
+        rank=rank,
+        num_islands=setup.config.islands,
+        session_file=setup.run_dir / f"island-{rank}" / "grpc-session",
+    )
+    if hosted is not None:
+        transport.on_close = lambda: linger_then_stop(hosted, settings.linger_s)
+    return transport
+
+
+def linger_then_stop(server: CoordinatorServer, linger_s: float) -> None:
+    """Stay until every island has left (late ones still need the last mean) or `linger_s`
+    passed, then stop; answers still streaming get `linger_s` more to finish."""
+    coordinator = server.coordinator
+    deadline = time.monotonic() + linger_s
+    while time.monotonic() < deadline and not (
+        coordinator.finished() and coordinator.everyone_left()
+    ):
+        time.sleep(0.2)
+    server.stop(grace_s=linger_s)
+
+
+def summary(server: CoordinatorServer, islands: int) -> Mapping[str, object]:
+    """The coordinator's own figures at the end of a run."""
+    coordinator = server.coordinator
+    stats = coordinator.stats
+    return {
+        "role": "coordinator",
+        "rounds": coordinator.round,
+        "islands": islands,
+        "participants_per_round": stats.participants,
+        "late_payloads": stats.late_payloads,
+        "refused_payloads": stats.refused_payloads,
+        "dropped_payloads": stats.dropped_payloads,
+        "refused_calls": server.refused_calls + server.service.limits.refused,
+        "cancelled_streams": server.service.watchdog.cancelled,
+        "adopted": stats.adopted,
+        "params_sha256": coordinator.state_sha256(),
+        "shared_parameters": coordinator.numel,
+    }

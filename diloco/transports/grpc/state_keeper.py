@@ -1,0 +1,149 @@
+"""The group's shared state on the coordinator: the outer step, its hash, its copy on disk.
+
+The coordinator takes the outer step itself, with the injected outer optimizer (the same rule
+the islands apply) and the mean decoded from the bytes it sent them, so its state is always
+bit-identical to theirs. The step, the hash and the save run in a background thread once the
+answers of a round are out; `settle` waits for them before anything reads the state.
+
+Readers (`read_chunks`) copy the state chunk by chunk under a lock the step also takes, and
+fail with `StateChanged` if a step happened meanwhile (the caller retries): a slow or stalled
+download never holds a copy of the whole state, and never sees half of two rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diloco.checkpoint import list_checkpoints, newest_intact, save_checkpoint
+from diloco.codecs.base import Codec
+from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 4 << 20
+
+
+class StateChanged(RuntimeError):
+    """The shared state moved on while it was being read: read it again."""
+
+
+class StateKeeper:
+    """Args:
+    optimizer: the outer step (the composition root's one object).
+    codec: the run's codec (the mean is decoded from its payload).
+    state_dir: where the state is persisted after every round (None: not persisted).
+    """
+
+    def __init__(self, optimizer: OuterOptimizer, codec: Codec, state_dir: Path | None):
+        self.optimizer = optimizer
+        self.codec = codec
+        self.state_dir = state_dir
+        self.state: SharedState | None = None
+        self.sha = ""
+        self.generation = 0
+        self._lock = threading.Lock()  # held while the tensors change or a chunk is copied
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def numel(self) -> int:
+        return 0 if self.state is None else self.state.anchor.numel()
+
+    def seed(self, state: SharedState, persist: dict[str, Any]) -> None:
+        """Take `state` (a copy) as the group's; `persist` goes into the saved file."""
+        self.state = state.copy()
+        self.sha = params_sha256(self.state.anchor)
+        self.generation += 1
+        self._save(persist)
+
+    def step_in_background(
+        self, mean_payload: torch.Tensor, persist: Callable[[str], dict[str, Any]]
+    ) -> None:
+        """Apply the round's mean, hash and save, in a background thread.
+
+        `persist(sha_after)` returns what to save next to the state.
+        """
+        self.settle()
+        self._worker = threading.Thread(
+            target=self._step, args=(mean_payload, persist), name="outer-step", daemon=True
+        )
+        self._worker.start()
+
+    def settle(self) -> None:
+        """Wait for the previous round's step and save; re-raise their failure."""
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        if self._error is not None:
+            raise RuntimeError(f"the coordinator could not finish a round: {self._error}") from (
+                self._error
+            )
+
+    def read_chunks(self, generation: int) -> Iterator[bytes]:
+        """The state's bytes (every tensor of `SharedState.tensors`, in order), chunk by chunk.
+
+        Raises:
+            StateChanged: a round's step changed the state since `generation`.
+        """
+        assert self.state is not None
+        for _, tensor in self.state.tensors():
+            flat = tensor.reshape(-1)
+            per_chunk = max(1, CHUNK_BYTES // flat.element_size())
+            for start in range(0, max(1, flat.numel()), per_chunk):
+                with self._lock:
+                    if self.generation != generation:
+                        raise StateChanged("the shared state changed during the download")
+                    piece = flat[start : start + per_chunk]
+                    data = piece.contiguous().numpy().tobytes()
+                yield data
+
+    def _step(self, mean_payload: torch.Tensor, persist: Callable[[str], dict[str, Any]]) -> None:
+        try:
+            assert self.state is not None
+            state = self.state
+            mean_N = self.codec.decode(mean_payload, state.anchor.numel())
+            outer_state = dict(state.outer_state)
+            with self._lock:
+                self.optimizer.step_(state.anchor, mean_N, outer_state, state.round)
+                self.state = SharedState(state.round + 1, state.anchor, outer_state)
+                self.generation += 1
+            self.sha = params_sha256(self.state.anchor)
+            self._save(persist(self.sha))
+        except BaseException as error:  # re-raised by settle, in a caller's thread
+            self._error = error
+
+    def _save(self, persist: dict[str, Any]) -> None:
+        if self.state_dir is None or self.state is None:
+            return
+        state = {
+            "round": self.state.round,
+            "sha256": self.sha,
+            "anchor": self.state.anchor,
+            "outer_state": dict(self.state.outer_state),
+            **persist,
+        }
+        save_checkpoint(self.state_dir, self.state.round, state, keep=2)
+
+    def restore(self) -> dict[str, Any] | None:
+        """Load the newest intact saved state; returns what was saved with it (or None)."""
+        if self.state_dir is None:
+            return None
+        found = newest_intact(self.state_dir, list_checkpoints(self.state_dir))
+        if found is None:
+            return None
+        _, saved = found
+        anchor = saved["anchor"].to(torch.float32)
+        if params_sha256(anchor) != saved["sha256"]:
+            raise RuntimeError(
+                f"the coordinator state in {self.state_dir} is corrupt (hash differs)"
+            )
+        self.state = SharedState(int(saved["round"]), anchor, dict(saved["outer_state"]))
+        self.sha = str(saved["sha256"])
+        self.generation += 1
+        return saved

@@ -1,0 +1,54 @@
+"""What must be equal on every island of a group, by name (checked when islands join).
+
+The model's parameter names, shapes and dtypes, its size and its initial weights (a model
+factory must build the same weights everywhere); and the settings the outer rounds depend on,
+which a coordinator, which has no model, checks from its own config (`group_settings`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from diloco.config import IslandConfig
+from diloco.outer.pseudo_gradient import flatten_params
+from diloco.shared_state import params_sha256
+from diloco.transports.grpc.coordinator import PARAMETERS_KEY
+
+
+def group_fingerprint(config: IslandConfig, model: torch.nn.Module) -> dict[str, str]:
+    shapes = "\n".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in model.named_parameters())
+    flat = flatten_params(list(model.parameters()))
+    return {
+        "model": hashlib.sha256(shapes.encode()).hexdigest()[:16],
+        PARAMETERS_KEY: str(flat.numel()),
+        "initial weights": params_sha256(flat)[:16],
+        **group_settings(config),
+    }
+
+
+def group_settings(config: IslandConfig) -> dict[str, str]:
+    """The settings part of the fingerprint: what a coordinator, which has no model, checks."""
+    outer = config.outer
+    return {
+        "outer.rounds": str(outer.rounds),
+        "outer.inner_steps": str(outer.inner_steps),
+        "outer.codec, block_size, topk_fraction": (
+            f"{outer.codec.value}, {outer.block_size}, {outer.topk_fraction}"
+        ),
+        "outer.optimizer": optimizer_settings(config),
+        "transport.islands": str(config.transport.islands),
+    }
+
+
+def optimizer_settings(config: IslandConfig) -> str:
+    """The outer optimizer and every setting it reads, as one comparable string."""
+    outer = config.outer
+    if outer.optimizer == "sgd":
+        return f"sgd: lr={outer.lr}, momentum={outer.momentum}, nesterov={outer.nesterov}"
+    if outer.optimizer == "adam":
+        return f"adam: lr={outer.lr}, betas={list(outer.betas)}, eps={outer.eps}"
+    args = json.dumps(dict(outer.optimizer_args), sort_keys=True, default=str)
+    return f"{outer.optimizer}: {args}"

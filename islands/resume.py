@@ -1,0 +1,136 @@
+"""Where a run starts: the newest checkpoint the whole group holds intact, or a fresh start.
+
+A damaged checkpoint (truncated, overwritten, failing its checksum) is skipped with a warning
+for the newest intact one. Starting afresh never deletes what an earlier run left: its
+checkpoints and metrics are moved aside into `previous-<time>/` in the island's folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diloco.checkpoint import (
+    DamagedCheckpoint,
+    list_checkpoints,
+    load_checkpoint,
+    old_format_checkpoints,
+)
+from diloco.errors import ConfigError
+from diloco.transports.base import SharedStateSource
+from islands.hosted import join_all
+from islands.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# What a run writes in its folder that a fresh start moves aside (never deletes).
+_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "loss.png")
+
+
+def resume(runtime: Runtime) -> int:
+    """Load the newest checkpoint the whole group holds; returns the round to start at."""
+    checkpoints = runtime.out_dir / "checkpoints"
+    config = runtime.config
+    available: dict[int, dict[str, Any] | None] = {}
+    if config.run.resume:
+        _refuse_old_format(checkpoints)
+        available = _intact(checkpoints)
+    round = join_all(runtime.hosted, sorted(available), runtime.fingerprint, runtime.abort)
+    if round is not None:
+        state = available[round] or load_checkpoint(checkpoints, round)
+        _load(runtime, state, checkpoints, round)
+    else:
+        _start_afresh(runtime)
+    return _catch_up_with_group(runtime)
+
+
+def _refuse_old_format(checkpoints: Path) -> None:
+    old = old_format_checkpoints(checkpoints)
+    if old:
+        raise ConfigError(
+            f"{checkpoints} holds checkpoints of an earlier diloco version ({old[-1].name}, "
+            "pickle), which are never loaded: move them away, or set run.resume=false to "
+            "start afresh (they are then moved aside)"
+        )
+
+
+def _intact(checkpoints: Path) -> dict[int, dict[str, Any] | None]:
+    """The rounds whose checkpoint loads intact (the newest one's state kept, loaded)."""
+    rounds = list_checkpoints(checkpoints)
+    intact: dict[int, dict[str, Any] | None] = {}
+    for round in sorted(rounds, reverse=True):
+        try:
+            state = load_checkpoint(checkpoints, round)
+        except DamagedCheckpoint as error:
+            log.warning("skipping a damaged checkpoint: %s", error)
+            continue
+        intact[round] = state if not intact else None  # keep one state in memory
+    if rounds and not intact:
+        raise ConfigError(
+            f"no intact checkpoint in {checkpoints} (every one is damaged): move the folder "
+            "away, or set run.resume=false to start afresh (it is then moved aside)"
+        )
+    return intact
+
+
+def _load(runtime: Runtime, state: dict[str, Any], checkpoints: Path, round: int) -> None:
+    if state["numel"] != runtime.numel:
+        raise ConfigError(
+            f"the checkpoint in {checkpoints} holds {state['numel']} shared parameters, this "
+            f"model has {runtime.numel}: use another run.dir or run.resume=false"
+        )
+    islands = {entry["rank"]: entry for entry in state["islands"]}
+    for island in runtime.hosted:
+        island.outer.load_state_dict(state["outer"])
+        island.load_state_dict(islands[island.rank])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    runtime.timings.update(state["timings"])
+    runtime.metrics.truncate_after(round)
+    log.info("resumed from %s at round %d", checkpoints, round)
+
+
+def _start_afresh(runtime: Runtime) -> None:
+    """Round 0 with a new metrics.jsonl; an earlier run's outputs are moved aside, never lost
+    (pruning keeps the highest rounds, so old checkpoints would outlive this run's own)."""
+    present = [runtime.out_dir / name for name in _OUTPUTS if (runtime.out_dir / name).exists()]
+    if present:
+        aside = runtime.out_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+        while aside.exists():
+            aside = aside.with_name(aside.name + "-1")
+        aside.mkdir(parents=True)
+        for path in present:
+            shutil.move(str(path), str(aside / path.name))
+        log.warning(
+            "starting afresh in %s: an earlier run's outputs (%s) were moved to %s",
+            runtime.out_dir,
+            ", ".join(path.name for path in present),
+            aside,
+        )
+    runtime.metrics.reset()
+
+
+def _catch_up_with_group(runtime: Runtime) -> int:
+    """Adopt the group's shared state when the transport keeps one and it is newer than ours.
+
+    A restarted island resumes its own inner state from its checkpoint, a new one starts
+    afresh; either way the anchor and outer state are the group's, and it joins at the
+    group's next round.
+    """
+    lead = runtime.hosted[0].outer
+    transport = lead.transport
+    if not isinstance(transport, SharedStateSource):
+        return lead.round
+    group_state = transport.shared_state(lead.shared_state())
+    if group_state is not None:
+        log.info("joining the group at round %d with its shared state", group_state.round)
+        for island in runtime.hosted:
+            island.outer.adopt(group_state)
+        runtime.metrics.truncate_after(group_state.round)
+    return lead.round
