@@ -19,7 +19,8 @@ from diloco.checkpoint.atomic import write_atomic
 from diloco.codecs.registry import build_codec
 from diloco.config import IslandConfig, to_container
 from diloco.outer.config import build_outer_optimizer
-from diloco.transports.config import TransportKind, TransportSetup
+from diloco.transports.base import TransportSetup
+from diloco.transports.config import TransportKind
 from diloco.transports.grpc.config import GrpcRole
 from diloco.transports.grpc.hosting import (
     coordinator_dir,

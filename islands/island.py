@@ -24,7 +24,8 @@ from diloco.codecs.registry import build_codec
 from diloco.config import IslandConfig
 from diloco.config.run import Device, Precision
 from diloco.data.factory import build_data_sources
-from diloco.data.selectors.config import SelectorSetup, build_selectors
+from diloco.data.selectors.base import SelectorSetup
+from diloco.data.selectors.config import build_selectors
 from diloco.errors import ConfigError
 from diloco.inner.trainer import InnerTrainer
 from diloco.metrics import MetricsWriter
@@ -33,7 +34,8 @@ from diloco.models.flops import train_flops_per_token
 from diloco.outer.config import build_outer_optimizer
 from diloco.outer.pseudo_gradient import flatten_params
 from diloco.outer.sync import OuterHyperparams, OuterSync
-from diloco.transports.config import TransportKind, TransportSetup, build_transports
+from diloco.transports.base import TransportSetup
+from diloco.transports.config import TransportKind, build_transports
 from islands.fingerprint import group_fingerprint, group_settings
 from islands.hosted import HostedIsland
 from islands.loop import run_rounds

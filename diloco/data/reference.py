@@ -11,25 +11,27 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from diloco.checkpoint.store import load_checkpoint
-from diloco.data.config import DataConfig
 from diloco.data.corpus import load_stdlib_corpus
-from diloco.data.selectors.config import ReferenceConfig
+from diloco.data.selectors.jest_config import ReferenceConfig
 from diloco.data.token_files import read_text_tokens
 from diloco.data.windows import TokenWindows
 from diloco.errors import ConfigError
 from diloco.inner.config import InnerConfig
 from diloco.inner.trainer import InnerTrainer
 from diloco.models.build import build_model
-from diloco.models.config import ModelConfig
 from diloco.models.flops import train_flops_per_token
 from diloco.outer.pseudo_gradient import copy_flat_into_
+
+if TYPE_CHECKING:
+    from diloco.data.config import DataConfig
+    from diloco.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 KEY = "data.selector.reference"

@@ -15,11 +15,11 @@ if TYPE_CHECKING:
     from diloco.transports.base import GroupMismatchError as GroupMismatchError
     from diloco.transports.base import SharedStateSource as SharedStateSource
     from diloco.transports.base import Transport as Transport
+    from diloco.transports.base import TransportSetup as TransportSetup
     from diloco.transports.base import check_fingerprints as check_fingerprints
     from diloco.transports.base import ring_allreduce_bytes as ring_allreduce_bytes
     from diloco.transports.config import TransportConfig as TransportConfig
     from diloco.transports.config import TransportKind as TransportKind
-    from diloco.transports.config import TransportSetup as TransportSetup
     from diloco.transports.config import build_transports as build_transports
     from diloco.transports.local import LocalGroup as LocalGroup
     from diloco.transports.local import LocalTransport as LocalTransport
@@ -33,11 +33,11 @@ _EXPORTS = {
     "GroupMismatchError": "diloco.transports.base",
     "SharedStateSource": "diloco.transports.base",
     "Transport": "diloco.transports.base",
+    "TransportSetup": "diloco.transports.base",
     "check_fingerprints": "diloco.transports.base",
     "ring_allreduce_bytes": "diloco.transports.base",
     "TransportConfig": "diloco.transports.config",
     "TransportKind": "diloco.transports.config",
-    "TransportSetup": "diloco.transports.config",
     "build_transports": "diloco.transports.config",
     "LocalGroup": "diloco.transports.local",
     "LocalTransport": "diloco.transports.local",

@@ -7,14 +7,19 @@ whatever it does, the mean is summed in fp32 and is bit-identical on every islan
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from diloco.codecs.base import Codec
 from diloco.errors import ConfigError
-from diloco.shared_state import SharedState
+from diloco.shared_state import OuterOptimizer, SharedState
+
+if TYPE_CHECKING:
+    from diloco.transports.config import TransportConfig
 
 
 @dataclass(frozen=True)
@@ -123,3 +128,36 @@ def ring_allreduce_bytes(payload_bytes: int, num_islands: int) -> int:
     DDP moves per step for its fp32 gradients, which makes the two directly comparable.
     """
     return 2 * (num_islands - 1) * payload_bytes // num_islands
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransportSetup:
+    """What a transport is built from; the composition root fills it."""
+
+    config: TransportConfig
+    codec: Codec
+    numel: int
+    """Elements of the shared parameter vector (of this rank's shard, for sharded islands)."""
+    ranks: list[int]
+    """The islands this process hosts (all of them for local, one otherwise)."""
+    rounds: int
+    """outer.rounds: when the group is done."""
+    optimizer: OuterOptimizer
+    """The outer step, for transports that keep or serve the shared state."""
+    group_settings: Mapping[str, str]
+    """The settings part of the group fingerprint, which a coordinator checks on join."""
+    run_dir: Path
+    """run.dir: the coordinator keeps its state in run_dir/coordinator/."""
+    device: torch.device
+    store: Any = None
+    """A torch.distributed store made by the caller (tests own theirs)."""
+    announce: Callable[[str], None] = lambda message: None
+    """How to tell the user something they must act on (where others can join this island)."""
+
+
+@dataclass(frozen=True)
+class BuiltTransports:
+    transports: list[Transport]
+    """One per hosted island, in `TransportSetup.ranks` order."""
+    abort: Callable[[], None]
+    """Releases hosted islands waiting in a collective when one of them failed."""

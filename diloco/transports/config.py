@@ -9,21 +9,16 @@ and one kind in tests/conformance/test_transport.py.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from diloco.errors import ConfigError, require
 from diloco.transports.grpc.config import GrpcTransportConfig
 from diloco.transports.hivemind.config import HivemindTransportConfig
 
 if TYPE_CHECKING:
-    import torch
-
-    from diloco.codecs.base import Codec
-    from diloco.shared_state import OuterOptimizer
-    from diloco.transports.base import Transport
+    from diloco.transports.base import BuiltTransports, TransportSetup
 
 
 class TransportKind(enum.Enum):
@@ -139,40 +134,8 @@ _READ_BY: dict[str, frozenset[TransportKind]] = {
 }
 
 
-@dataclass(frozen=True, kw_only=True)
-class TransportSetup:
-    """What a transport is built from; the composition root fills it."""
-
-    config: TransportConfig
-    codec: Codec
-    numel: int
-    """Elements of the shared parameter vector (of this rank's shard, for sharded islands)."""
-    ranks: list[int]
-    """The islands this process hosts (all of them for local, one otherwise)."""
-    rounds: int
-    """outer.rounds: when the group is done."""
-    optimizer: OuterOptimizer
-    """The outer step, for transports that keep or serve the shared state."""
-    group_settings: Mapping[str, str]
-    """The settings part of the group fingerprint, which a coordinator checks on join."""
-    run_dir: Path
-    """run.dir: the coordinator keeps its state in run_dir/coordinator/."""
-    device: torch.device
-    store: Any = None
-    """A torch.distributed store made by the caller (tests own theirs)."""
-    announce: Callable[[str], None] = lambda message: None
-    """How to tell the user something they must act on (where others can join this island)."""
-
-
-@dataclass(frozen=True)
-class BuiltTransports:
-    transports: list[Transport]
-    """One per hosted island, in `TransportSetup.ranks` order."""
-    abort: Callable[[], None]
-    """Releases hosted islands waiting in a collective when one of them failed."""
-
-
 def _local(setup: TransportSetup) -> BuiltTransports:
+    from diloco.transports.base import BuiltTransports
     from diloco.transports.local import LocalGroup
 
     group = LocalGroup(setup.config.islands, setup.codec, setup.numel)
@@ -180,18 +143,36 @@ def _local(setup: TransportSetup) -> BuiltTransports:
 
 
 def _torch(setup: TransportSetup) -> BuiltTransports:
-    from diloco.transports.torch_distributed import build_torch_transport
+    from diloco.transports.base import BuiltTransports
+    from diloco.transports.torch_distributed import TorchDistributedTransport
 
-    return BuiltTransports([build_torch_transport(setup)], lambda: None)
+    settings = setup.config.torch
+    backend = settings.backend.value
+    if settings.backend is TorchBackend.auto:
+        backend = "nccl" if setup.device.type == "cuda" else "gloo"
+    transport = TorchDistributedTransport(
+        setup.codec,
+        setup.numel,
+        rank=setup.ranks[0],
+        num_islands=setup.config.islands,
+        init_method=settings.init_method,
+        backend=backend,
+        timeout_s=settings.timeout_s,
+        store=setup.store,
+    )
+    return BuiltTransports([transport], lambda: None)
 
 
 def _grpc(setup: TransportSetup) -> BuiltTransports:
+    from diloco.transports.base import BuiltTransports
     from diloco.transports.grpc.hosting import build_grpc_transport
 
     return BuiltTransports([build_grpc_transport(setup)], lambda: None)
 
 
 def _hivemind(setup: TransportSetup) -> BuiltTransports:
+    from diloco.transports.base import BuiltTransports
+
     try:
         from diloco.transports.hivemind.build import build_hivemind_transport
     except ImportError as error:

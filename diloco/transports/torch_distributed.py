@@ -24,7 +24,6 @@ from diloco.transports.base import (
     newest_common_round,
     ring_allreduce_bytes,
 )
-from diloco.transports.config import TorchBackend, TransportSetup
 
 
 class TorchDistributedTransport:
@@ -143,21 +142,3 @@ class TorchDistributedTransport:
         dist.all_gather(everyone, mine)
         rows = torch.cat(everyone).cpu().tolist()
         return [row[0] for row in rows], [int(row[1]) for row in rows]
-
-
-def build_torch_transport(setup: TransportSetup) -> TorchDistributedTransport:
-    """The torch transport of `setup`'s one hosted island (nccl on cuda, gloo on cpu by default)."""
-    settings = setup.config.torch
-    backend = settings.backend.value
-    if settings.backend is TorchBackend.auto:
-        backend = "nccl" if setup.device.type == "cuda" else "gloo"
-    return TorchDistributedTransport(
-        setup.codec,
-        setup.numel,
-        rank=setup.ranks[0],
-        num_islands=setup.config.islands,
-        init_method=settings.init_method,
-        backend=backend,
-        timeout_s=settings.timeout_s,
-        store=setup.store,
-    )

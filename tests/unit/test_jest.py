@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from diloco.data.base import Batch
-from diloco.data.selectors.config import JestScore, SelectorConfig
+from diloco.data.selectors.config import SelectorConfig
 from diloco.data.selectors.jest import JestSelector, choose, jest_scores, per_sequence_losses
+from diloco.data.selectors.jest_config import JestScore
 from diloco.models.gpt import GPT, GPTConfig
 
 LEARNER = torch.tensor([3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0])

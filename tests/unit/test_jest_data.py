@@ -12,7 +12,8 @@ from diloco.config import load_config
 from diloco.data.config import DataConfig
 from diloco.data.noise import NoisyWindows, corrupt, junk
 from diloco.data.reference import build_reference, load_reference_, reference_model_config
-from diloco.data.selectors.config import ReferenceConfig, SelectorConfig
+from diloco.data.selectors.config import SelectorConfig
+from diloco.data.selectors.jest_config import ReferenceConfig
 from diloco.data.windows import TokenWindows
 from diloco.errors import ConfigError
 from diloco.models import build_model

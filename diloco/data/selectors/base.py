@@ -6,12 +6,18 @@ Selection is local to each island and never crosses the network. `uniform` keeps
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from torch import nn
 
 from diloco.data.base import Batch
+
+if TYPE_CHECKING:
+    from diloco.data.config import DataConfig
+    from diloco.models.config import ModelConfig
 
 
 @dataclass
@@ -41,3 +47,15 @@ class Selector(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectorSetup:
+    """What the selectors of a process's hosted islands are built from."""
+
+    data: DataConfig
+    model: ModelConfig
+    ranks: Sequence[int]
+    device: torch.device
+    bf16: bool
+    seed: int

@@ -8,57 +8,20 @@ member and one `SELECTORS` entry here (and its options, if any, in `SelectorConf
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from diloco.data.selectors.jest_config import JestScore, ReferenceConfig
 from diloco.errors import require
 
 if TYPE_CHECKING:
-    import torch
-
-    from diloco.data.config import DataConfig
-    from diloco.data.selectors.base import Selector
-    from diloco.models.config import ModelConfig
+    from diloco.data.selectors.base import Selector, SelectorSetup
 
 
 class SelectorName(enum.Enum):
     uniform = "uniform"
     jest = "jest"
-
-
-class JestScore(enum.Enum):
-    learnability = "learnability"
-    hard_learner = "hard_learner"
-    easy_reference = "easy_reference"
-
-
-@dataclass(kw_only=True)
-class ReferenceConfig:
-    checkpoint: str = ""
-    """jest: the frozen reference's file: a diloco checkpoint (run.dir/checkpoints/round-*.pt)
-    or a torch state_dict. Empty: train one first on data.selector.reference.data."""
-    data: str = "stdlib"
-    """jest: the clean data the reference trains on: stdlib (the built-in corpus's training
-    split, without data.noise) or a text file's path (byte tokens)."""
-    train_steps: int = 200
-    """jest: AdamW steps (batches of data.batch_size) training the reference; its FLOPs are
-    counted (reference_flops)."""
-    lr: float = 2e-3
-    """jest: peak AdamW learning rate of the reference's training."""
-    n_layer: int = 0
-    """jest, built-in GPT: the reference's blocks (0: model.n_layer). It may be smaller."""
-    n_head: int = 0
-    """jest, built-in GPT: the reference's attention heads (0: model.n_head)."""
-    d_model: int = 0
-    """jest, built-in GPT: the reference's width (0: model.d_model)."""
-
-    def __post_init__(self) -> None:
-        key = "data.selector.reference"
-        require(self.train_steps >= 1, f"{key}.train_steps", ">= 1", self.train_steps)
-        require(self.lr > 0, f"{key}.lr", "> 0", self.lr)
-        for name in ("n_layer", "n_head", "d_model"):
-            require(getattr(self, name) >= 0, f"{key}.{name}", ">= 0", getattr(self, name))
 
 
 @dataclass(kw_only=True)
@@ -111,18 +74,6 @@ class SelectorConfig:
                     if getattr(reference, key) != getattr(default_reference, key)
                 ]
         return [f"data.selector.{key}" for key in ignored]
-
-
-@dataclass(frozen=True, kw_only=True)
-class SelectorSetup:
-    """What the selectors of a process's hosted islands are built from."""
-
-    data: DataConfig
-    model: ModelConfig
-    ranks: Sequence[int]
-    device: torch.device
-    bf16: bool
-    seed: int
 
 
 def _uniform(setup: SelectorSetup) -> list[Selector]:

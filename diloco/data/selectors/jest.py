@@ -23,17 +23,20 @@ Shape legend: S super-batch sequences, B kept sequences, T tokens per sequence, 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from diloco.data.base import Batch
-from diloco.data.selectors.base import SelectorCost
-from diloco.data.selectors.config import JestScore, SelectorConfig, SelectorSetup
+from diloco.data.selectors.base import SelectorCost, SelectorSetup
+from diloco.data.selectors.jest_config import JestScore
 from diloco.inner.trainer import move_to
 from diloco.models.gpt import GPT
+
+if TYPE_CHECKING:
+    from diloco.data.selectors.config import SelectorConfig
 
 
 def jest_scores(

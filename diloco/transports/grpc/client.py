@@ -207,9 +207,7 @@ class GrpcTransport:
             session=self._session,
             host=socket.gethostname(),
         )
-        reply: pb.JoinReply = self._stub.Join(
-            request, metadata=self._token_metadata, timeout=30.0
-        )
+        reply: pb.JoinReply = self._stub.Join(request, metadata=self._token_metadata, timeout=30.0)
         self._session = reply.session
         if self._session_file is not None:
             write_atomic(self._session_file, self._session)

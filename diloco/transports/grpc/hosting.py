@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from diloco.errors import ConfigError
-from diloco.transports.config import TransportSetup
+from diloco.transports.base import TransportSetup
 from diloco.transports.grpc.client import GrpcTransport
 from diloco.transports.grpc.coordinator import Coordinator
 from diloco.transports.grpc.rounds import RoundRules

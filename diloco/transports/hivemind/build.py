@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diloco.checkpoint.atomic import write_atomic
-from diloco.transports.config import TransportSetup
+from diloco.transports.base import TransportSetup
 from diloco.transports.hivemind.transport import HivemindGroup, HivemindTransport
 
 
