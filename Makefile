@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all lint typecheck bench docs proto clean
+.PHONY: demo test test-all lint typecheck check bench docs proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,17 +26,21 @@ test-all: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check diloco islands tests bench examples
-	$(BIN)/ruff format --check diloco islands tests bench examples
+	$(BIN)/ruff check diloco islands tests bench examples tools
+	$(BIN)/ruff format --check diloco islands tests bench examples tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy diloco islands
+
+# What CI runs (.ci/run) and the README's test command: lint, format, types, then the tests.
+check: lint typecheck test
 
 bench: $(STAMP)
 	$(BIN)/python bench/baselines.py
 
 docs: $(STAMP)
 	$(BIN)/python -m diloco.config.docs > docs/config.md
+	$(BIN)/python tools/include_examples.py docs/plugins.md
 
 # The grpc transport's generated modules, from diloco/transports/grpc/coordinator.proto.
 proto: $(STAMP)

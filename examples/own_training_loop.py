@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from diloco.codecs import NoneCodec
-from diloco.outer import OuterHyperparams, OuterSync
+from diloco.outer import OuterHyperparams, OuterSync, SgdOuter
 from diloco.transports import LocalGroup, TorchDistributedTransport, Transport
 
 
@@ -45,8 +45,13 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     numel = sum(p.numel() for p in model.parameters())
     transport = make_transport(numel)
+    nesterov = SgdOuter(lr=0.7, momentum=0.9, nesterov=True)  # DiLoCo's outer step
     outer = OuterSync(
-        model.parameters(), transport, NoneCodec(), OuterHyperparams(inner_steps=args.inner_steps)
+        model.parameters(),
+        transport,
+        NoneCodec(),
+        nesterov,
+        OuterHyperparams(inner_steps=args.inner_steps),
     )
 
     # Each island sees its own data: a different seed per island, the same target function.
