@@ -35,7 +35,7 @@ from diloco.outer.config import build_outer_optimizer
 from diloco.outer.pseudo_gradient import flatten_params
 from diloco.outer.sync import OuterHyperparams, OuterSync
 from diloco.transports.base import TransportSetup
-from diloco.transports.config import TransportKind, build_transports
+from diloco.transports.config import build_transports, hosts_every_island
 from islands.fingerprint import group_fingerprint, group_settings
 from islands.hosted import HostedIsland
 from islands.loop import run_rounds
@@ -88,9 +88,10 @@ def build_runtime(
     )
     kind = config.transport.kind
     rank = _rank(config)
-    ranks = list(range(config.transport.islands)) if kind is TransportKind.local else [rank]
+    hosts_all = hosts_every_island(kind)
+    ranks = list(range(config.transport.islands)) if hosts_all else [rank]
     out_dir = Path(config.run.dir)
-    if kind is not TransportKind.local:
+    if not hosts_all:
         out_dir = out_dir / f"island-{rank}"
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -194,7 +195,7 @@ def _device(config: IslandConfig) -> torch.device:
 
 def _rank(config: IslandConfig) -> int:
     transport = config.transport
-    if transport.kind is TransportKind.local:
+    if hosts_every_island(transport.kind):
         return 0
     world = os.environ.get("WORLD_SIZE")
     if world is not None and int(world) != transport.islands:

@@ -115,6 +115,8 @@ class TransportConfig:
         """The keys set to non-defaults that this transport kind never reads."""
         default = TransportConfig()
         unread = [name for name, kinds in _READ_BY.items() if self.kind not in kinds]
+        if hosts_every_island(self.kind):
+            unread.append("rank")
         if self.aggregate is not Aggregate.trimmed_mean:
             unread.append("trim_fraction")
         changed = [name for name in unread if getattr(self, name) != getattr(default, name)]
@@ -124,7 +126,7 @@ class TransportConfig:
 # Which kinds read each option (the others warn that it has no effect).
 _ALL = frozenset(TransportKind)
 _READ_BY: dict[str, frozenset[TransportKind]] = {
-    "rank": _ALL - {TransportKind.local},
+    "rank": _ALL,  # (kinds that host every island are removed in ignored_options)
     "aggregate": frozenset({TransportKind.grpc}),
     "trim_fraction": frozenset({TransportKind.grpc}),
     "clip_norm": frozenset({TransportKind.grpc}),
@@ -183,14 +185,26 @@ def _hivemind(setup: TransportSetup) -> BuiltTransports:
     return BuiltTransports([build_hivemind_transport(setup)], lambda: None)
 
 
-TRANSPORTS: dict[TransportKind, Callable[[TransportSetup], BuiltTransports]] = {
-    TransportKind.local: _local,
-    TransportKind.torch: _torch,
-    TransportKind.grpc: _grpc,
-    TransportKind.hivemind: _hivemind,
+@dataclass(frozen=True)
+class TransportEntry:
+    build: Callable[[TransportSetup], BuiltTransports]
+    hosts_every_island: bool = False
+    """One process runs every island of the group (else one island per process, whose rank
+    comes from transport.rank or torchrun, and whose outputs go to run.dir/island-<rank>/)."""
+
+
+TRANSPORTS: dict[TransportKind, TransportEntry] = {
+    TransportKind.local: TransportEntry(_local, hosts_every_island=True),
+    TransportKind.torch: TransportEntry(_torch),
+    TransportKind.grpc: TransportEntry(_grpc),
+    TransportKind.hivemind: TransportEntry(_hivemind),
 }
+
+
+def hosts_every_island(kind: TransportKind) -> bool:
+    return TRANSPORTS[kind].hosts_every_island
 
 
 def build_transports(setup: TransportSetup) -> BuiltTransports:
     """The hosted islands' transports of `setup.config.kind`."""
-    return TRANSPORTS[setup.config.kind](setup)
+    return TRANSPORTS[setup.config.kind].build(setup)
