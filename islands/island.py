@@ -39,7 +39,7 @@ from diloco.transports.config import build_transports, hosts_every_island
 from islands.fingerprint import group_fingerprint, group_settings
 from islands.hosted import HostedIsland
 from islands.loop import run_rounds
-from islands.outputs import open_tensorboard, write_summary
+from islands.outputs import check_tensorboard, open_tensorboard, write_summary
 from islands.resume import resume
 from islands.runtime import RunEvents, Runtime
 
@@ -65,6 +65,8 @@ def run_island(
     runtime = build_runtime(config, store, events)
     try:
         start_round = resume(runtime)
+        # Opened once the run's folder is settled (a fresh start moves an earlier run aside).
+        runtime.tensorboard = open_tensorboard(config, runtime.out_dir)
         run_rounds(runtime, start_round, events)
         return write_summary(runtime)
     finally:
@@ -80,6 +82,7 @@ def build_runtime(
 ) -> Runtime:
     for key in config.ignored_options():
         log.warning("%s is set but has no effect with this configuration", key)
+    check_tensorboard(config)
     device = _device(config)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
@@ -179,7 +182,6 @@ def build_runtime(
         numel=numel,
         fingerprint=fingerprint,
         metrics=MetricsWriter(out_dir / "metrics.jsonl"),
-        tensorboard=open_tensorboard(config, out_dir),
     )
 
 

@@ -110,6 +110,16 @@ def checkpoint_state(runtime: Runtime) -> dict[str, Any]:
 def open_tensorboard(config: IslandConfig, out_dir: Path) -> Any:
     if not config.run.tensorboard:
         return None
+    return _summary_writer()(str(out_dir / "tensorboard"))
+
+
+def check_tensorboard(config: IslandConfig) -> None:
+    """Refuse run.tensorboard without its package before anything starts (exit 2)."""
+    if config.run.tensorboard:
+        _summary_writer()
+
+
+def _summary_writer() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -117,7 +127,7 @@ def open_tensorboard(config: IslandConfig, out_dir: Path) -> Any:
             "run.tensorboard is true but the tensorboard package is missing: "
             "pip install tensorboard"
         ) from None
-    return SummaryWriter(str(out_dir / "tensorboard"))
+    return SummaryWriter
 
 
 def log_tensorboard(runtime: Runtime, row: dict[str, Any]) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,7 +92,14 @@ def _read_weights(file: Path) -> Any:
         if match:  # a diloco checkpoint
             return load_checkpoint(file.parent, int(match.group(1)))
         return load_file(str(file))
-    return torch.load(file, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on pickle protocols: not the user's
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(
+                "it is not a state_dict of tensors (refused: loading it could run code)"
+            ) from None
 
 
 def clean_source(data: DataConfig, seed: int, vocab_size: int) -> TokenWindows:
