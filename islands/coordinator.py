@@ -7,7 +7,6 @@ a restarted coordinator carries on where it stopped, and writes its summary ther
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from diloco.checkpoint.atomic import write_atomic
 from diloco.codecs.registry import build_codec
 from diloco.config import IslandConfig, to_container
+from diloco.metrics.jsonl import to_strict_json
 from diloco.outer.config import build_outer_optimizer
 from diloco.transports.base import TransportSetup
 from diloco.transports.config import TransportKind
@@ -76,6 +76,7 @@ def run_coordinator(config: IslandConfig) -> dict[str, Any]:
         raise
     result = {**summary(server, config.transport.islands), "config": to_container(config)}
     write_atomic(
-        coordinator_dir(Path(config.run.dir)) / "summary.json", json.dumps(result, indent=2) + "\n"
+        coordinator_dir(Path(config.run.dir)) / "summary.json",
+        to_strict_json(result, indent=2) + "\n",
     )
     return result

@@ -22,6 +22,7 @@ import torch
 from diloco.checkpoint.atomic import write_atomic
 from diloco.codecs.registry import build_codec
 from diloco.config import IslandConfig
+from diloco.config.checks import check_gpt_memory, host_memory_bytes
 from diloco.config.run import Device, Precision
 from diloco.data.factory import build_data_sources
 from diloco.data.selectors.base import SelectorSetup
@@ -84,6 +85,7 @@ def build_runtime(
         log.warning("%s is set but has no effect with this configuration", key)
     check_tensorboard(config)
     device = _device(config)
+    _check_memory(config, device)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     bf16 = config.run.precision is Precision.bf16 or (
@@ -183,6 +185,18 @@ def build_runtime(
         fingerprint=fingerprint,
         metrics=MetricsWriter(out_dir / "metrics.jsonl"),
     )
+
+
+def _check_memory(config: IslandConfig, device: torch.device) -> None:
+    """The built-in GPT's memory against the device it will run on (load_config checked only
+    the host copy of the weights when the device was not known yet)."""
+    if config.model.name != "gpt":
+        return
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        check_gpt_memory(config, on_cuda=True, available_bytes=total, where=str(device))
+    elif config.run.device is not Device.cpu and (host := host_memory_bytes()) is not None:
+        check_gpt_memory(config, on_cuda=False, available_bytes=host, where="this machine")
 
 
 def _device(config: IslandConfig) -> torch.device:

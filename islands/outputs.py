@@ -16,6 +16,7 @@ import torch
 from diloco.checkpoint.atomic import write_atomic
 from diloco.config import IslandConfig, to_container
 from diloco.errors import ConfigError
+from diloco.metrics.jsonl import to_strict_json
 from diloco.outer.sync import SyncResult
 from diloco.transports.base import ring_allreduce_bytes
 from islands.hosted import RoundWork
@@ -57,7 +58,7 @@ def write_summary(runtime: Runtime) -> dict[str, Any]:
         "run_dir": str(runtime.out_dir),
         "config": to_container(runtime.config),
     }
-    write_atomic(runtime.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(runtime.out_dir / "summary.json", to_strict_json(summary, indent=2) + "\n")
     return summary
 
 
