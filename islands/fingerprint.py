@@ -47,8 +47,15 @@ def optimizer_settings(config: IslandConfig) -> str:
     """The outer optimizer and every setting it reads, as one comparable string."""
     outer = config.outer
     if outer.optimizer == "sgd":
-        return f"sgd: lr={outer.lr}, momentum={outer.momentum}, nesterov={outer.nesterov}"
-    if outer.optimizer == "adam":
-        return f"adam: lr={outer.lr}, betas={list(outer.betas)}, eps={outer.eps}"
-    args = json.dumps(dict(outer.optimizer_args), sort_keys=True, default=str)
-    return f"{outer.optimizer}: {args}"
+        rule = f"sgd: lr={outer.lr}, momentum={outer.momentum}, nesterov={outer.nesterov}"
+    elif outer.optimizer == "adam":
+        rule = f"adam: lr={outer.lr}, betas={list(outer.betas)}, eps={outer.eps}"
+    else:
+        args = json.dumps(dict(outer.optimizer_args), sort_keys=True, default=str)
+        rule = f"{outer.optimizer}: {args}"
+    schedule = outer.schedule()
+    if schedule == type(schedule)(
+        rounds=outer.rounds, inner_steps=outer.inner_steps, lr=outer.lr, momentum=outer.momentum
+    ):
+        return rule  # the defaults: no schedule to compare
+    return f"{rule}; schedule {schedule}"

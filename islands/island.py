@@ -32,6 +32,7 @@ from diloco.inner.trainer import InnerTrainer
 from diloco.metrics import MetricsWriter
 from diloco.models.build import build_model
 from diloco.models.flops import train_flops_per_token
+from diloco.models.weights import load_weights_
 from diloco.outer.config import build_outer_optimizer
 from diloco.outer.pseudo_gradient import flatten_params
 from diloco.outer.sync import OuterHyperparams, OuterSync
@@ -102,6 +103,8 @@ def build_runtime(
 
     torch.manual_seed(config.run.seed)
     prototype = build_model(config.model, context=config.data.seq_len)
+    if config.run.init_from:
+        load_weights_(prototype, config.run.init_from, key="run.init_from")
     numel = flatten_params(list(prototype.parameters())).numel()
     outer = config.outer
     codec = build_codec(
@@ -142,7 +145,7 @@ def build_runtime(
             seed=config.run.seed,
         )
     )
-    total_steps = outer.rounds * outer.inner_steps
+    total_steps = outer.schedule().total_steps()
     hyper = OuterHyperparams(
         inner_steps=outer.inner_steps,
         error_feedback=outer.error_feedback,

@@ -30,13 +30,17 @@ class ReportsMetrics(Protocol):
 
 def run_rounds(runtime: Runtime, start_round: int, events: RunEvents | None) -> None:
     config = runtime.config
-    steps = config.outer.inner_steps
+    schedule = config.outer.schedule()
     if events is not None:
-        per_round = steps * len(runtime.hosted)
-        events.on_start(config.outer.rounds * per_round, start_round * per_round)
+        hosted = len(runtime.hosted)
+        events.on_start(
+            schedule.total_steps() * hosted, schedule.steps_before(start_round) * hosted
+        )
     on_step = events.on_step if events is not None else None
     lead = runtime.hosted[0].outer
     while lead.round < config.outer.rounds:
+        # H, or one step in the synchronous warm phase (outer.warmup_rounds).
+        steps = schedule.steps_in_round(lead.round)
         begin = time.perf_counter()
         works = [island.run_inner(steps, on_step) for island in runtime.hosted]
         train_loss = torch.stack([w.loss_sum for w in works]).sum().item() / (steps * len(works))

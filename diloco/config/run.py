@@ -48,6 +48,12 @@ class RunConfig:
     (0: only after the last round)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep on disk."""
+    init_from: str = ""
+    """A warm start: the initial weights of every island, from a diloco checkpoint
+    (run.dir/checkpoints/round-*.safetensors), a safetensors or torch state_dict of the model, or
+    a Hugging Face directory (config.json + safetensors). Read when a run starts afresh (a
+    resumed run takes its checkpoint); every island must be given the same weights (their hash
+    is in the group fingerprint)."""
     resume: bool = True
     """Resume from the newest checkpoint in run.dir when there is one (metrics.jsonl rows
     written after it are dropped); false, or no checkpoint: start at round 0 with a new

@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pickle
-import re
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from diloco.checkpoint.store import load_checkpoint
 from diloco.data.corpus import load_stdlib_corpus
 from diloco.data.selectors.jest_config import ReferenceConfig
 from diloco.data.token_files import read_text_tokens
@@ -29,7 +24,7 @@ from diloco.inner.config import InnerConfig
 from diloco.inner.trainer import InnerTrainer
 from diloco.models.build import build_model
 from diloco.models.flops import train_flops_per_token
-from diloco.outer.pseudo_gradient import copy_flat_into_
+from diloco.models.weights import load_weights_
 
 if TYPE_CHECKING:
     from diloco.data.config import DataConfig
@@ -53,53 +48,13 @@ def reference_model_config(model: ModelConfig, reference: ReferenceConfig) -> Mo
 
 
 def load_reference_(model: nn.Module, path: str) -> None:
-    """Load a diloco checkpoint's shared parameters, or a state_dict, into `model`.
-
-    A diloco checkpoint (`round-*.safetensors`), a safetensors state_dict, or a torch
-    state_dict read with `weights_only=True`: nothing is unpickled, so the file cannot run code.
+    """Load a diloco checkpoint's shared parameters, or a state_dict, into `model` (nothing is
+    unpickled: `diloco/models/weights.py`).
 
     Raises:
         ConfigError: the file is missing, unreadable or does not fit the reference model.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{KEY}.checkpoint: file {path!r} does not exist")
-    try:
-        state = _read_weights(file)
-    except Exception as error:  # any failure to read is the user's file, not our bug
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ConfigError(
-            f"{KEY}.checkpoint: cannot read {path!r}: {first_line or type(error).__name__}"
-        ) from None
-    params = list(model.parameters())
-    numel = sum(p.numel() for p in params)
-    try:
-        if isinstance(state, dict) and "outer" in state:
-            anchor_N = state["outer"]["anchor"]
-            if anchor_N.numel() != numel:
-                raise ValueError(f"it holds {anchor_N.numel()} parameters, the reference {numel}")
-            copy_flat_into_(params, anchor_N)
-        else:
-            model.load_state_dict(state)
-    except (ValueError, RuntimeError, KeyError, TypeError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"{KEY}.checkpoint: {path!r} does not fit: {first_line}") from None
-
-
-def _read_weights(file: Path) -> Any:
-    if file.suffix == ".safetensors":
-        match = re.match(r"^round-(\d+)\.safetensors$", file.name)
-        if match:  # a diloco checkpoint
-            return load_checkpoint(file.parent, int(match.group(1)))
-        return load_file(str(file))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's notes on pickle protocols: not the user's
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise ValueError(
-                "it is not a state_dict of tensors (refused: loading it could run code)"
-            ) from None
+    load_weights_(model, path, key=f"{KEY}.checkpoint")
 
 
 def clean_source(data: DataConfig, seed: int, vocab_size: int) -> TokenWindows:

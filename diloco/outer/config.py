@@ -6,6 +6,7 @@ builder imports its optimizer only when called (the config loads without torch).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,13 @@ from diloco.codecs.registry import CodecName, CodecOptions, ignored_codec_option
 from diloco.errors import require
 
 if TYPE_CHECKING:
+    from diloco.outer.schedule import OuterSchedule
     from diloco.shared_state import OuterOptimizer
+
+
+class OuterLrSchedule(enum.Enum):
+    constant = "constant"
+    cosine = "cosine"
 
 
 @dataclass(kw_only=True)
@@ -30,8 +37,25 @@ class OuterConfig:
     is the averaged pseudo-gradient), returning any torch.optim.Optimizer."""
     lr: float = 0.7
     """Outer learning rate (the paper's best: 0.7); sgd and adam."""
+    lr_schedule: OuterLrSchedule = OuterLrSchedule.constant
+    """constant (the paper: decaying the outer lr gave nothing) or cosine: from outer.lr down to
+    outer.lr * outer.min_lr_ratio over the rounds after the warm phase (a factory optimizer's
+    own lr is scaled the same way)."""
+    min_lr_ratio: float = 0.0
+    """cosine: where the outer lr ends, as a share of outer.lr, in [0, 1]."""
     momentum: float = 0.9
     """Outer momentum mu in [0, 1) (the paper's best: 0.9); sgd."""
+    momentum_warmup_rounds: int = 0
+    """sgd: the outer momentum ramps linearly from 0 to outer.momentum over this many rounds
+    after the warm phase (0: full momentum from the first round)."""
+    warmup_rounds: int = 0
+    """A synchronous warm phase: the first this-many rounds have one inner step each and apply
+    the mean as plain SGD at outer.warmup_lr without momentum, which tracks data-parallel
+    training while the loss falls fastest (docs/results/regime.md); then rounds of
+    outer.inner_steps. The islands send one payload per warm round."""
+    warmup_lr: float = 1.0
+    """The outer lr of a warm-phase round (sqrt(transport.islands) tracked the k-times-batch run
+    best in docs/results/regime.md)."""
     nesterov: bool = True
     """Nesterov momentum for the outer SGD step (false: heavy-ball momentum); sgd."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -75,7 +99,21 @@ class OuterConfig:
             self.optimizer,
         )
         require(self.lr > 0, "outer.lr", "> 0", self.lr)
+        require(0 <= self.min_lr_ratio <= 1, "outer.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
         require(0 <= self.momentum < 1, "outer.momentum", "in [0, 1)", self.momentum)
+        require(
+            self.momentum_warmup_rounds >= 0,
+            "outer.momentum_warmup_rounds",
+            ">= 0",
+            self.momentum_warmup_rounds,
+        )
+        require(
+            0 <= self.warmup_rounds < self.rounds,
+            "outer.warmup_rounds",
+            f"in [0, outer.rounds={self.rounds})",
+            self.warmup_rounds,
+        )
+        require(self.warmup_lr > 0, "outer.warmup_lr", "> 0", self.warmup_lr)
         require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             "outer.betas",
@@ -110,24 +148,47 @@ class OuterConfig:
         if not self.error_feedback and self.error_feedback_decay != default.error_feedback_decay:
             ignored.append("outer.error_feedback_decay")
         reads = _OPTIMIZER_READS.get(self.optimizer, ("optimizer_args",))
-        ignored += [
-            f"outer.{key}"
-            for key in ("lr", "momentum", "nesterov", "betas", "eps", "optimizer_args")
-            if key not in reads and getattr(self, key) != getattr(default, key)
-        ]
+        optimizer_keys = ("lr", "momentum", "momentum_warmup_rounds", "nesterov", "betas", "eps")
+        unread = [key for key in (*optimizer_keys, "optimizer_args") if key not in reads]
+        if self.lr_schedule is OuterLrSchedule.constant:
+            unread.append("min_lr_ratio")
+        if self.warmup_rounds == 0:
+            unread.append("warmup_lr")
+        ignored += [f"outer.{key}" for key in unread if getattr(self, key) != getattr(default, key)]
         return ignored
+
+    def schedule(self) -> OuterSchedule:
+        """The round-by-round H, outer lr and momentum these settings give."""
+        from diloco.outer.schedule import OuterSchedule
+
+        return OuterSchedule(
+            rounds=self.rounds,
+            inner_steps=self.inner_steps,
+            warmup_rounds=self.warmup_rounds,
+            warmup_lr=self.warmup_lr,
+            lr=self.lr,
+            lr_schedule=self.lr_schedule.value,
+            min_lr_ratio=self.min_lr_ratio,
+            momentum=self.momentum,
+            momentum_warmup_rounds=self.momentum_warmup_rounds,
+        )
 
 
 def _sgd(config: OuterConfig) -> OuterOptimizer:
     from diloco.outer.optimizers import SgdOuter
 
-    return SgdOuter(lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    return SgdOuter(
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        schedule=config.schedule(),
+    )
 
 
 def _adam(config: OuterConfig) -> OuterOptimizer:
     from diloco.outer.optimizers import adam_outer
 
-    return adam_outer(lr=config.lr, betas=config.betas, eps=config.eps)
+    return adam_outer(lr=config.lr, betas=config.betas, eps=config.eps, schedule=config.schedule())
 
 
 OUTER_OPTIMIZERS: dict[str, Callable[[OuterConfig], OuterOptimizer]] = {
@@ -136,7 +197,7 @@ OUTER_OPTIMIZERS: dict[str, Callable[[OuterConfig], OuterOptimizer]] = {
 }
 # The options each named optimizer reads (a module:factory reads only outer.optimizer_args).
 _OPTIMIZER_READS: dict[str, tuple[str, ...]] = {
-    "sgd": ("lr", "momentum", "nesterov"),
+    "sgd": ("lr", "momentum", "momentum_warmup_rounds", "nesterov"),
     "adam": ("lr", "betas", "eps"),
 }
 
@@ -153,6 +214,8 @@ def build_outer_optimizer(config: OuterConfig) -> OuterOptimizer:
     from diloco.resolve import resolve_factory
 
     factory = resolve_factory(config.optimizer, "outer.optimizer")
-    optimizer = factory_outer(factory, config.optimizer, dict(config.optimizer_args))
+    optimizer = factory_outer(
+        factory, config.optimizer, dict(config.optimizer_args), schedule=config.schedule()
+    )
     probe(optimizer)
     return optimizer

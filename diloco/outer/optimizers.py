@@ -21,19 +21,38 @@ import torch
 
 from diloco.errors import ConfigError
 from diloco.outer.nesterov import nesterov_step_
+from diloco.outer.schedule import OuterSchedule
 
 TorchOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
+@torch.no_grad()
+def warm_step_(anchor_N: torch.Tensor, mean_pseudo_grad_N: torch.Tensor, lr: float) -> None:
+    """A warm-phase round's step: plain SGD, no momentum, the optimizer's state untouched."""
+    anchor_N.add_(mean_pseudo_grad_N, alpha=-lr)
+
+
 class SgdOuter:
-    """SGD with momentum on the flat anchor; the state is one `momentum` buffer."""
+    """SGD with momentum on the flat anchor; the state is one `momentum` buffer.
+
+    With a `schedule`, the learning rate and momentum of each round come from it (and its warm
+    phase takes plain SGD steps); without one, they are `lr` and `momentum` every round.
+    """
 
     name = "sgd"
 
-    def __init__(self, *, lr: float, momentum: float, nesterov: bool):
+    def __init__(
+        self,
+        *,
+        lr: float,
+        momentum: float,
+        nesterov: bool,
+        schedule: OuterSchedule | None = None,
+    ):
         self.lr = lr
         self.momentum = momentum
         self.nesterov = nesterov
+        self.schedule = schedule
 
     def init_state(self, anchor_N: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"momentum": torch.zeros_like(anchor_N)}
@@ -45,16 +64,16 @@ class SgdOuter:
         state: dict[str, torch.Tensor],
         round: int,
     ) -> None:
-        del round  # a constant learning rate
+        lr, mu = self.lr, self.momentum
+        if self.schedule is not None:
+            if self.schedule.is_warm(round):
+                warm_step_(anchor_N, mean_pseudo_grad_N, self.schedule.lr_at(round))
+                return
+            lr, mu = self.schedule.lr_at(round), self.schedule.momentum_at(round)
         if "momentum" not in state:
             state["momentum"] = torch.zeros_like(anchor_N)
         nesterov_step_(
-            anchor_N,
-            mean_pseudo_grad_N,
-            state["momentum"],
-            lr=self.lr,
-            mu=self.momentum,
-            nesterov=self.nesterov,
+            anchor_N, mean_pseudo_grad_N, state["momentum"], lr=lr, mu=mu, nesterov=self.nesterov
         )
 
 
@@ -66,10 +85,18 @@ class TorchOuter:
     per-parameter state must be tensors (every torch optimizer's is).
     """
 
-    def __init__(self, factory: TorchOptimizerFactory, *, name: str, key: str = "outer.optimizer"):
+    def __init__(
+        self,
+        factory: TorchOptimizerFactory,
+        *,
+        name: str,
+        key: str = "outer.optimizer",
+        schedule: OuterSchedule | None = None,
+    ):
         self.factory = factory
         self.name = name
         self._key = key
+        self.schedule = schedule
 
     def init_state(self, anchor_N: torch.Tensor) -> dict[str, torch.Tensor]:
         del anchor_N
@@ -82,12 +109,19 @@ class TorchOuter:
         state: dict[str, torch.Tensor],
         round: int,
     ) -> None:
-        del round
+        schedule = self.schedule
+        if schedule is not None and schedule.is_warm(round):
+            warm_step_(anchor_N, mean_pseudo_grad_N, schedule.lr_at(round))
+            return
         optimizer = self.build([anchor_N])
         if state:
             loaded = optimizer.state_dict()
             loaded["state"] = {0: dict(state)}
             optimizer.load_state_dict(loaded)
+        if schedule is not None and schedule.lr_schedule != "constant":
+            # The schedule scales the optimizer's own learning rate (outer.lr at its peak).
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * schedule.lr_at(round) / schedule.lr
         anchor_N.grad = mean_pseudo_grad_N
         try:
             optimizer.step()
@@ -113,32 +147,44 @@ class TorchOuter:
         return optimizer
 
 
-def adam_outer(*, lr: float, betas: Sequence[float], eps: float) -> TorchOuter:
+def adam_outer(
+    *,
+    lr: float,
+    betas: Sequence[float],
+    eps: float,
+    schedule: OuterSchedule | None = None,
+) -> TorchOuter:
     """Adam as the outer optimizer (the DiLoCo paper found it worse than Nesterov SGD)."""
     beta1, beta2 = betas
 
     def build(params: list[torch.Tensor]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), eps=eps)
 
-    return TorchOuter(build, name="adam")
+    return TorchOuter(build, name="adam", schedule=schedule)
 
 
 def factory_outer(
-    factory: Callable[..., Any], path: str, args: dict[str, Any], key: str = "outer.optimizer"
+    factory: Callable[..., Any],
+    path: str,
+    args: dict[str, Any],
+    *,
+    key: str = "outer.optimizer",
+    schedule: OuterSchedule | None = None,
 ) -> TorchOuter:
     """A user's `module:factory`, called as `factory(params, **outer.optimizer_args)`."""
 
     def build(params: list[torch.Tensor]) -> torch.optim.Optimizer:
         return factory(params, **args)  # type: ignore[no-any-return]
 
-    return TorchOuter(build, name=path, key=key)
+    return TorchOuter(build, name=path, key=key, schedule=schedule)
 
 
 def probe(optimizer: TorchOuter) -> None:
     """One step on a small tensor, so that a broken factory fails at start, naming the key."""
     anchor_N = torch.zeros(4)
+    unscheduled = TorchOuter(optimizer.factory, name=optimizer.name)  # its own first step
     try:
-        optimizer.step_(anchor_N, torch.ones(4), {}, 0)
+        unscheduled.step_(anchor_N, torch.ones(4), {}, 0)
     except ConfigError:
         raise
     except Exception as error:
