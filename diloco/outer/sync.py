@@ -23,7 +23,8 @@ import torch
 from diloco.codecs.base import Codec, all_finite
 from diloco.errors import TrainingDiverged
 from diloco.outer.error_feedback import compensate, new_residual
-from diloco.outer.pseudo_gradient import copy_flat_into_, flatten_params, pseudo_gradient
+from diloco.outer.pseudo_gradient import pseudo_gradient
+from diloco.outer.shards import ParamShard, WholeParams
 from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
 from diloco.transports.base import SharedStateSource, Transport
 
@@ -61,7 +62,8 @@ class OuterSync:
     """Every H inner steps: average the islands' pseudo-gradients and take the outer step.
 
     Args:
-        params: the model's parameters, updated in place after each round.
+        params: the model's parameters, updated in place after each round; or, on an island of
+            several ranks, this rank's `ParamShard` (`diloco/outer/shards.py`).
         transport: this island's handle on the group.
         codec: how this island's pseudo-gradient is written on the wire.
         optimizer: the outer step (`diloco.outer.optimizers`; the same object every island of
@@ -71,18 +73,18 @@ class OuterSync:
 
     def __init__(
         self,
-        params: Iterable[torch.nn.Parameter],
+        params: Iterable[torch.nn.Parameter] | ParamShard,
         transport: Transport,
         codec: Codec,
         optimizer: OuterOptimizer,
         hyper: OuterHyperparams,
     ):
-        self.params = [p for p in params]
+        self.shard = params if isinstance(params, ParamShard) else WholeParams(list(params))
         self.transport = transport
         self.codec = codec
         self.optimizer = optimizer
         self.hyper = hyper
-        self.anchor_N = flatten_params(self.params)
+        self.anchor_N = self.shard.read()
         # The outer optimizer's state (SGD: the momentum buffer), shared by the group.
         self.outer_state: dict[str, torch.Tensor] = optimizer.init_state(self.anchor_N)
         # This island's own error-feedback residual (never shared); None without error feedback.
@@ -117,7 +119,7 @@ class OuterSync:
                 not finite (nothing is sent, and the caller writes no checkpoint of them).
         """
         start = time.perf_counter()
-        delta_N = pseudo_gradient(self.anchor_N, flatten_params(self.params))
+        delta_N = pseudo_gradient(self.anchor_N, self.shard.read())
         if not all_finite(delta_N):
             raise TrainingDiverged(
                 f"round {self.round}: this island's parameters are not finite after its inner "
@@ -148,7 +150,7 @@ class OuterSync:
                     f"round {self.round}: the shared parameters are not finite after the outer "
                     "step (the training diverged): lower outer.lr"
                 )
-            copy_flat_into_(self.params, self.anchor_N)
+            self.shard.write_(self.anchor_N)
             self._anchor_sha256 = None
             self.round += 1
             self._steps_this_round = 0
@@ -160,11 +162,12 @@ class OuterSync:
             result.bytes_received,
             time.perf_counter() - start,
             adopted=result.adopt is not None,
-            params_sha256=self.params_sha256(),
+            params_sha256=self.shard.island_sha256(self.params_sha256()),
         )
 
     def params_sha256(self) -> str:
-        """sha256 of the shared parameters: equal on every island after every round."""
+        """sha256 of this rank's shard of the shared parameters (of all of them on a one-rank
+        island): equal on every island after every round."""
         if self._anchor_sha256 is None:
             self._anchor_sha256 = params_sha256(self.anchor_N)
         return self._anchor_sha256
@@ -190,7 +193,7 @@ class OuterSync:
         self._steps_this_round = 0
         self._tokens_this_round = 0.0
         self._anchor_sha256 = None
-        copy_flat_into_(self.params, self.anchor_N)
+        self.shard.write_(self.anchor_N)
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -215,7 +218,7 @@ class OuterSync:
         self._steps_this_round = 0
         self._tokens_this_round = 0.0
         self._anchor_sha256 = None
-        copy_flat_into_(self.params, self.anchor_N)
+        self.shard.write_(self.anchor_N)
 
     def _load_outer_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Take the group's outer optimizer state, in this dict (transports may hold it)."""

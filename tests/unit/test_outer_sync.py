@@ -175,11 +175,12 @@ def test_load_state_dict_refuses_another_model_size() -> None:
 def test_params_sha256_tracks_the_parameters() -> None:
     """Equal parameters hash equal; a sync that moves them changes the hash; the hash is
     sha256 of the little-endian fp32 bytes."""
-    a, b = one_island(model(), inner_steps=1), one_island(model(), inner_steps=1)
+    net = model()
+    a, b = one_island(net, inner_steps=1), one_island(model(), inner_steps=1)
     assert a.params_sha256() == b.params_sha256()
     before = a.params_sha256()
     with torch.no_grad():
-        a.params[0][0, 0] += 1.0
+        next(net.parameters())[0, 0] += 1.0
     a.after_inner_step(tokens=1)
     assert a.params_sha256() != before
 
