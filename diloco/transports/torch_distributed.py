@@ -38,6 +38,9 @@ class TorchDistributedTransport:
         backend: gloo or nccl.
         timeout_s: how long a collective may wait for the slowest island.
         store: a rendezvous store made by the caller (tests own theirs).
+        group: on islands of several ranks, the process group of this rank's shard index
+            across islands (rank r of every island, in island order); the world group is
+            then made by the caller. None: the whole world is the group of islands.
     """
 
     def __init__(
@@ -51,13 +54,15 @@ class TorchDistributedTransport:
         backend: str = "gloo",
         timeout_s: float = 600.0,
         store: Any = None,
+        group: Any = None,
     ):
         self.codec = codec
         self.numel = numel
         self.rank = rank
         self.num_islands = num_islands
         self.backend = backend
-        self._owns_group = not dist.is_initialized()
+        self._group = group
+        self._owns_group = group is None and not dist.is_initialized()
         if self._owns_group:
             timeout = datetime.timedelta(seconds=timeout_s)
             if store is not None:
@@ -72,11 +77,16 @@ class TorchDistributedTransport:
                     world_size=num_islands,
                     timeout=timeout,
                 )
-        if (dist.get_rank(), dist.get_world_size()) != (rank, num_islands):
+        place = (dist.get_rank(group), dist.get_world_size(group))
+        if place != (rank, num_islands):
             raise ValueError(
-                f"the process group has rank {dist.get_rank()} of {dist.get_world_size()}, "
+                f"the process group has rank {place[0]} of {place[1]}, "
                 f"the config says transport.rank={rank} of transport.islands={num_islands}"
             )
+        # Collectives name a source by its rank in the world, not in the group.
+        self._world_ranks = (
+            dist.get_process_group_ranks(group) if group is not None else list(range(num_islands))
+        )
         self._comm_device = (
             torch.device("cuda", torch.cuda.current_device())
             if (backend == "nccl")
@@ -87,7 +97,7 @@ class TorchDistributedTransport:
         mine = (sorted(set(available_rounds)), dict(fingerprint))
         everyone: list[Any] = [None] * self.num_islands
         # Lists of ints and strings only; the objects come from our own group's processes.
-        dist.all_gather_object(everyone, mine)
+        dist.all_gather_object(everyone, mine, group=self._group)
         check_fingerprints([fp for _, fp in everyone])
         return newest_common_round([rounds for rounds, _ in everyone])
 
@@ -108,7 +118,7 @@ class TorchDistributedTransport:
         if self.codec.name == "none":
             scaled = self.codec.decode(payload, self.numel).to(self._comm_device)
             scaled.mul_(weight / total)
-            dist.all_reduce(scaled, op=dist.ReduceOp.SUM)
+            dist.all_reduce(scaled, op=dist.ReduceOp.SUM, group=self._group)
             wire = ring_allreduce_bytes(payload.numel(), self.num_islands)
             return AverageResult(scaled.to(home), self.num_islands, wire, wire)
         decoded = [self.codec.decode(p, self.numel) for p in self._gather(payload)]
@@ -127,7 +137,7 @@ class TorchDistributedTransport:
         gathered = []
         for source in range(self.num_islands):
             buffer = mine if source == self.rank else torch.empty_like(mine)
-            dist.broadcast(buffer, src=source)
+            dist.broadcast(buffer, src=self._world_ranks[source], group=self._group)
             gathered.append(buffer)
         return gathered
 
@@ -139,6 +149,6 @@ class TorchDistributedTransport:
     def _exchange_weights(self, weight: float, round: int) -> tuple[list[float], list[int]]:
         mine = torch.tensor([[weight, float(round)]], dtype=torch.float64, device=self._comm_device)
         everyone = [torch.empty_like(mine) for _ in range(self.num_islands)]
-        dist.all_gather(everyone, mine)
+        dist.all_gather(everyone, mine, group=self._group)
         rows = torch.cat(everyone).cpu().tolist()
         return [row[0] for row in rows], [int(row[1]) for row in rows]
