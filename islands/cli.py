@@ -1,6 +1,9 @@
 """`diloco-island --config FILE [dotted.key=value ...]`: parse, run, report, exit.
 
-Exit codes: 0 success, 1 runtime failure, 2 usage or config error, 130 interrupted.
+Two more commands share the config: `diloco-island status --config FILE` (how the run is
+doing) and `diloco-island export --config FILE --out DIR` (the shared model as a Hugging Face
+directory). Exit codes: 0 success, 1 runtime failure (or a run that cannot be reached), 2 usage
+or config error, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+import diloco
 from diloco.config import load_config, to_yaml
 from diloco.errors import ConfigError
+
+COMMANDS = ("status", "export")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,16 +33,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(
-        prog="diloco-island",
-        description="Run one DiLoCo island (or, with transport.kind=local, a whole group).",
-        epilog="Example: diloco-island --config configs/demo.yaml outer.inner_steps=100",
-    )
-    parser.add_argument("--config", required=True, help="the island's YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    parser.add_argument("--print-config", action="store_true", help="print the config and exit")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else "run"
+    parser = _parser(command)
+    args = parser.parse_args(argv[1:] if command != "run" else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -44,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         config = load_config(args.config, args.overrides)
+        if command == "status":
+            return _status(config, as_json=args.json)
+        if command == "export":
+            return _export(config, args.out)
         if args.print_config:
             print(to_yaml(config), end="")
             return 0
@@ -64,6 +68,60 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = _one_line(f"{type(error).__name__}: {error}")
         return _fail(1, f"{message} (run with --debug for the traceback)")
+
+
+def _parser(command: str) -> _Parser:
+    if command == "status":
+        parser = _Parser(
+            prog="diloco-island status",
+            description="How the run is doing: from the coordinator (grpc), the DHT (hivemind) "
+            "or run.dir's metrics (local, torch). Exit 0 when the run is reachable, 1 if not.",
+        )
+        parser.add_argument("--json", action="store_true", help="print the status document")
+    elif command == "export":
+        parser = _Parser(
+            prog="diloco-island export",
+            description="Write the run's shared model (its newest checkpoint) as a Hugging "
+            "Face directory that AutoModelForCausalLM.from_pretrained loads.",
+        )
+        parser.add_argument("--out", required=True, help="the directory to write")
+    else:
+        parser = _Parser(
+            prog="diloco-island",
+            description="Run one DiLoCo island (or, with transport.kind=local, a whole group). "
+            "Also: diloco-island status --config FILE, diloco-island export --config FILE "
+            "--out DIR.",
+            epilog="Example: diloco-island --config configs/demo.yaml outer.inner_steps=100",
+        )
+        parser.add_argument("--print-config", action="store_true", help="print the config and exit")
+        parser.add_argument("--version", action="version", version=f"diloco {diloco.__version__}")
+    parser.add_argument("--config", required=True, help="the island's YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return parser
+
+
+def _status(config: Any, *, as_json: bool) -> int:
+    from islands.status import run_status
+    from islands.status_fetch import fetch_coordinator, fetch_hivemind
+
+    code, text = run_status(
+        config, fetch_coordinator=fetch_coordinator, fetch_hivemind=fetch_hivemind, as_json=as_json
+    )
+    if code:
+        return _fail(code, text)
+    print(text)
+    return 0
+
+
+def _export(config: Any, out: str) -> int:
+    from pathlib import Path
+
+    from islands.export import export_run
+
+    directory, round = export_run(config, Path(out))
+    print(f"diloco: the shared model after round {round} is in {directory}/ (from_pretrained)")
+    return 0
 
 
 def _run(config: Any) -> int:

@@ -21,15 +21,17 @@ import torch
 
 from diloco.checkpoint.atomic import write_atomic
 from diloco.codecs.registry import build_codec
-from diloco.config import IslandConfig
+from diloco.config import IslandConfig, to_container
 from diloco.config.checks import check_gpt_memory, host_memory_bytes
 from diloco.config.run import Device, Precision
 from diloco.data.factory import build_data_sources
 from diloco.data.selectors.base import SelectorSetup
 from diloco.data.selectors.config import build_selectors
 from diloco.errors import ConfigError
+from diloco.inner.compile import compile_inner_model
 from diloco.inner.trainer import InnerTrainer
 from diloco.metrics import MetricsWriter
+from diloco.metrics.wandb_log import WandbLogger
 from diloco.models.build import build_model
 from diloco.models.flops import train_flops_per_token
 from diloco.models.weights import load_weights_
@@ -41,7 +43,7 @@ from diloco.transports.config import build_transports, hosts_every_island
 from islands.fingerprint import group_fingerprint, group_settings
 from islands.hosted import HostedIsland
 from islands.loop import run_rounds
-from islands.outputs import check_tensorboard, open_tensorboard, write_summary
+from islands.outputs import check_tensorboard, open_tensorboard, write_plot, write_summary
 from islands.resume import resume
 from islands.runtime import RunEvents, Runtime
 
@@ -69,14 +71,19 @@ def run_island(
         start_round = resume(runtime)
         # Opened once the run's folder is settled (a fresh start moves an earlier run aside).
         runtime.tensorboard = open_tensorboard(config, runtime.out_dir)
+        runtime.wandb = WandbLogger.open(config.run.wandb, runtime.out_dir, to_container(config))
         run_rounds(runtime, start_round, events)
-        return write_summary(runtime)
+        summary = write_summary(runtime)
+        write_plot(runtime)
+        return summary
     finally:
         runtime.abort()
         for island in runtime.hosted:
             island.outer.transport.close()
         if runtime.tensorboard is not None:
             runtime.tensorboard.close()
+        if runtime.wandb is not None:
+            runtime.wandb.close()
 
 
 def build_runtime(
@@ -102,9 +109,11 @@ def build_runtime(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.run.seed)
-    prototype = build_model(config.model, context=config.data.seq_len)
+    data_vocab = _data_vocab_size(config)
+    prototype = build_model(config.model, context=config.data.seq_len, data_vocab_size=data_vocab)
     if config.run.init_from:
         load_weights_(prototype, config.run.init_from, key="run.init_from")
+    model_vocab = int(getattr(prototype, "vocab_size", config.model.vocab_size))
     numel = flatten_params(list(prototype.parameters())).numel()
     outer = config.outer
     codec = build_codec(
@@ -133,7 +142,8 @@ def build_runtime(
         islands=ranks,
         num_islands=config.transport.islands,
         seed=config.run.seed,
-        vocab_size=config.model.vocab_size,
+        vocab_size=model_vocab,
+        cache_dir=Path(config.run.dir) / "token-cache",
     )
     selectors = build_selectors(
         SelectorSetup(
@@ -157,11 +167,12 @@ def build_runtime(
         ranks, built.transports, sources, selectors, strict=True
     ):
         model = copy.deepcopy(prototype).to(device)
+        inner_model = compile_inner_model(model, config.run.compile)  # shares model's parameters
         hosted.append(
             HostedIsland(
                 rank=rank_i,
                 model=model,
-                trainer=InnerTrainer(model, config.inner, total_steps, device, bf16),
+                trainer=InnerTrainer(inner_model, config.inner, total_steps, device, bf16),
                 data=source,
                 selector=selector,
                 outer=OuterSync(model.parameters(), transport, codec, optimizer, hyper),
@@ -188,6 +199,15 @@ def build_runtime(
         fingerprint=fingerprint,
         metrics=MetricsWriter(out_dir / "metrics.jsonl"),
     )
+
+
+def _data_vocab_size(config: IslandConfig) -> int | None:
+    """The vocabulary of the data's token ids, when the data source says it before it runs."""
+    if config.data.name == "hf":
+        from diloco.data.hf_tokenizer import load_tokenizer
+
+        return load_tokenizer(config.data.hf.tokenizer).vocab_size
+    return 256 if config.data.name in ("stdlib", "text") else None  # bytes
 
 
 def _check_memory(config: IslandConfig, device: torch.device) -> None:

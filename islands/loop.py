@@ -65,6 +65,8 @@ def run_rounds(runtime: Runtime, start_round: int, events: RunEvents | None) -> 
         row = metrics_row(runtime, done, works[0], results[0], train_loss, val_loss, timings)
         runtime.metrics.write(row)
         log_tensorboard(runtime, row)
+        if runtime.wandb is not None:
+            runtime.wandb.log(row)
         _report(runtime, row)
         if events is not None:
             events.on_round(row)

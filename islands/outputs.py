@@ -6,6 +6,7 @@ The output contract is in docs/output.md; the field names here are public.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,13 @@ import torch
 from diloco.checkpoint.atomic import write_atomic
 from diloco.config import IslandConfig, to_container
 from diloco.errors import ConfigError
-from diloco.metrics.jsonl import to_strict_json
+from diloco.metrics.jsonl import read_metrics, to_strict_json
 from diloco.outer.sync import SyncResult
 from diloco.transports.base import ring_allreduce_bytes
 from islands.hosted import RoundWork
 from islands.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,15 @@ def _summary_writer() -> Any:
             "pip install tensorboard"
         ) from None
     return SummaryWriter
+
+
+def write_plot(runtime: Runtime) -> None:
+    """loss.png next to metrics.jsonl: train/val loss against tokens and against bytes sent."""
+    from diloco.metrics.plots import plots_available, write_loss_plot
+
+    rows = read_metrics(runtime.metrics.path)
+    if not write_loss_plot(rows, runtime.out_dir / "loss.png") and not plots_available():
+        log.info("no loss.png: matplotlib is not installed (pip install -e '.[plots]')")
 
 
 def log_tensorboard(runtime: Runtime, row: dict[str, Any]) -> None:

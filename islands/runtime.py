@@ -40,6 +40,8 @@ class Runtime:
     """What every island of the group must share (see `group_fingerprint`)."""
     metrics: MetricsWriter
     tensorboard: Any = None
+    wandb: Any = None
+    """A `WandbLogger` when run.wandb is on."""
     timings: dict[str, float] = field(default_factory=lambda: {"compute_s": 0.0, "sync_s": 0.0})
 
     @property

@@ -7,9 +7,10 @@ to one component of the library.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from diloco.errors import require
+from diloco.metrics.wandb_config import WandbConfig
 
 
 class Device(enum.Enum):
@@ -64,12 +65,20 @@ class RunConfig:
     """Also write TensorBoard events to run.dir/tensorboard (needs the tensorboard package)."""
     threads: int = 0
     """torch intra-op threads on cpu (0: leave torch's default)."""
+    compile: bool = False
+    """torch.compile the inner model (the first steps pay the compilation; bench/compile.py
+    measures what it buys on this machine)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Also log every metrics row to Weights & Biases (needs the wandb extra)."""
 
     def __post_init__(self) -> None:
         require(bool(self.dir), "run.dir", "a non-empty path", self.dir)
         require(self.checkpoint_every >= 0, "run.checkpoint_every", ">= 0", self.checkpoint_every)
         require(self.keep_checkpoints >= 1, "run.keep_checkpoints", ">= 1", self.keep_checkpoints)
         require(self.threads >= 0, "run.threads", ">= 0", self.threads)
+
+    def ignored_options(self) -> list[str]:
+        return self.wandb.ignored_options()
 
 
 @dataclass(kw_only=True)

@@ -48,6 +48,7 @@ class IslandConfig:
 
     def ignored_options(self) -> list[str]:
         """Every key set to a non-default value that this configuration never reads."""
-        ignored = self.model.ignored_options() + self.data.ignored_options()
+        ignored = self.run.ignored_options()
+        ignored += self.model.ignored_options() + self.data.ignored_options()
         ignored += self.outer.ignored_options() + self.transport.ignored_options()
         return list(dict.fromkeys(ignored))

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from diloco.data.hf_config import HfDataConfig
 from diloco.data.selectors.config import SelectorConfig
 from diloco.errors import ConfigError, require
 
@@ -19,7 +20,8 @@ class TokenDtype(enum.Enum):
 class DataConfig:
     name: str = "stdlib"
     """stdlib (the running Python's standard-library sources), text (data.path is a text
-    file), tokens (data.path is a nanoGPT-style .bin token file) or module:factory."""
+    file), tokens (data.path is a nanoGPT-style .bin token file), hf (local jsonl, parquet, txt
+    or datasets files and a tokenizer: data.hf) or module:factory."""
     path: str = ""
     """The training file for text and tokens."""
     val_path: str = ""
@@ -39,15 +41,20 @@ class DataConfig:
     """Data selection in front of each island's inner loop (local, never sent)."""
     args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for a module:factory data source (its own options)."""
+    hf: HfDataConfig = field(default_factory=HfDataConfig)
+    """data.name hf: documents from local files, tokenized once into a cache under run.dir
+    (needs the hf extra: pip install -e ".[hf]")."""
 
     def __post_init__(self) -> None:
-        known = ("stdlib", "text", "tokens")
+        known = ("stdlib", "text", "tokens", "hf")
         require(
             self.name in known or ":" in self.name,
             "data.name",
-            "stdlib, text, tokens or module:factory",
+            "stdlib, text, tokens, hf or module:factory",
             self.name,
         )
+        if self.name == "hf":
+            self.hf.require()
         if self.name in ("text", "tokens") and not self.path:
             raise ConfigError(f"data.path must name a file when data.name is {self.name!r}")
         require(0 < self.val_fraction < 1, "data.val_fraction", "in (0, 1)", self.val_fraction)
@@ -64,6 +71,10 @@ class DataConfig:
         ignored = []
         if ":" not in self.name and self.args:
             ignored.append("data.args")
+        if self.name != "hf" and self.hf != DataConfig().hf:
+            ignored.append("data.hf")
+        if self.name == "hf" and (self.path or self.val_path):
+            ignored += [key for key in ("data.path", "data.val_path") if getattr(self, key[5:])]
         if self.val_path and self.val_fraction != DataConfig().val_fraction:
             ignored.append("data.val_fraction")
         return ignored + self.selector.ignored_options()

@@ -18,13 +18,32 @@ from diloco.resolve import call_factory
 
 
 def build_data_sources(
-    config: DataConfig, *, islands: Sequence[int], num_islands: int, seed: int, vocab_size: int
+    config: DataConfig,
+    *,
+    islands: Sequence[int],
+    num_islands: int,
+    seed: int,
+    vocab_size: int,
+    cache_dir: Path | None = None,
 ) -> list[DataSource]:
     """One data source per island in `islands` (the files are read once and shared).
+
+    `cache_dir` holds data.name hf's tokenized documents (shared by a run's islands).
 
     Raises:
         ConfigError: a named file is missing or unreadable, or a factory is not importable.
     """
+    if config.name == "hf":
+        from diloco.data.hf_text import build_hf_sources
+
+        return build_hf_sources(
+            config,
+            islands=islands,
+            num_islands=num_islands,
+            seed=seed,
+            vocab_size=vocab_size,
+            cache_dir=cache_dir if cache_dir is not None else Path("token-cache"),
+        )
     if ":" in config.name:
         return [_from_factory(config, island, num_islands, seed) for island in islands]
     train, val = _load_tokens(config)

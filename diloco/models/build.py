@@ -1,4 +1,5 @@
-"""Building the model a config names: the built-in GPT, or a user's `module:factory`."""
+"""Building the model a config names: the built-in GPT, a Hugging Face causal LM (`hf`), or a
+user's `module:factory`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ from diloco.models.gpt import GPT, GPTConfig
 from diloco.resolve import call_factory
 
 
-def build_model(config: ModelConfig, context: int) -> nn.Module:
-    """The model named by `config` (GPT with `context` positions, or a user factory)."""
+def build_model(config: ModelConfig, context: int, data_vocab_size: int | None = None) -> nn.Module:
+    """The model named by `config` (GPT with `context` positions, an HF model, or a user
+    factory); `data_vocab_size` is the data's vocabulary when known (an HF model's must hold
+    it, and an inline HF config without vocab_size takes it)."""
+    if config.name == "hf":
+        from diloco.models.hf import build_hf_model
+
+        return build_hf_model(config.hf, seq_len=context, vocab_size=data_vocab_size)
     if config.name == "gpt":
         return GPT(
             GPTConfig(

@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diloco.errors import ConfigError, require
+from diloco.models.hf_config import HfModelConfig
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "gpt"
-    """gpt (the built-in small GPT) or module:factory returning an nn.Module whose forward
-    on a batch returns the scalar loss."""
+    """gpt (the built-in small GPT), hf (a Hugging Face causal LM from local files: model.hf)
+    or module:factory returning an nn.Module whose forward on a batch returns the scalar
+    loss."""
     n_layer: int = 4
     """GPT: transformer blocks."""
     n_head: int = 4
@@ -26,11 +28,19 @@ class ModelConfig:
     """GPT: dropout probability."""
     args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for a module:factory model."""
+    hf: HfModelConfig = field(default_factory=HfModelConfig)
+    """model.name hf: any AutoModelForCausalLM-compatible model, random from a config or
+    pretrained from a local directory (needs the hf extra: pip install -e ".[hf]")."""
 
     def __post_init__(self) -> None:
         require(
-            self.name == "gpt" or ":" in self.name, "model.name", "gpt or module:factory", self.name
+            self.name in ("gpt", "hf") or ":" in self.name,
+            "model.name",
+            "gpt, hf or module:factory",
+            self.name,
         )
+        if self.name == "hf":
+            self.hf.require()
         require(self.n_layer >= 1, "model.n_layer", ">= 1", self.n_layer)
         require(self.n_head >= 1, "model.n_head", ">= 1", self.n_head)
         if self.d_model < 1 or self.d_model % self.n_head:
@@ -44,9 +54,14 @@ class ModelConfig:
     def ignored_options(self) -> list[str]:
         """The keys set to non-defaults that this model never reads."""
         default = ModelConfig()
+        ignored = []
         if self.name != "gpt":
             gpt_keys = ("n_layer", "n_head", "d_model", "vocab_size", "dropout")
-            return [
+            ignored += [
                 f"model.{key}" for key in gpt_keys if getattr(self, key) != getattr(default, key)
             ]
-        return ["model.args"] if self.args else []
+        if ":" not in self.name and self.args:
+            ignored.append("model.args")
+        if self.name != "hf" and self.hf != default.hf:
+            ignored.append("model.hf")
+        return ignored
