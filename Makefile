@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	# Install the CPU build of torch first when none is importable: an unpinned torch
 	# would pull a CUDA build of several GB.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[dev,tensorboard,hivemind,hf,wandb,plots]"
+	$(BIN)/pip install -e ".[dev,tensorboard,hivemind,hf,wandb,plots,kernels]"
 	touch $(STAMP)
 
 demo: $(STAMP)
