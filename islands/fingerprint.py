@@ -39,6 +39,9 @@ def group_settings(config: IslandConfig) -> dict[str, str]:
             f"{outer.codec.value}, {outer.block_size}, {outer.topk_fraction}"
         ),
         "outer.optimizer": optimizer_settings(config),
+        "outer.fragments, overlap_steps, mix, eager": (
+            f"{outer.fragments}, {outer.overlap_steps}, {outer.mix}, {outer.eager}"
+        ),
         "transport.islands": str(config.transport.islands),
     }
 

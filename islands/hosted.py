@@ -18,7 +18,9 @@ from torch import nn
 from diloco.data.base import Batch, DataSource
 from diloco.data.selectors.base import Selector
 from diloco.inner.trainer import InnerTrainer
+from diloco.outer.streaming import StreamingSync
 from diloco.outer.sync import OuterSync, SyncResult
+from diloco.transports.base import Transport
 
 T = TypeVar("T")
 
@@ -45,7 +47,10 @@ class HostedIsland:
     trainer: InnerTrainer
     data: DataSource
     selector: Selector
-    outer: OuterSync
+    outer: OuterSync | None
+    """The blocking outer sync (None when the run streams: `stream`)."""
+    stream: StreamingSync | None = None
+    """Streaming DiLoCo's outer loop (outer.fragments > 1 or outer.overlap_steps > 0)."""
     tokens: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -94,8 +99,36 @@ class HostedIsland:
             ),
         }
 
+    @property
+    def blocking(self) -> OuterSync:
+        assert self.outer is not None, "a streaming island has no blocking sync"
+        return self.outer
+
+    @property
+    def round(self) -> int:
+        """Outer rounds this island has completed."""
+        return self.stream.round if self.stream is not None else self.blocking.round
+
+    def shared_sha256(self) -> str:
+        """The hash of the shared parameters this island holds."""
+        if self.stream is not None:
+            return self.stream.params_sha256()
+        return self.blocking.params_sha256()
+
+    def shared_flat(self) -> torch.Tensor:
+        """The shared parameters as one flat vector in parameter order."""
+        if self.stream is not None:
+            return self.stream.shared_flat()
+        return self.blocking.anchor_N.cpu()
+
+    def transports(self) -> list[Transport]:
+        """This island's transports: one, or one per fragment when it streams."""
+        if self.stream is not None:
+            return [fragment.transport for fragment in self.stream.fragments]
+        return [self.blocking.transport]
+
     def sync(self, tokens: int) -> SyncResult:
-        result = self.outer.sync(tokens)
+        result = self.blocking.sync(tokens)
         self.bytes_sent += result.bytes_sent
         self.bytes_received += result.bytes_received
         return result
@@ -112,14 +145,19 @@ class HostedIsland:
         }
         # The error-feedback residual is this island's own, unlike the shared outer state
         # that the checkpoint keeps once for all hosted islands.
-        if self.outer.residual_N is not None:
+        if self.outer is not None and self.outer.residual_N is not None:
             state["residual"] = self.outer.residual_N.cpu()
+        if self.stream is not None:
+            state["stream"] = self.stream.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trainer.load_state_dict(state["trainer"])
         self.data.load_state_dict(state["data"])
-        self.outer.load_residual(state.get("residual"))
+        if self.outer is not None:
+            self.outer.load_residual(state.get("residual"))
+        if self.stream is not None:
+            self.stream.load_state_dict(state["stream"])
         self.tokens = int(state["tokens"])
         self.bytes_sent = int(state["bytes_sent"])
         self.bytes_received = int(state["bytes_received"])
@@ -158,12 +196,15 @@ def join_all(
     abort: Callable[[], None],
 ) -> int | None:
     """Every hosted island's join, concurrently: a collective, like the average."""
-    calls = [
-        partial(island.outer.transport.join, available_rounds, fingerprint) for island in hosted
-    ]
-    rounds = _concurrently(calls, abort)
-    assert len(set(rounds)) == 1, f"hosted islands joined at different rounds: {rounds}"
-    return rounds[0]
+    answers: list[int | None] = []
+    for lane in range(len(hosted[0].transports())):  # every lane is its own group
+        calls = [
+            partial(island.transports()[lane].join, available_rounds, fingerprint)
+            for island in hosted
+        ]
+        answers += _concurrently(calls, abort)
+    assert len(set(answers)) == 1, f"hosted islands joined at different rounds: {answers}"
+    return answers[0]
 
 
 def _concurrently(calls: Sequence[Callable[[], T]], abort: Callable[[], None]) -> list[T]:

@@ -46,6 +46,7 @@ from islands.loop import run_rounds
 from islands.outputs import check_tensorboard, open_tensorboard, write_plot, write_summary
 from islands.resume import resume
 from islands.runtime import RunEvents, Runtime
+from islands.streaming import build_lanes, run_streaming
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,20 @@ def run_island(
         # Opened once the run's folder is settled (a fresh start moves an earlier run aside).
         runtime.tensorboard = open_tensorboard(config, runtime.out_dir)
         runtime.wandb = WandbLogger.open(config.run.wandb, runtime.out_dir, to_container(config))
-        run_rounds(runtime, start_round, events)
+        if config.outer.streaming:
+            run_streaming(runtime, events)
+        else:
+            run_rounds(runtime, start_round, events)
         summary = write_summary(runtime)
         write_plot(runtime)
         return summary
     finally:
         runtime.abort()
         for island in runtime.hosted:
-            island.outer.transport.close()
+            for transport in island.transports():
+                transport.close()
+            if island.stream is not None:
+                island.stream.close()
         if runtime.tensorboard is not None:
             runtime.tensorboard.close()
         if runtime.wandb is not None:
@@ -122,21 +129,21 @@ def build_runtime(
     optimizer = build_outer_optimizer(outer)
     fingerprint = group_fingerprint(config, prototype)
     write_atomic(out_dir / "fingerprint.json", json.dumps(fingerprint, indent=2) + "\n")
-    built = build_transports(
-        TransportSetup(
-            config=config.transport,
-            codec=codec,
-            numel=numel,
-            ranks=ranks,
-            rounds=outer.rounds,
-            optimizer=optimizer,
-            group_settings=group_settings(config),
-            run_dir=Path(config.run.dir),
-            device=device,
-            store=store,
-            announce=events.on_announce if events is not None else log.info,
-        )
+    setup = TransportSetup(
+        config=config.transport,
+        codec=codec,
+        numel=numel,
+        ranks=ranks,
+        rounds=outer.rounds,
+        optimizer=optimizer,
+        group_settings=group_settings(config),
+        run_dir=Path(config.run.dir),
+        device=device,
+        store=store,
+        announce=events.on_announce if events is not None else log.info,
     )
+    lanes = build_lanes(config, prototype, setup) if outer.streaming else None
+    built = lanes.lead if lanes is not None else build_transports(setup)
     sources = build_data_sources(
         config.data,
         islands=ranks,
@@ -162,7 +169,7 @@ def build_runtime(
         error_feedback_decay=outer.error_feedback_decay,
     )
     flops_per_token = train_flops_per_token(prototype)
-    hosted = []
+    hosted: list[HostedIsland] = []
     for rank_i, transport, source, selector in zip(
         ranks, built.transports, sources, selectors, strict=True
     ):
@@ -175,7 +182,12 @@ def build_runtime(
                 trainer=InnerTrainer(inner_model, config.inner, total_steps, device, bf16),
                 data=source,
                 selector=selector,
-                outer=OuterSync(model.parameters(), transport, codec, optimizer, hyper),
+                outer=None
+                if lanes is not None
+                else OuterSync(model.parameters(), transport, codec, optimizer, hyper),
+                stream=None
+                if lanes is None
+                else lanes.stream(list(model.parameters()), len(hosted), codec, optimizer),
                 flops_per_token=flops_per_token,
             )
         )
@@ -193,7 +205,7 @@ def build_runtime(
         out_dir=out_dir,
         device=device,
         hosted=hosted,
-        abort=built.abort,
+        abort=built.abort if lanes is None else lanes.abort,
         val_batches=[b.inputs for b in sources[0].val_batches(config.eval.batches)],
         numel=numel,
         fingerprint=fingerprint,

@@ -37,7 +37,7 @@ def run_rounds(runtime: Runtime, start_round: int, events: RunEvents | None) -> 
             schedule.total_steps() * hosted, schedule.steps_before(start_round) * hosted
         )
     on_step = events.on_step if events is not None else None
-    lead = runtime.hosted[0].outer
+    lead = runtime.hosted[0].blocking
     while lead.round < config.outer.rounds:
         # H, or one step in the synchronous warm phase (outer.warmup_rounds).
         steps = schedule.steps_in_round(lead.round)
@@ -62,7 +62,7 @@ def run_rounds(runtime: Runtime, start_round: int, events: RunEvents | None) -> 
             config.eval.every > 0 and done % config.eval.every == 0
         )
         val_loss = runtime.hosted[0].trainer.evaluate(runtime.val_batches) if evaluate else None
-        row = metrics_row(runtime, done, works[0], results[0], train_loss, val_loss, timings)
+        row = metrics_row(runtime, done, works[0], train_loss, val_loss, timings, results[0])
         runtime.metrics.write(row)
         log_tensorboard(runtime, row)
         if runtime.wandb is not None:
@@ -87,6 +87,6 @@ def _report(runtime: Runtime, row: Mapping[str, object]) -> None:
         if key in _REPORTED and isinstance(value, (int, float))
     }
     for island in runtime.hosted:
-        transport = island.outer.transport
-        if isinstance(transport, ReportsMetrics):
-            transport.note_metrics(figures)
+        for transport in island.transports():
+            if isinstance(transport, ReportsMetrics):
+                transport.note_metrics(figures)

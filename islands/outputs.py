@@ -41,7 +41,7 @@ def write_summary(runtime: Runtime) -> dict[str, Any]:
     compute_s = runtime.timings["compute_s"]
     group_tokens = sum(island.tokens for island in runtime.hosted)
     summary = {
-        "rounds": first.outer.round,
+        "rounds": first.round,
         "islands": runtime.num_islands,
         "hosted_islands": [island.rank for island in runtime.hosted],
         "inner_steps": first.trainer.step_count,
@@ -56,7 +56,7 @@ def write_summary(runtime: Runtime) -> dict[str, Any]:
         "compute_s": round(compute_s, 3),
         "sync_s": round(runtime.timings["sync_s"], 3),
         "inner_tokens_per_s": round(group_tokens / compute_s, 1) if compute_s > 0 else None,
-        "params_sha256": first.outer.params_sha256(),
+        "params_sha256": first.shared_sha256(),
         "device": str(runtime.device),
         "run_dir": str(runtime.out_dir),
         "config": to_container(runtime.config),
@@ -69,10 +69,10 @@ def metrics_row(
     runtime: Runtime,
     done: int,
     work: RoundWork,
-    result: SyncResult,
     train_loss: float,
     val_loss: float | None,
     timings: RoundTimings,
+    result: SyncResult | None = None,
 ) -> dict[str, Any]:
     """One metrics.jsonl row (`done` rounds complete) from what the lead island did this round
     (`work`, `result`) and its cumulative counters."""
@@ -89,18 +89,23 @@ def metrics_row(
         "ddp_bytes_sent": work.inner_step * ddp_step_bytes,
         "sync_s": round(timings.sync_s, 6),
         "compute_s": round(timings.compute_s, 6),
-        "islands": result.participants,
+        "islands": result.participants if result is not None else runtime.num_islands,
         "inner_lr": work.inner_lr,
         **work.selection,
-        "params_sha256": result.params_sha256,
+        "params_sha256": result.params_sha256 if result is not None else "",
         "time": round(time.time(), 3),
     }
 
 
 def checkpoint_state(runtime: Runtime) -> dict[str, Any]:
+    lead = runtime.hosted[0]
     return {
         "numel": runtime.numel,
-        "outer": runtime.hosted[0].outer.state_dict(),
+        "outer": (
+            lead.outer.state_dict()
+            if lead.outer is not None
+            else {"anchor": lead.shared_flat(), "streaming": True}
+        ),
         "islands": [{"rank": i.rank, **i.state_dict()} for i in runtime.hosted],
         "rng": {
             "cpu": torch.get_rng_state(),

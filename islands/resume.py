@@ -86,7 +86,13 @@ def _load(runtime: Runtime, state: dict[str, Any], checkpoints: Path, round: int
         )
     islands = {entry["rank"]: entry for entry in state["islands"]}
     for island in runtime.hosted:
-        island.outer.load_state_dict(state["outer"])
+        if island.outer is not None:
+            if state["outer"].get("streaming"):
+                raise ConfigError(
+                    f"the checkpoint in {checkpoints} is of a streaming run (outer.fragments / "
+                    "overlap_steps): resume it with the same settings"
+                )
+            island.outer.load_state_dict(state["outer"])
         island.load_state_dict(islands[island.rank])
     torch.set_rng_state(state["rng"]["cpu"])
     if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
@@ -123,7 +129,9 @@ def _catch_up_with_group(runtime: Runtime) -> int:
     afresh; either way the anchor and outer state are the group's, and it joins at the
     group's next round.
     """
-    lead = runtime.hosted[0].outer
+    if runtime.hosted[0].outer is None:
+        return runtime.hosted[0].round  # streaming: the group resumes together (local, torch)
+    lead = runtime.hosted[0].blocking
     transport = lead.transport
     if not isinstance(transport, SharedStateSource):
         return lead.round
@@ -131,6 +139,6 @@ def _catch_up_with_group(runtime: Runtime) -> int:
     if group_state is not None:
         log.info("joining the group at round %d with its shared state", group_state.round)
         for island in runtime.hosted:
-            island.outer.adopt(group_state)
+            island.blocking.adopt(group_state)
         runtime.metrics.truncate_after(group_state.round)
     return lead.round

@@ -87,6 +87,21 @@ class OuterConfig:
     feedback; SparseLoCo uses 0.95). Lower values forget stale residuals sooner."""
     reset_inner_optimizer: bool = False
     """Reset the inner AdamW state at every round (the paper keeps it)."""
+    fragments: int = 1
+    """P in Streaming DiLoCo (arXiv 2501.18512): the shared parameters are split into P
+    fragments of whole tensors, balanced by size; fragment p syncs once every outer.inner_steps
+    steps, at its own offset, so one fragment is on the wire at a time and peak bytes per sync
+    drop P times. 1: every parameter syncs at the round's end."""
+    overlap_steps: int = 0
+    """tau: a fragment's exchange runs in the background for this many inner steps before its
+    result is merged (0: the island waits for it: blocking DiLoCo). Must be < outer.inner_steps."""
+    mix: float = 0.5
+    """alpha in [0, 1]: with overlap, the merged fragment is alpha * local + (1 - alpha) *
+    shared (the paper's 0.5). Ignored without overlap (the local fragment becomes the shared)."""
+    eager: bool = False
+    """Eager updates (Kale et al. 2025): at a sync point, merge at once an estimate of the
+    shared fragment built from this island's fresh pseudo-gradient and the others' last ones,
+    and correct it when the mean arrives (docs/architecture.md, "Streaming"). Needs overlap."""
 
     def __post_init__(self) -> None:
         require(self.rounds >= 1, "outer.rounds", ">= 1", self.rounds)
@@ -135,6 +150,24 @@ class OuterConfig:
             "in [0, 1]",
             self.error_feedback_decay,
         )
+        require(
+            1 <= self.fragments <= self.inner_steps,
+            "outer.fragments",
+            f"in [1, outer.inner_steps={self.inner_steps}]",
+            self.fragments,
+        )
+        require(
+            0 <= self.overlap_steps < self.inner_steps,
+            "outer.overlap_steps",
+            f"in [0, outer.inner_steps={self.inner_steps}) (tau < H)",
+            self.overlap_steps,
+        )
+        require(0 <= self.mix <= 1, "outer.mix", "in [0, 1]", self.mix)
+
+    @property
+    def streaming(self) -> bool:
+        """Fragments or overlap: the streaming outer loop (P = 1, tau = 0 is the blocking one)."""
+        return self.fragments > 1 or self.overlap_steps > 0
 
     @property
     def codec_options(self) -> CodecOptions:
@@ -154,6 +187,8 @@ class OuterConfig:
             unread.append("min_lr_ratio")
         if self.warmup_rounds == 0:
             unread.append("warmup_lr")
+        if self.overlap_steps == 0:
+            unread += ["mix", "eager"]
         ignored += [f"outer.{key}" for key in unread if getattr(self, key) != getattr(default, key)]
         return ignored
 

@@ -151,6 +151,9 @@ class TransportSetup:
     device: torch.device
     store: Any = None
     """A torch.distributed store made by the caller (tests own theirs)."""
+    lane: str = ""
+    """Which independent exchange this transport carries when an island has several (one per
+    Streaming DiLoCo fragment): transports that name their groups keep lanes apart."""
     announce: Callable[[str], None] = lambda message: None
     """How to tell the user something they must act on (where others can join this island)."""
 
