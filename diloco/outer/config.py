@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from diloco.codecs.registry import CodecName, CodecOptions, ignored_codec_options
-from diloco.errors import require
+from diloco.errors import ConfigError, require
 
 if TYPE_CHECKING:
     from diloco.outer.schedule import OuterSchedule
@@ -163,6 +163,12 @@ class OuterConfig:
             self.overlap_steps,
         )
         require(0 <= self.mix <= 1, "outer.mix", "in [0, 1]", self.mix)
+        if self.streaming and self.warmup_rounds:
+            raise ConfigError(
+                "outer.warmup_rounds works with blocking rounds only (outer.fragments=1, "
+                f"outer.overlap_steps=0), got {self.warmup_rounds} with fragments="
+                f"{self.fragments}, overlap_steps={self.overlap_steps}"
+            )
 
     @property
     def streaming(self) -> bool:
