@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from diloco.codecs import build_codec
-from diloco.transports.base import SharedState
+from diloco.outer.optimizers import SgdOuter
+from diloco.shared_state import SharedState
 from diloco.transports.hivemind.config import HivemindTransportConfig
 
 WINDOW_S = 60.0  # matchmaking window: peers arrive together (barrier), groups fill at once
@@ -63,7 +64,12 @@ def _peer(
     )
     transport = HivemindTransport(
         settings,
-        HivemindGroup(run_id=f"bench{n}{codec_name}", num_islands=n, min_islands=n),
+        HivemindGroup(
+            run_id=f"bench{n}{codec_name}",
+            num_islands=n,
+            optimizer=SgdOuter(lr=0.7, momentum=0.9, nesterov=True),
+            min_islands=n,
+        ),
         codec,
         numel=numel,
         rank=rank,
@@ -75,7 +81,7 @@ def _peer(
             address.put(transport.visible_maddrs)
     transport.join([], {"model": "bench"})
     anchor, momentum = torch.zeros(numel), torch.zeros(numel)
-    transport.shared_state(SharedState(0, anchor, momentum))
+    transport.shared_state(SharedState(0, anchor, {"momentum": momentum}))
     pseudo_grad = torch.randn(numel, generator=torch.Generator().manual_seed(rank)) * 1e-3
     payload = codec.encode(pseudo_grad)
 

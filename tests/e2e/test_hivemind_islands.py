@@ -168,3 +168,41 @@ def test_killed_island_catches_up_from_its_peers(tmp_path: Path) -> None:
     assert rows[14] == 3, "the restarted island was not in the last round"
     rejoined = [round for round in final[2] if round > killed_at + 1]
     assert len(rejoined) >= 2, f"the restarted island did not rejoin: {sorted(final[2])}"
+
+
+TOKEN_ENV = "DILOCO_HIVEMIND_E2E_TOKEN"
+
+
+@pytest.mark.timeout(120)
+def test_a_configured_run_token_that_is_missing_stops_the_island(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    group = Group(tmp_path, 2, f"transport.hivemind.token_env={TOKEN_ENV}")
+    result = finish(group.island(0), 90)
+    assert result.returncode == 2, result.describe()
+    assert f"no run token: ${TOKEN_ENV} (transport.hivemind.token_env) is empty" in result.stderr
+    assert "Traceback" not in result.stderr, result.describe()
+    assert not list(group.run_dir.glob("island-0/metrics.jsonl"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_islands_holding_the_run_token_average_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, "e2e-hivemind-run-token-0123456789")
+    group = Group(
+        tmp_path,
+        2,
+        "outer.rounds=2",
+        "outer.inner_steps=2",
+        "transport.hivemind.matchmaking_s=30",
+        f"transport.hivemind.token_env={TOKEN_ENV}",
+    )
+    results = finish_all([group.island(rank) for rank in range(2)], 240)
+    assert_ok(*results)
+    assert group.hashes(0) == group.hashes(1) and sorted(group.hashes(0)) == [1, 2]
+    for rank in range(2):
+        assert [row["islands"] for row in metrics_rows(group.island_dir(rank))] == [2, 2]
+        assert "e2e-hivemind-run-token" not in results[rank].stdout + results[rank].stderr

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from harness import spawn_children  # noqa: E402
 
 from diloco.codecs import build_codec  # noqa: E402
-from diloco.transports.base import SharedState  # noqa: E402
+from diloco.shared_state import SharedState  # noqa: E402
 from diloco.transports.hivemind.config import HivemindTransportConfig  # noqa: E402
 
 NUMEL = 300_001  # not a multiple of the parts or blocks
@@ -42,6 +42,7 @@ def peer(rank: int, peers: int, codec_name: str, address_file: str, rounds: int)
     # and averager processes; the harness still kills this child on timeout, and those
     # helpers exit with it (exit_with_parent).
     mp.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
+    from diloco.outer.optimizers import SgdOuter
     from diloco.transports.hivemind import HivemindGroup, HivemindTransport
 
     settings = HivemindTransportConfig(
@@ -55,7 +56,11 @@ def peer(rank: int, peers: int, codec_name: str, address_file: str, rounds: int)
     codec = build_codec(codec_name)
     transport = HivemindTransport(
         settings,
-        HivemindGroup(run_id="avg-test", num_islands=peers),
+        HivemindGroup(
+            run_id="avg-test",
+            num_islands=peers,
+            optimizer=SgdOuter(lr=0.7, momentum=0.9, nesterov=True),
+        ),
         codec,
         numel=NUMEL,
         rank=rank,
@@ -67,7 +72,7 @@ def peer(rank: int, peers: int, codec_name: str, address_file: str, rounds: int)
     try:
         transport.join([], FINGERPRINT)
         zeros = torch.zeros(NUMEL)
-        transport.shared_state(SharedState(0, zeros, zeros.clone()))
+        transport.shared_state(SharedState(0, zeros, {"momentum": zeros.clone()}))
         answers = []
         for round in range(rounds):
             payload = codec.encode(pseudo_gradient(rank, round))

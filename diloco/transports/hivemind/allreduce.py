@@ -7,12 +7,22 @@ own tensor. With a lossy codec, or with float rounding in `local + (mean - local
 then hold different bits, and a reducer that fails leaves its span unaveraged on some peers
 and averaged on others. DiLoCo needs the same shared parameters on every island, so here:
 
-- a reducer encodes each span's weighted mean once, with our codec, and sends the same bytes
-  to every sender; it decodes those bytes for itself too;
+- a reducer computes each span's mean with `diloco.aggregate.weighted_mean`, the islands'
+  parts in rank order (their ranks travel in the data hivemind gathers), so the mean has the
+  bits every other transport would compute; it encodes the mean once, with our codec, and
+  sends the same bytes to every sender; it decodes those bytes for itself too;
 - every peer copies the decoded mean into its buffer (no deltas);
 - a reducer that fails fails the whole attempt on every peer that misses a span: hivemind's
   step then forms a new group among the peers still there and averages again from the
   unchanged inputs (a peer that died mid all-reduce does not stop the round for the others).
+
+Bytes: hivemind cuts the vector into parts of 2^19 values (whole codec blocks) and deals
+whole parts to the peers, about n/N values each with equal bandwidths (a vector of one part
+is reduced by a single peer). Per round, a peer sends each part it does not reduce and
+receives its mean, and for each part it reduces receives N - 1 parts and sends N - 1 means:
+with P(part) a part's payload bytes, sent = received = sum(P(p), p not reduced by the peer)
++ (N - 1) * sum(P(p), p reduced by the peer). Which peer reduces which parts follows the
+order the group's leader drew at random.
 
 hivemind: https://github.com/learning-at-home/hivemind (averaging/allreduce.py, 1.1.12).
 """
@@ -20,41 +30,95 @@ hivemind: https://github.com/learning-at-home/hivemind (averaging/allreduce.py, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import torch
-from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
-from hivemind.averaging.group_info import GroupInfo
-from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import CompressionInfo
-from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
-from hivemind.utils.asyncio import (
-    aiter_with_timeout,
-    amap_in_executor,
-    as_aiter,
-    attach_event_on_finished,
-    azip,
-)
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 
+from diloco.aggregate import weighted_mean
 from diloco.transports.hivemind.compression import CodecCompression
 
 
-class ExactAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
-    """A butterfly all-reduce whose result is bit-identical on every peer (module docstring)."""
+class OrderedPartReducer(TensorPartReducer):  # type: ignore[misc]
+    """hivemind's reducer of this peer's parts, except that a part's mean is `weighted_mean`
+    of the senders' parts in a fixed order, computed once every sender's part is in.
 
-    def __init__(self, **kwargs: Any):
+    Args:
+        part_shapes, num_senders: as hivemind's `TensorPartReducer`.
+        sender_order: one sort key per sender (the island's rank, then its peer id).
+    """
+
+    def __init__(
+        self,
+        part_shapes: Sequence[torch.Size],
+        num_senders: int,
+        sender_order: Sequence[tuple[int, str]],
+    ):
+        self._sender_order = list(sender_order)
+        self._parts: dict[int, tuple[torch.Tensor, float]] = {}
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        self._parts = {}
+        super().reset_accumulators()
+
+    async def accumulate_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ) -> torch.Tensor:
+        # hivemind's accumulate_part, keeping the part instead of adding it to a running sum.
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait(
+                {self.current_part_future, asyncio.create_task(self.finished.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if self.finished.is_set():
+                raise AllreduceException("attempted to aggregate a part in a finalized reducer")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self._parts[sender_index] = (tensor_part, weight)
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future  # type: ignore[no-any-return]
+
+    def check_current_part_finished(self) -> None:
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            senders = sorted(self._parts, key=self._sender_order.__getitem__)
+            mean = weighted_mean(
+                [self._parts[i][0] for i in senders], [self._parts[i][1] for i in senders]
+            )
+            self.current_part_future.set_result(mean)
+            self.reset_accumulators()
+
+
+class ExactAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
+    """A butterfly all-reduce whose result is bit-identical on every peer (module docstring).
+
+    Args:
+        sender_order: {peer id: sort key} of the group's peers (rank order).
+        kwargs: `AllReduceRunner`'s arguments (`compression` must be a CodecCompression).
+    """
+
+    def __init__(self, *, sender_order: dict[PeerID, tuple[int, str]], **kwargs: Any):
         self.codec_compression: CodecCompression = kwargs["compression"]
         super().__init__(**kwargs)
+        self.tensor_part_reducer = OrderedPartReducer(
+            tuple(part.shape for part in self.parts_for_local_averaging),
+            len(self.sender_peer_ids),
+            [sender_order[peer] for peer in self.sender_peer_ids],
+        )
         self.bytes_sent = 0
         self.bytes_received = 0
         self._means: dict[int, asyncio.Future[runtime_pb2.Tensor]] = {}
@@ -154,108 +218,3 @@ class ExactAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
-
-
-async def _keep_group_key(group_info: GroupInfo) -> None:
-    """hivemind moves a peer to another group key after each group; ours is chosen per round."""
-    del group_info
-
-
-class IslandAverager(DecentralizedAverager):  # type: ignore[misc]
-    """A `DecentralizedAverager` that runs `ExactAllReduceRunner` and serves our shared state.
-
-    Args:
-        state_provider: called in the island's process when a peer downloads the state:
-            returns (metadata, tensors).
-        kwargs: `DecentralizedAverager`'s arguments (`compression` must be a CodecCompression).
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        state_provider: Callable[[], tuple[dict[str, Any], Sequence[torch.Tensor]]],
-        **kwargs: Any,
-    ):
-        self._state_provider = state_provider
-        self.last_bytes = (0, 0)
-        super().__init__(*args, **kwargs)
-
-    def run(self) -> None:
-        exit_with_parent(self._parent_pid)
-        super().run()
-
-    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
-        metadata, tensors = self._state_provider()
-        return metadata, tensors, None
-
-    async def _step(self, *, step: Any, future_for_init: Any) -> None:
-        self._matchmaking.group_key_manager.update_key_on_group_assembled = _keep_group_key
-        await super()._step(step=step, future_for_init=future_for_init)
-
-    async def _aggregate_with_group(
-        self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any
-    ) -> dict[str, Any]:
-        gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
-        sent, received = self.last_bytes
-        return {"gathered": gathered, "bytes_sent": sent, "bytes_received": received}
-
-    async def _run_allreduce_inplace_(
-        self,
-        tensors: Sequence[torch.Tensor],
-        group_info: GroupInfo,
-        group_id: bytes | None = None,
-        **kwargs: Any,
-    ) -> None:
-        group_id = group_info.group_id if group_id is None else group_id
-        runner = ExactAllReduceRunner(
-            p2p=self._p2p,
-            servicer_type=type(self),
-            prefix=self.prefix,
-            tensors=tensors,
-            group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids,
-            **kwargs,
-        )
-        self._running_groups[group_id].set_result(runner)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
-            async for _ in runner:
-                raise ValueError("auxiliary peers receive no averages")
-            return
-        # The runner yields whole tensors once every span has arrived: a failed attempt
-        # leaves `tensors` as they were, ready for the next attempt.
-        async for tensor, mean in azip(as_aiter(*tensors), runner):
-            tensor.copy_(mean)
-        self.last_bytes = (runner.bytes_sent, runner.bytes_received)
-
-
-class IslandDHT(DHT):  # type: ignore[misc]
-    """hivemind's DHT process, which also stops (with its p2pd) when the island dies."""
-
-    def run(self) -> None:
-        exit_with_parent(self._parent_pid)
-        super().run()
-
-
-def exit_with_parent(parent_pid: int) -> None:
-    """In a forked helper process: when `parent_pid` dies (even by SIGKILL), stop our children
-    (p2pd) and exit, so that nothing outlives the island."""
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        for child in _children(os.getpid()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def _children(pid: int) -> list[int]:
-    children = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return children

@@ -3,17 +3,32 @@ join it (its multiaddrs, also written to `transport.hivemind.address_file` when 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from diloco.checkpoint.atomic import write_atomic
 from diloco.transports.base import TransportSetup
+from diloco.transports.hivemind.auth import read_run_token
 from diloco.transports.hivemind.transport import HivemindGroup, HivemindTransport
+
+log = logging.getLogger(__name__)
 
 
 def build_hivemind_transport(setup: TransportSetup) -> HivemindTransport:
-    """Start this island's DHT node; announce the multiaddrs other islands can join it at."""
+    """Start this island's DHT node; announce the multiaddrs other islands can join it at.
+
+    Raises:
+        ConfigError: transport.hivemind.token_env / token_file is set but holds no valid token.
+    """
     config, rank = setup.config, setup.ranks[0]
     settings = config.hivemind
+    token = read_run_token(settings)
+    if token is None:
+        log.info(
+            "hivemind: no run token (transport.hivemind.token_env / token_file): any peer that "
+            "knows run %r and an island's address can average with this island",
+            config.run_id,
+        )
     identity = settings.identity_path or str(setup.run_dir / f"island-{rank}" / "hivemind.key")
     Path(identity).parent.mkdir(parents=True, exist_ok=True)
     group = HivemindGroup(
@@ -21,6 +36,7 @@ def build_hivemind_transport(setup: TransportSetup) -> HivemindTransport:
         num_islands=config.islands,
         optimizer=setup.optimizer,
         min_islands=config.min_islands,
+        token=token,
     )
     transport = HivemindTransport(
         settings,

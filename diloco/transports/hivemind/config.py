@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from diloco.errors import require
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(kw_only=True)
@@ -45,6 +48,13 @@ class HivemindTransportConfig:
     state_timeout_s: float = 60.0
     """Downloading the group's shared state from a peer gives up after this long without data
     (then the next peer is tried)."""
+    token_env: str = ""
+    """Environment variable holding the run token (at least 16 characters; e.g. DILOCO_TOKEN):
+    islands prove they hold it before they are grouped, and never average with, serve their
+    state to, or take a state from a peer that does not. Empty (and no hivemind.token_file): no
+    run authentication, any peer that knows the run id and an island's address can average."""
+    token_file: str = ""
+    """File holding the run token; read instead of hivemind.token_env when set."""
 
     def __post_init__(self) -> None:
         for key in ("matchmaking_s", "next_chunk_timeout_s", "averaging_timeout_s"):
@@ -60,6 +70,12 @@ class HivemindTransportConfig:
             "transport.hivemind.request_timeout_s",
             f"in (0, matchmaking_s={self.matchmaking_s})",
             self.request_timeout_s,
+        )
+        require(
+            not self.token_env or _ENV_NAME.fullmatch(self.token_env) is not None,
+            "transport.hivemind.token_env",
+            "an environment variable name such as DILOCO_TOKEN (or empty: no run token)",
+            self.token_env,
         )
         for key in ("initial_peers", "host_maddrs", "announce_maddrs"):
             for maddr in getattr(self, key):
