@@ -51,6 +51,7 @@ def _peer(
     from hivemind.proto import runtime_pb2
 
     from diloco.transports.hivemind import CodecCompression, HivemindGroup, HivemindTransport
+    from diloco.transports.hivemind.averager import use_socket_prefix
 
     codec = build_codec(codec_name)
     block = int(getattr(codec, "block_size", 1))
@@ -92,6 +93,9 @@ def _peer(
         compression.compression_type = runtime_pb2.CompressionType.UNIFORM_8BIT
         serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = compression
     bare_tensor = codec.decode(payload, numel).clone()
+    # The bare averager's helper process keeps its unix sockets with this island's (removed on
+    # close) instead of leaving them in /tmp: this process is one bench peer and nothing else.
+    use_socket_prefix(transport.sockets.p2p_prefix)
     bare = DecentralizedAverager(
         [bare_tensor],
         transport.dht,
