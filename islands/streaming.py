@@ -11,6 +11,7 @@ round ends when every exchange in flight has been merged.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,10 +81,15 @@ def build_lanes(config: IslandConfig, model: torch.nn.Module, setup: TransportSe
             f"(fragments are whole tensors), got {count}"
         )
     assignment = assign_fragments(sizes, count)
-    built = []
+    built: list[BuiltTransports] = []
     for index, members in enumerate(assignment):
         numel = sum(sizes[i] for i in members)
-        lane = setup.__class__(**{**setup.__dict__, "numel": numel, "lane": f"fragment-{index}"})
+        # Lanes after the first reach their group through the island's first lane (hivemind).
+        first = built[0].transports[0] if built else None
+        bootstrap = tuple(getattr(first, "visible_maddrs", ()))
+        lane = dataclasses.replace(
+            setup, numel=numel, lane=f"fragment-{index}", bootstrap=bootstrap
+        )
         built.append(build_transports(lane))
     return Lanes(config, assignment, built)
 

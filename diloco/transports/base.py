@@ -154,6 +154,8 @@ class TransportSetup:
     lane: str = ""
     """Which independent exchange this transport carries when an island has several (one per
     Streaming DiLoCo fragment): transports that name their groups keep lanes apart."""
+    bootstrap: tuple[str, ...] = ()
+    """Addresses of this island's first lane, which its other lanes join through (hivemind)."""
     announce: Callable[[str], None] = lambda message: None
     """How to tell the user something they must act on (where others can join this island)."""
 

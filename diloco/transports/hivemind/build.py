@@ -3,6 +3,7 @@ join it (its multiaddrs, also written to `transport.hivemind.address_file` when 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def build_hivemind_transport(setup: TransportSetup) -> HivemindTransport:
     """
     config, rank = setup.config, setup.ranks[0]
     settings = config.hivemind
+    if setup.bootstrap:  # another lane of this island: meet the DHT through the first lane
+        peers = [*settings.initial_peers, *setup.bootstrap]
+        settings = dataclasses.replace(settings, initial_peers=peers)
     token = read_run_token(settings)
     if token is None:
         log.info(
@@ -30,6 +34,9 @@ def build_hivemind_transport(setup: TransportSetup) -> HivemindTransport:
             config.run_id,
         )
     identity = settings.identity_path or str(setup.run_dir / f"island-{rank}" / "hivemind.key")
+    lead = setup.lane in ("", "fragment-0")  # the lane other islands are told to join
+    if not lead:  # a node of its own per lane: its own peer id
+        identity = f"{identity}.{setup.lane}"
     Path(identity).parent.mkdir(parents=True, exist_ok=True)
     group = HivemindGroup(
         run_id=config.run_id,
@@ -46,13 +53,16 @@ def build_hivemind_transport(setup: TransportSetup) -> HivemindTransport:
         rank=rank,
         identity_path=identity,
         block_size=int(getattr(setup.codec, "block_size", 1)),
+        lane=setup.lane,
     )
+    if not lead:
+        return transport
     maddrs = transport.visible_maddrs
     if settings.address_file:
         write_atomic(settings.address_file, "".join(f"{maddr}\n" for maddr in maddrs))
-    peers = ",".join(maddrs)
+    listening = ",".join(maddrs)
     setup.announce(
-        f"hivemind: island {rank} of run {config.run_id!r} listens at {peers}; "
-        f"other islands join with transport.hivemind.initial_peers=[{peers}]"
+        f"hivemind: island {rank} of run {config.run_id!r} listens at {listening}; "
+        f"other islands join with transport.hivemind.initial_peers=[{listening}]"
     )
     return transport

@@ -68,6 +68,8 @@ class HivemindTransport:
         numel: elements of the shared parameter vector.
         rank: this island's index (logs only: hivemind peers are named by their peer id).
         identity_path: the private key file of this island's peer id.
+        lane: which of the island's exchanges this is (a Streaming DiLoCo fragment): lanes
+            meet under their own DHT key.
     """
 
     def __init__(
@@ -80,8 +82,10 @@ class HivemindTransport:
         rank: int,
         identity_path: str,
         block_size: int = 1,
+        lane: str = "",
     ):
         self.settings = settings
+        self.lane = lane
         self.group = group
         self.codec = codec
         self.numel = numel
@@ -115,6 +119,8 @@ class HivemindTransport:
     def join(self, available_rounds: Sequence[int], fingerprint: Mapping[str, str]) -> int | None:
         """Enter the group of islands with this fingerprint; resume from our own checkpoint
         (the group's newer state, if any, comes next through `shared_state`)."""
+        if self.lane:  # each lane (fragment) is a group of its own
+            fingerprint = {**fingerprint, "lane": self.lane}
         prefix = group_prefix(run_key(self.group.run_id), fingerprint, self.token)
         if self._records is None or self._records.prefix != prefix:
             self._start_averager(prefix)
