@@ -23,6 +23,11 @@ class InnerConfig:
     """AdamW beta2 (the paper: 0.95)."""
     grad_clip: float = 1.0
     """Clip the gradient's global norm to this (0: no clipping)."""
+    grad_accum: int = 1
+    """Micro-batches per inner step (gradient accumulation): each of data.batch_size
+    sequences per rank; their gradients are summed (each loss scaled by 1/grad_accum) before
+    one AdamW step, so an inner step trains on data.batch_size x island.ranks x grad_accum
+    sequences."""
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "inner.lr", "> 0", self.lr)
@@ -32,3 +37,4 @@ class InnerConfig:
         require(0 <= self.beta1 < 1, "inner.beta1", "in [0, 1)", self.beta1)
         require(0 <= self.beta2 < 1, "inner.beta2", "in [0, 1)", self.beta2)
         require(self.grad_clip >= 0, "inner.grad_clip", ">= 0", self.grad_clip)
+        require(self.grad_accum >= 1, "inner.grad_accum", ">= 1", self.grad_accum)

@@ -4,6 +4,11 @@ Weight decay applies to matrices only, not to biases and norm gains (as in nanoG
 learning rate follows `warmup_cosine_lr`; the gradient's global norm is clipped; on a GPU the
 forward runs under bf16 autocast and AdamW is fused. The losses stay on the device until the
 round ends, so a step never waits for the host.
+
+With gradient accumulation (`inner.grad_accum`) one step takes several micro-batches: each
+loss is scaled by 1/grad_accum and its gradient accumulated, the island's ranks synchronise
+only on the last micro-batch's backward (DDP `no_sync`, FSDP2 `set_requires_gradient_sync`),
+then one clip and one AdamW step (issue 13).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 
 from diloco.inner.config import InnerConfig
 from diloco.inner.schedule import warmup_cosine_lr
+from diloco.parallel.wrap import gradient_sync_paused
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -75,19 +81,43 @@ class InnerTrainer:
             min_lr_ratio=self.config.min_lr_ratio,
         )
 
-    def train_step(self, inputs: Any) -> torch.Tensor:
-        """One AdamW step on `inputs`; returns the detached loss (still on the device)."""
+    def train_step(self, *micro_batches: Any) -> torch.Tensor:
+        """One AdamW step on the gradient of `inner.grad_accum` micro-batches.
+
+        Args:
+            micro_batches: the inputs of each micro-batch (one without gradient
+                accumulation: `train_step(inputs)`).
+
+        Returns:
+            The mean of the micro-batches' losses, detached (still on the device).
+        """
+        if len(micro_batches) != self.config.grad_accum:
+            raise ValueError(
+                f"train_step takes inner.grad_accum={self.config.grad_accum} micro-batches, "
+                f"got {len(micro_batches)}"
+            )
         self.model.train()
         lr = self.lr_at(self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self.loss(inputs)
-        loss.backward()  # type: ignore[no-untyped-call]
+        *paused, last = micro_batches
+        losses = []
+        for inputs in paused:  # gradients stay on this rank until the last micro-batch
+            with gradient_sync_paused(self.model):
+                losses.append(self._accumulate(inputs))
+        losses.append(self._accumulate(last))
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+    def _accumulate(self, inputs: Any) -> torch.Tensor:
+        """Add the gradient of `inputs`' loss / grad_accum to the parameters' gradients."""
+        loss = self.loss(inputs)
+        scaled = loss if self.config.grad_accum == 1 else loss / self.config.grad_accum
+        scaled.backward()  # type: ignore[no-untyped-call]
         return loss.detach()
 
     def loss(self, inputs: Any) -> torch.Tensor:
