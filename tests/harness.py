@@ -11,6 +11,7 @@ through `run_cli` (a timeout, stdout and stderr captured and shown on failure) a
 from __future__ import annotations
 
 import datetime
+import json
 import multiprocessing as mp
 import os
 import queue as queue_module
@@ -258,6 +259,25 @@ def assert_ok(*results: CliResult) -> None:
 
 
 # --- loopback networking ------------------------------------------------------------------------
+
+
+ATTACKER_SCRIPT = Path(__file__).resolve().parent / "integration" / "grpc_attacker.py"
+
+
+def run_attacker(plan: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run tests/integration/grpc_attacker.py (a token holder's raw grpc calls, its own
+    process) with `plan`; the outcome of each of its steps, by step name."""
+    done = subprocess.run(
+        [sys.executable, str(ATTACKER_SCRIPT)],
+        input=json.dumps(plan),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=cli_env(),
+    )
+    assert done.returncode == 0, f"the attacker failed:\n{done.stderr}"
+    outcomes: dict[str, Any] = json.loads(done.stdout)
+    return outcomes
 
 
 def free_port() -> int:

@@ -211,7 +211,8 @@ def test_coordinator_killed_and_restarted_mid_run_the_run_completes(
 @pytest.mark.timeout(120)
 def test_refusals_name_what_is_wrong(tmp_path: Path, tls_pair: tuple[Path, Path]) -> None:
     """Wrong token, plaintext against TLS, another model: each island stops with exit 2 and
-    one line saying why; the coordinator's state is untouched by them."""
+    one line saying why (naming the differing keys, not the group's values); the coordinator's
+    state is untouched by them."""
     # Many rounds: island 0 must still be running (alone, one deadline per round) when the
     # island with another model tries to join.
     group = Group(
@@ -252,7 +253,12 @@ def test_refusals_name_what_is_wrong(tmp_path: Path, tls_pair: tuple[Path, Path]
         assert "Traceback" not in result.stderr, result.describe()
         assert fragment in result.stderr, result.describe()
     assert "not-the-run-token" not in wrong_token.stderr + wrong_token.stdout
-    assert "model" in other_model.stderr
+    # Changed on purpose (issue 12, item 5): the refusal names the differing keys, never the
+    # group's values (those stay in the coordinator's log).
+    assert "differing keys: " in other_model.stderr and "model" in other_model.stderr
+    fingerprint = json.loads((group.island_dir(0) / "fingerprint.json").read_text())
+    for key in ("model", "initial weights", "parameters"):
+        assert fingerprint[key] not in other_model.stderr, key
 
 
 @pytest.mark.timeout(150)

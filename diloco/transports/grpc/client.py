@@ -1,10 +1,12 @@
 """The island's side of the grpc transport: join, average, fetch state, leave.
 
-Every call carries the run token, and every call after Join the session the coordinator gave
-this island (saved in `session_file`, so a restarted island takes its rank back). Every call
-has a deadline. A coordinator that cannot be reached (down, restarting, busy) is retried with
-bounded exponential backoff for `grpc.retry_s`; the same payload is sent again, which the
-coordinator takes as the same island's payload for the same round.
+Every call carries the run token, and every call after Join this island's session: a secret
+the island makes once and keeps in `session_file` before its first join, so a join retried
+after its answer was lost, or a restarted island, presents it and keeps its rank, while no
+other caller can take it. Every call has a deadline. A coordinator that cannot be reached
+(down, restarting, busy) is retried with bounded exponential backoff for `grpc.retry_s`; the
+same payload is sent again, which the coordinator takes as the same island's payload for the
+same round.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import re
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,13 +36,12 @@ from diloco.transports.grpc.config import GrpcTransportConfig
 from diloco.transports.grpc.guard import MIN_BYTES_PER_S
 from diloco.transports.grpc.security import (
     TLS_TARGET_NAME,
+    call_metadata,
     channel_credentials,
     token_metadata,
 )
 from diloco.transports.grpc.service import CHANNEL_OPTIONS
 from diloco.transports.grpc.wire import (
-    RANK_METADATA_KEY,
-    SESSION_METADATA_KEY,
     chunks_of,
     receive_bytes,
     receive_state,
@@ -49,12 +52,15 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Worth retrying: the coordinator is down, restarting, or not ready for this call yet.
+# Worth retrying: the coordinator is down, restarting, busy or not ready for this call yet,
+# or it cut a stream that moved no bytes for transport.grpc.stream_idle_s (CANCELLED: this
+# island was too slow for a moment; the same call gets the same answer).
 _TRANSIENT = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
 }
 
 
@@ -88,9 +94,10 @@ class GrpcTransport:
         self.numel = numel
         self.rank = rank
         self.num_islands = num_islands
+        self._token = token
         self._token_metadata = token_metadata(token)
         self._session_file = session_file
-        self._session = _read_session(session_file)
+        self._session = _read_session(session_file) or secrets.token_hex(16)
         self._metrics: dict[str, float] = {}
         self._fingerprint: dict[str, str] = {}
         credentials = channel_credentials(settings)
@@ -184,11 +191,7 @@ class GrpcTransport:
     # -- calls ------------------------------------------------------------------------------
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return (
-            *self._token_metadata,
-            (RANK_METADATA_KEY, str(self.rank)),
-            (SESSION_METADATA_KEY, self._session),
-        )
+        return call_metadata(self._token, self.rank, self._session)
 
     def _join(self) -> None:
         reply = self._retrying("joining", self._join_once)
@@ -200,6 +203,7 @@ class GrpcTransport:
         )
 
     def _join_once(self) -> pb.JoinReply:
+        self._save_session()  # before the join: a lost answer must not lose the session
         request = pb.JoinRequest(
             run_id=self.run_id,
             rank=self.rank,
@@ -208,11 +212,17 @@ class GrpcTransport:
             host=socket.gethostname(),
         )
         reply: pb.JoinReply = self._stub.Join(request, metadata=self._token_metadata, timeout=30.0)
-        self._session = reply.session
-        if self._session_file is not None:
-            write_atomic(self._session_file, self._session)
-            self._session_file.chmod(0o600)
+        if reply.session != self._session:  # the coordinator made one instead
+            self._session = reply.session
+            self._save_session()
         return reply
+
+    def _save_session(self) -> None:
+        path = self._session_file
+        if path is None or _read_session(path) == self._session:
+            return
+        write_atomic(path, self._session)
+        path.chmod(0o600)
 
     def _get_state(self, round: int, sha: str) -> tuple[pb.StateHeader, SharedState | None]:
         request = pb.StateRequest(
@@ -358,4 +368,4 @@ def _read_session(path: Path | None) -> str:
     if path is None or not path.is_file():
         return ""
     text = path.read_text().strip()
-    return text if len(text) <= 64 and text.isalnum() else ""
+    return text if re.fullmatch(r"[0-9a-f]{32,64}", text) else ""

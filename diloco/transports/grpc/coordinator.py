@@ -31,9 +31,12 @@ import torch
 
 from diloco.checkpoint.atomic import write_atomic
 from diloco.codecs.base import Codec, PayloadError, all_finite
-from diloco.shared_state import OuterOptimizer, SharedState, state_numel_ok
+from diloco.shared_state import OuterOptimizer, SharedState
 from diloco.transports.grpc.deadline import AdaptiveDeadline
-from diloco.transports.grpc.membership import Member, Membership
+from diloco.transports.grpc.guard import check_seed, check_weight
+from diloco.transports.grpc.membership import INITIAL_WEIGHTS_KEY as INITIAL_WEIGHTS_KEY
+from diloco.transports.grpc.membership import PARAMETERS_KEY as PARAMETERS_KEY
+from diloco.transports.grpc.membership import Member, Membership, parse_count
 from diloco.transports.grpc.rounds import (
     ClosedRound,
     Contribution,
@@ -48,8 +51,9 @@ from diloco.transports.grpc.state_keeper import StateKeeper
 log = logging.getLogger(__name__)
 
 MEMBERSHIP_FILE = "membership.json"
-PARAMETERS_KEY = "parameters"
-"""The fingerprint entry holding the number of shared parameters (what a state must have)."""
+KEPT_MEANS = 2
+"""Closed rounds whose mean stays held (a late or retried payload gets the last one's)."""
+RELEASED = torch.empty(0, dtype=torch.uint8)
 
 
 class NotAuthorized(PermissionError):
@@ -68,6 +72,9 @@ class RoundAnswer:
     mean_payload: torch.Tensor | None
     """The re-encoded mean (uint8), or None when `adopt` is set."""
     adopt: SharedState | None = None
+    """The group's state to adopt: the keeper's own (no copy per caller), to be read with
+    `keeper.read_chunks(generation)`, which fails if a round's step changed it meanwhile."""
+    generation: int = 0
     late: bool = False
 
 
@@ -137,6 +144,7 @@ class Coordinator:
                 rank, run_id, fingerprint, session=session, host=host, now=self.clock()
             )
             self._persist_membership()
+            log.info("island %d joined from host %r", rank, host[:128])
             return self._open.round, self.keeper.state is not None, new_session
 
     def authorize(self, rank: int, session: str) -> Member:
@@ -176,8 +184,7 @@ class Coordinator:
         """The number of shared parameters the group's fingerprint announces, if any."""
         with self._cond:
             fingerprint = self.membership.fingerprint or self.membership.pinned
-            value = fingerprint.get(PARAMETERS_KEY, "")
-            return int(value) if value.isdigit() else None
+            return parse_count(fingerprint.get(PARAMETERS_KEY, ""))
 
     def has_state(self) -> bool:
         with self._cond:
@@ -205,20 +212,19 @@ class Coordinator:
         """Take a joined island's state as the group's when there is none yet; False otherwise.
 
         Raises:
-            RefusedPayload: its size is not the group's model's, or it holds non-finite values.
+            RefusedPayload: its size is not the group's model's, its round is out of range, it
+                holds non-finite values, or at round 0 it is not the group's initial weights.
         """
         with self._cond:
             if self.keeper.state is not None:
                 return False
-            expected = self.expected_numel()
-            if expected is not None and state.anchor.numel() != expected:
-                raise RefusedPayload(
-                    f"the state has {state.anchor.numel()} parameters, the group's model {expected}"
-                )
-            if not state_numel_ok(state.outer_state, state.anchor.numel()):
-                raise RefusedPayload("the outer state's tensors do not match the anchor's size")
-            if not all(all_finite(t) for _, t in state.tensors()):
-                raise RefusedPayload("the state holds non-finite values")
+            fingerprint = self.membership.fingerprint or self.membership.pinned
+            check_seed(
+                state,
+                self.rules,
+                expected_numel=self.expected_numel(),
+                initial_weights=fingerprint.get(INITIAL_WEIGHTS_KEY),
+            )
             self._open = OpenRound(int(state.round))
             self.keeper.seed(state, self._persisted(None))
             log.info("island %d seeded the shared state at round %d", rank, state.round)
@@ -248,11 +254,12 @@ class Coordinator:
                 member.metrics = dict(metrics)
                 member.bytes_received += received
 
-    def refuse(self, rank: int, reason: str) -> None:
+    def refuse(self, rank: int, reason: str, what: str = "payload") -> None:
+        """Count and log a refused payload (or state); `reason` escapes what came from the wire."""
         with self._cond:
             self.stats.refused_payloads += 1
             self._open.refused += 1
-        log.warning("refused a payload from island %d: %s", rank, reason)
+        log.warning("refused a %s from island %d: %s", what, rank, reason)
 
     def submit(
         self,
@@ -266,9 +273,10 @@ class Coordinator:
         """Add an island's decoded payload to `round` and wait for that round's answer.
 
         `delta` may be None when the island is known to be behind (its payload is dropped).
-        The caller has checked `weight` (finite, > 0). Raises TimeoutError when `wait_s`
-        passes first (the island retries the same call).
+        Raises TimeoutError when `wait_s` passes first (the island retries the same call), and
+        RefusedPayload for a weight that is not finite tokens in (0, MAX_WEIGHT].
         """
+        check_weight(weight)
         with self._cond:
             if self.keeper.state is None:
                 raise NotReady("the coordinator holds no shared state yet: join first")
@@ -353,7 +361,14 @@ class Coordinator:
         )
         log.warning("island %d is told to adopt the shared state: %s", rank, why)
         participants = self._last.participants if self._last is not None else 0
-        return RoundAnswer(state.round, participants, self.keeper.sha, None, adopt=state.copy())
+        return RoundAnswer(
+            state.round,
+            participants,
+            self.keeper.sha,
+            None,
+            adopt=state,
+            generation=self.keeper.generation,
+        )
 
     def _wait_for_close(self, round: int, wait_s: float | None) -> RoundAnswer:
         limit = None if wait_s is None else self.clock() + wait_s
@@ -365,8 +380,10 @@ class Coordinator:
             self._close_if_due()
         if self._stopped and self._open.round == round:
             raise NotReady("the coordinator is shutting down")
-        closed = self._last
-        assert closed is not None and closed.round == round
+        # Usually the last closed round; an older one if later rounds closed meanwhile.
+        closed = next((c for c in reversed(self.history) if c.round == round), None)
+        if closed is None or closed.mean_payload is RELEASED:
+            raise NotReady(f"round {round} closed too long ago: send again")
         # The hash is not part of a fresh answer: it may still be being computed.
         return RoundAnswer(round, closed.participants, "", closed.mean_payload)
 
@@ -429,6 +446,8 @@ class Coordinator:
         self.stats.participants.append(len(ranks))
         self._last = closed
         self.history.append(closed)
+        if len(self.history) > KEPT_MEANS:  # the history keeps figures, not every mean
+            self.history[-KEPT_MEANS - 1].mean_payload = RELEASED
         self._open = OpenRound(opened.round + 1)
         self._waiting_warned = False
         # The islands get their answer now; the outer step, the new state's hash and its copy

@@ -6,10 +6,14 @@ No grpc and no lock here: the coordinator calls in with its own lock held.
   (`transport.grpc.fingerprint_file`), otherwise set by the first island that joins; an island
   whose fingerprint differs is refused with the differing *keys* named (the values are the
   group's business: they are logged on the coordinator, escaped, and never sent to a caller).
-- Joining hands the island a session secret; every later call must present it. A rank held by
-  a live island (seen within `hold_s`) cannot be taken by another caller; an island restarted
-  with its saved session takes its rank back at once, one without it once the rank is silent.
+- A join binds the rank to a session secret: the island's own (made once and kept in its
+  run.dir, so a retried or restarted join presents the same one) or, when it offers none, one
+  the coordinator makes. Every later call must present it. A rank held by an island cannot be
+  taken by another caller while that island is active (it has not missed a round) or was seen
+  within `hold_s`; an island restarted with its saved session takes its rank back at once.
 - Only hashes of sessions are kept (and persisted), so the coordinator's files reveal none.
+- Everything a join carries is bounded (entries, lengths) and the `parameters` entry must be a
+  count, before any of it is kept or logged.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +30,17 @@ from typing import Any
 from diloco.transports.base import GroupMismatchError
 
 log = logging.getLogger(__name__)
+
+PARAMETERS_KEY = "parameters"
+"""The fingerprint entry holding the number of shared parameters (what a state must have)."""
+INITIAL_WEIGHTS_KEY = "initial weights"
+"""The fingerprint entry holding the first 16 hex digits of the initial anchor's sha256."""
+MAX_FINGERPRINT_ENTRIES = 64
+MAX_FINGERPRINT_CHARS = 1024
+"""Per key and per value: far above any real fingerprint entry."""
+MAX_PARAMETERS = 1 << 40
+_COUNT = re.compile(r"[1-9][0-9]{0,15}")
+_SESSION = re.compile(r"[0-9a-f]{32,64}")
 
 
 class RankHeld(GroupMismatchError):
@@ -54,6 +70,38 @@ def session_hash(session: str) -> str:
     return hashlib.sha256(session.encode()).hexdigest()
 
 
+def parse_count(text: str) -> int | None:
+    """A positive decimal count of at most MAX_PARAMETERS (ASCII digits only), else None."""
+    if not _COUNT.fullmatch(text):
+        return None
+    count = int(text)
+    return count if count <= MAX_PARAMETERS else None
+
+
+def check_fingerprint_shape(fingerprint: Mapping[str, str]) -> None:
+    """Refuse a fingerprint too large to keep or log, or whose `parameters` is not a count.
+
+    Raises:
+        GroupMismatchError: naming the entry (escaped and cut short) and the bound.
+    """
+    if len(fingerprint) > MAX_FINGERPRINT_ENTRIES:
+        raise GroupMismatchError(
+            f"a fingerprint has at most {MAX_FINGERPRINT_ENTRIES} entries, got {len(fingerprint)}"
+        )
+    for key, value in fingerprint.items():
+        if len(key) > MAX_FINGERPRINT_CHARS or len(value) > MAX_FINGERPRINT_CHARS:
+            raise GroupMismatchError(
+                f"fingerprint entry {key[:40]!r} is longer than at most "
+                f"{MAX_FINGERPRINT_CHARS} characters per key and value"
+            )
+    parameters = fingerprint.get(PARAMETERS_KEY)
+    if parameters is not None and parse_count(parameters) is None:
+        raise GroupMismatchError(
+            f"fingerprint entry {PARAMETERS_KEY!r} must be a count in [1, 2^40], "
+            f"got {parameters[:40]!r}"
+        )
+
+
 class Membership:
     def __init__(self, islands: int, run_id: str, pinned: Mapping[str, str], hold_s: float):
         self.islands = islands
@@ -81,44 +129,59 @@ class Membership:
         """
         if run_id != self.run_id:
             raise GroupMismatchError(
-                f"transport.run_id differs: the coordinator's is not {run_id!r}"
+                f"transport.run_id differs: the coordinator's is not {run_id[:64]!r}"
             )
         if not 0 <= rank < self.islands:
             raise GroupMismatchError(
                 f"island rank {rank} is outside [0, transport.islands={self.islands})"
             )
+        check_fingerprint_shape(fingerprint)
         self._check_fingerprint(rank, fingerprint)
         member = self.members.get(rank)
+        again = False  # the island that holds the rank, joining again
         if member is not None and not member.left and member.session_sha256:
-            presented = bool(session) and hmac.compare_digest(
-                session_hash(session), member.session_sha256
-            )
-            silent_s = now - member.last_seen
-            if not presented and silent_s < self.hold_s:
-                raise RankHeld(
-                    f"island rank {rank} is held by a live island (seen {silent_s:.0f} s ago); "
-                    f"a restarted island presents its saved session, or waits {self.hold_s:.0f} s"
-                )
-            if presented:
-                log.info("island %d joined again with its session (restarted)", rank)
-            else:
-                log.warning(
-                    "island %d was silent for %.0f s: its rank is taken over", rank, silent_s
-                )
+            again = self._check_takeover(rank, member, session, now)
         if self.fingerprint is None:
             self.fingerprint = dict(fingerprint)
-        new_session = secrets.token_hex(16)
+        # The island's own secret when it offers one (a retried join, whose answer was lost,
+        # then presents the session it is bound to); otherwise one made here.
+        new_session = session if _SESSION.fullmatch(session) else secrets.token_hex(16)
         fresh = Member(last_seen=now, session_sha256=session_hash(new_session), host=host[:128])
-        if member is not None:  # the same island again: its history stays
+        if member is not None:  # the rank's history stays
+            # A join is not a report: an island joining again is expected by rounds only if
+            # it was (else a member could make every round wait for its deadline by joining).
+            fresh.active = member.active or not again
             fresh.last_round, fresh.metrics = member.last_round, member.metrics
             fresh.bytes_received, fresh.bytes_sent = member.bytes_received, member.bytes_sent
         self.members[rank] = fresh
         return new_session
 
+    def _check_takeover(self, rank: int, member: Member, session: str, now: float) -> bool:
+        """Whether `session` is the member's (the same island joins again); False when another
+        island may take the rank: the member is gone (it missed a round, so it is inactive,
+        and was silent for `hold_s`). Raises RankHeld otherwise."""
+        presented = _SESSION.fullmatch(session) is not None and hmac.compare_digest(
+            session_hash(session), member.session_sha256
+        )
+        if presented:
+            log.info("island %d joined again with its session (restarted)", rank)
+            return True
+        silent_s = now - member.last_seen
+        if member.active or silent_s < self.hold_s:
+            raise RankHeld(
+                f"island rank {rank} is held by a live island; a restarted island presents its "
+                f"saved session, another one waits until the rank missed a round and was "
+                f"silent for {self.hold_s:.0f} s"
+            )
+        log.warning("island %d was silent for %.0f s: its rank is taken over", rank, silent_s)
+        return False
+
     def check(self, rank: int, session: str) -> Member | None:
         """The member `rank` when `session` is its session; None otherwise."""
         member = self.members.get(rank)
-        if member is None or member.left or not session or not member.session_sha256:
+        if member is None or member.left or not member.session_sha256:
+            return None
+        if not _SESSION.fullmatch(session):
             return None
         if not hmac.compare_digest(session_hash(session), member.session_sha256):
             return None
@@ -143,18 +206,21 @@ class Membership:
 
     def _check_fingerprint(self, rank: int, fingerprint: Mapping[str, str]) -> None:
         reference = dict(self.pinned)
+        keys = set(reference)
         if self.fingerprint is not None:
             reference.update(self.fingerprint)
-        differing = [key for key in sorted(reference) if reference[key] != fingerprint.get(key)]
+            keys = set(reference) | set(fingerprint)  # once the group is set: the same keys
+        differing = [key for key in sorted(keys) if reference.get(key) != fingerprint.get(key)]
         if differing:
             details = "; ".join(
-                f"{key!r}: group {reference.get(key)!r}, island {fingerprint.get(key)!r}"
+                f"{_short(key)}: group {_short(reference.get(key))}, "
+                f"island {_short(fingerprint.get(key))}"
                 for key in differing
             )
             log.error("refused island %d: its fingerprint differs: %s", rank, details)
             raise GroupMismatchError(
                 f"island {rank} differs from the group and cannot join; differing keys: "
-                + ", ".join(differing)
+                + ", ".join(key if key.isprintable() else _short(key, 40) for key in differing)
             )
 
     # -- persistence ------------------------------------------------------------------------
@@ -188,3 +254,10 @@ class Membership:
                 host=str(entry.get("host", "")),
                 last_round=int(entry.get("last_round", -1)),
             )
+
+
+def _short(value: str | None, limit: int = 200) -> str:
+    """`value` for a log line: escaped (`repr`), and cut short."""
+    if value is None or len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

@@ -4,12 +4,15 @@ No grpc and no lock here: the coordinator (`coordinator.py`) calls in with its l
 `combine` applies `transport.aggregate` (a pure function from `diloco.aggregate.AGGREGATES`)
 after `transport.clip_norm`, and encodes the result once: every island decodes the same bytes.
 A contribution that makes the round fail to combine (its mean would not encode) is dropped,
-counted, and the round is combined again without it: one caller cannot poison a round.
+counted, and the round is combined again without it: one caller cannot poison a round. When
+none combines, the round closes with nobody in it (a zero mean, which always encodes), so a
+close never raises and the next round starts clean.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,8 +107,7 @@ def combine(
 ) -> tuple[torch.Tensor, tuple[int, ...], int]:
     """(the encoded mean, the ranks in it, how many were dropped) of a round's contributions.
 
-    Raises:
-        RuntimeError: no subset of the contributions can be combined (none left).
+    Never raises for what the contributions hold: with none left, the mean is zero.
     """
     ranks = sorted(contributions)
     dropped = 0
@@ -115,13 +117,15 @@ def combine(
         except Exception as error:  # a value that does not encode: find whose it is
             culprit = _largest(contributions, ranks)
             log.warning(
-                "the round's mean could not be encoded (%s): dropping island %d's contribution",
-                error,
+                "the round's mean could not be encoded (%r): dropping island %d's contribution",
+                str(error)[:200],
                 culprit,
             )
             ranks.remove(culprit)
             dropped += 1
-    raise RuntimeError("no contribution of the round could be combined")
+    log.error("no contribution of the round could be combined: it closes with a zero mean")
+    numel = next(iter(contributions.values())).delta.numel() if contributions else 0
+    return codec.encode(torch.zeros(numel)), (), dropped
 
 
 def _combine_once(
@@ -140,7 +144,10 @@ def _combine_once(
 
 def _largest(contributions: dict[int, Contribution], ranks: Sequence[int]) -> int:
     """The rank whose weighted contribution is largest in magnitude: the likeliest culprit."""
-    return max(
-        ranks,
-        key=lambda rank: float(contributions[rank].delta.abs().max()) * contributions[rank].weight,
-    )
+
+    def magnitude(rank: int) -> float:
+        entry = contributions[rank]
+        size = float(entry.delta.abs().max()) * entry.weight if entry.delta.numel() else 0.0
+        return size if size == size else math.inf  # NaN: certainly the culprit
+
+    return max(ranks, key=magnitude)

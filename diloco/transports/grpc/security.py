@@ -1,8 +1,9 @@
 """The grpc transport's security: a run token on every call, TLS (optionally mutual).
 
 The token authenticates sites that share a run; TLS keeps it and the payloads private on the
-wire. The token is read from a file or an environment variable and never logged or written to
-outputs. A self-signed pair for a run (docs/transports.md):
+wire. Every call after Join also carries the caller's rank and session (`call_metadata`). The
+token is read from a file or an environment variable and never logged or written to outputs.
+A self-signed pair for a run (docs/transports.md):
 
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
         -subj /CN=diloco -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
@@ -23,6 +24,8 @@ from diloco.errors import ConfigError
 from diloco.transports.grpc.config import GrpcTransportConfig
 
 TOKEN_METADATA_KEY = "authorization"
+RANK_METADATA_KEY = "x-diloco-rank"
+SESSION_METADATA_KEY = "x-diloco-session"
 # Everyone in a run shares one certificate name, whatever address they dial.
 TLS_TARGET_NAME = "localhost"
 
@@ -97,6 +100,15 @@ def channel_credentials(settings: GrpcTransportConfig) -> grpc.ChannelCredential
 
 def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return ((TOKEN_METADATA_KEY, f"Bearer {token}"),)
+
+
+def call_metadata(token: str, rank: int, session: str) -> tuple[tuple[str, str], ...]:
+    """What every call but Join and Status carries: the token, the rank and its session."""
+    return (
+        *token_metadata(token),
+        (RANK_METADATA_KEY, str(rank)),
+        (SESSION_METADATA_KEY, session),
+    )
 
 
 class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]

@@ -3,25 +3,29 @@
 Streams carry a header message, then the bytes in chunks of CHUNK_BYTES, so no message comes
 near grpc's size limits whatever the model size. Every call carries the run token (checked by
 `security.TokenInterceptor`); every call but Join and Status also carries the caller's rank and
-session in its metadata, checked before anything is read from the stream. Errors map to grpc
-status codes the island turns into clear messages: UNAUTHENTICATED (token, session),
-FAILED_PRECONDITION (another model or run, a rank held by another island), INVALID_ARGUMENT (a
-refused payload), UNAVAILABLE (not ready: retry), RESOURCE_EXHAUSTED (too many calls: retry).
+session in its metadata, checked before anything is read from the stream, and a request that
+names a rank names the caller's own. Every stream is watched (`guard.StreamWatchdog`), and the
+shared state is streamed from the keeper's one copy, chunk by chunk, to every reader.
+Errors map to grpc status codes the island turns into clear messages: UNAUTHENTICATED (token,
+session), FAILED_PRECONDITION (another model or run, a rank held by another island),
+PERMISSION_DENIED (a request for another rank), INVALID_ARGUMENT (a refused payload),
+UNAVAILABLE (not ready: retry), RESOURCE_EXHAUSTED (too many calls: retry), CANCELLED (a stream
+cut as idle or too slow).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NoReturn
 
 import grpc
 import torch
 
-from diloco.shared_state import SharedState
 from diloco.transports.base import GroupMismatchError
 from diloco.transports.grpc import coordinator_pb2 as pb
 from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
@@ -30,20 +34,29 @@ from diloco.transports.grpc.coordinator import Coordinator, NotAuthorized, Round
 from diloco.transports.grpc.guard import (
     MIN_BYTES_PER_S,
     CallLimits,
+    StreamCut,
+    StreamWatch,
     StreamWatchdog,
     check_average_header,
     check_metrics,
+    transfer_s,
 )
 from diloco.transports.grpc.rounds import NotReady, RefusedPayload
-from diloco.transports.grpc.security import TokenInterceptor, server_credentials
-from diloco.transports.grpc.state_keeper import CHUNK_BYTES, StateChanged
-from diloco.transports.grpc.wire import (
+from diloco.transports.grpc.security import (
     RANK_METADATA_KEY,
     SESSION_METADATA_KEY,
-    chunks_of,
+    TokenInterceptor,
+    server_credentials,
+)
+from diloco.transports.grpc.state_keeper import CHUNK_BYTES, StateChanged
+from diloco.transports.grpc.wire import (
+    answer_parts,
+    check_specs,
     receive_bytes,
     receive_state,
-    spec_of,
+    state_bytes,
+    state_header,
+    state_nbytes,
 )
 
 log = logging.getLogger(__name__)
@@ -55,13 +68,16 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 HEADER_WAIT_S = 10.0
-"""How long a stream may take to send its first message (its header)."""
+"""How long a stream may take to send its first message (its header), at most."""
+_RANK = re.compile(r"[0-9]{1,9}")
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator, settings: GrpcTransportConfig):
         self.coordinator = coordinator
         self.settings = settings
+        self.idle_s = settings.stream_idle_s
+        self.header_wait_s = min(HEADER_WAIT_S, settings.stream_idle_s)
         self.watchdog = StreamWatchdog()
         islands = coordinator.rules.islands
         self.limits = CallLimits(
@@ -82,6 +98,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 request.host,
             )
         except GroupMismatchError as error:
+            log.warning(
+                "refused a join as island %d from %s: %s", request.rank, _peer(context), error
+            )
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
         return pb.JoinReply(
             round=round,
@@ -96,20 +115,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         rank = self._authorize(context)
         with self._held(context, "Average", rank):
             answer = self._average(rank, request_iterator, context)
-            total_s = self._transfer_s(
-                answer.mean_payload.numel() if answer.mean_payload is not None else 0
-            )
-            with self.watchdog.watch(
-                context, "answer", self.settings.stream_idle_s, total_s
-            ) as watch:
-                for chunk in _answer_chunks(answer):
-                    yield chunk
-                    watch.touch()
+            yield from self._send_answer(answer, context)
 
     def GetState(
         self, request: pb.StateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Chunk]:
         rank = self._authorize(context)
+        self._check_own(context, "GetState", rank, request.rank, request.run_id)
         with self._held(context, "GetState", rank):
             found = self.coordinator.download()
             if found is None:
@@ -117,19 +129,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 return
             state, sha, data = found
             same = request.round == state.round and request.params_sha256 == sha
-            yield pb.Chunk(state=_state_header(state, sha, same=same))
+            yield pb.Chunk(state=state_header(state, sha, same=same))
             if same:
                 return
-            total_s = self._transfer_s(
-                sum(t.numel() * t.element_size() for _, t in state.tensors())
-            )
-            with self.watchdog.watch(
-                context, "GetState", self.settings.stream_idle_s, total_s
-            ) as watch:
+            with self._moving(context, "GetState", state_nbytes(state)) as watch:
                 try:
                     for piece in data:
                         yield pb.Chunk(data=piece)
-                        watch.touch()
+                        watch.touch(len(piece))
                 except StateChanged as error:
                     _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
 
@@ -141,31 +148,38 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if self.coordinator.has_state():
                 return pb.PutStateReply(accepted=False, round=self.coordinator.round)
             expected = self.coordinator.expected_numel()
-            with self.watchdog.watch(context, "PutState", HEADER_WAIT_S, HEADER_WAIT_S) as watch:
+            with self.watchdog.watch(
+                context, "PutState", self.header_wait_s, self.header_wait_s
+            ) as watch:
                 first = next(request_iterator, None)
+            _end_if_cut(context, watch)
             if first is None or first.WhichOneof("kind") != "state":
                 _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "PutState starts with a header")
             header = first.state
             try:
                 if header.run_id != self.coordinator.rules.run_id:
-                    raise RefusedPayload(f"PutState for another run_id {header.run_id!r}")
+                    raise RefusedPayload(f"PutState for another run_id {header.run_id[:64]!r}")
+                if header.rank != rank:
+                    raise RefusedPayload(f"the header's rank {header.rank} is not the caller's")
+                # Checked before a byte is allocated: the declared sizes must be the group's.
                 if expected is not None and header.numel != expected:
                     raise RefusedPayload(
                         f"the state has {header.numel} parameters, the group's model {expected}"
                     )
-                total_s = self._transfer_s(8 * max(0, header.numel))
-                with self.watchdog.watch(
-                    context, "PutState", self.settings.stream_idle_s, total_s
-                ) as watch:
-                    state = receive_state(request_iterator, header, watch)
+                nbytes = state_bytes(check_specs(header))
+                with self._moving(context, "PutState", nbytes) as watch:
+                    state = receive_state(request_iterator, header, watch, grow=expected is None)
                 accepted = self.coordinator.seed(rank, state)
+            except StreamCut as error:
+                _abort(context, grpc.StatusCode.CANCELLED, f"the stream was cut: {error}")
             except (RefusedPayload, ValueError) as error:
-                self.coordinator.refuse(rank, str(error))
+                self.coordinator.refuse(rank, str(error), what="state")
                 _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"state refused: {error}")
             return pb.PutStateReply(accepted=accepted, round=self.coordinator.round)
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
         rank = self._authorize(context)
+        self._check_own(context, "Leave", rank, request.rank, request.run_id)
         self.coordinator.leave(rank)
         return pb.LeaveReply()
 
@@ -178,8 +192,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self, rank: int, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
     ) -> RoundAnswer:
         coordinator = self.coordinator
-        with self.watchdog.watch(context, "Average", HEADER_WAIT_S, HEADER_WAIT_S):
+        with self.watchdog.watch(
+            context, "Average", self.header_wait_s, self.header_wait_s
+        ) as watch:
             first = next(request_iterator, None)
+        _end_if_cut(context, watch)
         if first is None or first.WhichOneof("kind") != "average":
             _abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "an Average call starts with a header"
@@ -187,11 +204,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         header = first.average
         try:
             if header.run_id != coordinator.rules.run_id:
-                raise RefusedPayload(f"run_id {header.run_id!r} is not this coordinator's")
+                raise RefusedPayload(f"run_id {header.run_id[:64]!r} is not this coordinator's")
             if header.rank != rank:
                 raise RefusedPayload(f"the header's rank {header.rank} is not the caller's {rank}")
             check_average_header(header, coordinator.rules, coordinator.round)
-            delta = self._receive_payload(header, request_iterator, context)
+            delta, received = self._receive_payload(header, request_iterator, context)
             answer = coordinator.submit(
                 rank,
                 header.round,
@@ -200,6 +217,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 delta,
                 wait_s=2 * coordinator.rules.deadline_ceiling_s,
             )
+        except StreamCut as error:
+            _abort(context, grpc.StatusCode.CANCELLED, f"the stream was cut: {error}")
         except NotReady as error:
             _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
         except TimeoutError as error:
@@ -207,39 +226,83 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except (RefusedPayload, ValueError) as error:
             coordinator.refuse(rank, str(error))
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"payload refused: {error}")
-        coordinator.note_metrics(rank, check_metrics(header.metrics), header.payload_bytes)
+        coordinator.note_metrics(rank, check_metrics(header.metrics), received)
         return answer
 
     def _receive_payload(
         self, header: pb.AverageHeader, request_iterator: Iterator[pb.Chunk], context: Any
-    ) -> torch.Tensor | None:
-        """The decoded payload of the open round; None for another round (never decoded)."""
+    ) -> tuple[torch.Tensor | None, int]:
+        """(the decoded payload of the open round, its bytes); None, 0 for another round (its
+        payload is never read)."""
         coordinator = self.coordinator
         if header.round != coordinator.round:
-            return None
+            return None, 0
         expected = coordinator.codec.payload_bytes(coordinator.numel) if coordinator.numel else 0
         if header.payload_bytes != expected:
             raise RefusedPayload(
                 f"the payload announces {header.payload_bytes} bytes; a "
                 f"{coordinator.codec.name} payload of {coordinator.numel} elements has {expected}"
             )
-        total_s = self._transfer_s(expected)
-        with self.watchdog.watch(context, "Average", self.settings.stream_idle_s, total_s) as watch:
+        with self._moving(context, "Average", expected) as watch:
             payload = receive_bytes(request_iterator, expected, "payload", watch)
-        return coordinator.decode(payload)
+        return coordinator.decode(payload), expected
+
+    def _send_answer(
+        self, answer: RoundAnswer, context: grpc.ServicerContext
+    ) -> Iterator[pb.Chunk]:
+        """The answer's header, then its bytes: the mean, or the state to adopt, read from the
+        keeper's one copy chunk by chunk (UNAVAILABLE if a round's step changes it meanwhile:
+        the island sends again)."""
+        head, data, nbytes = answer_parts(answer, self.coordinator.keeper.read_chunks)
+        with self._moving(context, "answer", nbytes) as watch:
+            yield head
+            try:
+                for chunk in data:
+                    yield chunk
+                    watch.touch(len(chunk.data))
+            except StateChanged as error:
+                _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
 
     def _authorize(self, context: grpc.ServicerContext) -> int:
+        """The caller's rank, when its metadata holds the rank's session; else the call is
+        aborted (UNAUTHENTICATED) before anything of it is read."""
         metadata = dict(context.invocation_metadata() or ())
         rank_text = str(metadata.get(RANK_METADATA_KEY, ""))
         session = str(metadata.get(SESSION_METADATA_KEY, ""))
-        if not rank_text.isdigit() or len(rank_text) > 9:
+        if not _RANK.fullmatch(rank_text):
             _abort(context, grpc.StatusCode.UNAUTHENTICATED, "join first: no rank and session")
         try:
             self.coordinator.authorize(int(rank_text), session)
         except NotAuthorized as error:
-            log.warning("refused a call from %r: %s", context.peer(), error)
+            log.warning("refused a call from %s: %s", _peer(context), error)
             _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(error))
         return int(rank_text)
+
+    def _check_own(
+        self, context: grpc.ServicerContext, method: str, rank: int, asked: int, run_id: str
+    ) -> None:
+        """A request that names a rank and run must name the caller's own."""
+        if asked != rank or run_id != self.coordinator.rules.run_id:
+            log.warning(
+                "refused a %s from island %d for island %d of run %r",
+                method,
+                rank,
+                asked,
+                run_id[:64],
+            )
+            _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"island {rank} may call {method} for itself only, in its own run",
+            )
+
+    def _moving(
+        self, context: grpc.ServicerContext, what: str, nbytes: int
+    ) -> AbstractContextManager[StreamWatch]:
+        """The watch of a stream that moves `nbytes`: cut when idle, slower than the slowest
+        link given time for, or past the time its bytes take at that rate."""
+        total_s = transfer_s(nbytes, self.idle_s)
+        return self.watchdog.watch(context, what, self.idle_s, total_s, MIN_BYTES_PER_S)
 
     @contextmanager
     def _held(self, context: grpc.ServicerContext, method: str, rank: int) -> Iterator[None]:
@@ -250,56 +313,23 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         finally:
             self.limits.release(method, rank)
 
-    def _transfer_s(self, nbytes: int) -> float:
-        """A generous bound for moving `nbytes` (past it, the stream is cut)."""
-        return self.coordinator.rules.deadline_ceiling_s + 60.0 + nbytes / MIN_BYTES_PER_S
-
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
     context.abort(code, details)
     raise AssertionError("abort raises")  # for the type checker
 
 
-def _state_header(state: SharedState, sha: str, *, same: bool) -> pb.StateHeader:
-    return pb.StateHeader(
-        round=state.round,
-        numel=state.anchor.numel(),
-        params_sha256=sha,
-        has_state=True,
-        same=same,
-        tensors=[spec_of(name, tensor) for name, tensor in state.tensors()],
-    )
+def _end_if_cut(context: grpc.ServicerContext, watch: StreamWatch) -> None:
+    """End a call whose stream the watchdog cut (its read ended early) as CANCELLED."""
+    if watch.cut:
+        _abort(context, grpc.StatusCode.CANCELLED, "the stream was cut: idle or too slow")
 
 
-def _answer_chunks(answer: RoundAnswer) -> Iterator[pb.Chunk]:
-    if answer.adopt is not None:
-        state = answer.adopt
-        header = _state_header(state, answer.params_sha256, same=False)
-        size = sum(t.numel() * t.element_size() for _, t in state.tensors())
-        yield pb.Chunk(
-            reply=pb.AverageReply(
-                round=state.round,
-                participants=answer.participants,
-                params_sha256=answer.params_sha256,
-                payload_bytes=size,
-                adopt=True,
-                state=header,
-            )
-        )
-        for _, tensor in state.tensors():
-            yield from chunks_of(tensor.reshape(-1))
-        return
-    assert answer.mean_payload is not None
-    yield pb.Chunk(
-        reply=pb.AverageReply(
-            round=answer.round,
-            participants=answer.participants,
-            params_sha256=answer.params_sha256,
-            payload_bytes=answer.mean_payload.numel(),
-            late=answer.late,
-        )
-    )
-    yield from chunks_of(answer.mean_payload.cpu())
+def _peer(context: grpc.ServicerContext) -> str:
+    try:
+        return repr(context.peer())
+    except Exception:
+        return "?"
 
 
 class CoordinatorServer:
@@ -351,4 +381,4 @@ class CoordinatorServer:
 
     def _on_refused(self, method: Any) -> None:
         self.refused_calls += 1
-        log.warning("refused a call to %s: wrong or missing run token", method)
+        log.warning("refused a call to %r: wrong or missing run token", str(method)[:100])

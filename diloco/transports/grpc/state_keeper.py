@@ -114,9 +114,13 @@ class StateKeeper:
                 self.state = SharedState(state.round + 1, state.anchor, outer_state)
                 self.generation += 1
             self.sha = params_sha256(self.state.anchor)
-            self._save(persist(self.sha))
         except BaseException as error:  # re-raised by settle, in a caller's thread
             self._error = error
+            return
+        try:
+            self._save(persist(self.sha))
+        except Exception:  # the state in memory is right: the group goes on without the copy
+            log.exception("could not save the coordinator's state of round %d", self.state.round)
 
     def _save(self, persist: dict[str, Any]) -> None:
         if self.state_dir is None or self.state is None:
