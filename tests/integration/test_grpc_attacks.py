@@ -486,6 +486,7 @@ def test_a_caller_cannot_make_another_rank_leave(make_group: Callable[..., Group
     ]
     assert outcomes["leave#other rank's metadata"][0] == "UNAUTHENTICATED"
     assert outcomes["get_state_for#other rank"][0] == "PERMISSION_DENIED"
+    assert group.server.service.refused_calls == 4  # counted in the summary's refused_calls
     assert group.coordinator.membership.members[1].active
     results = group.honest_round([0, 1])
     assert not any(result.participants != 2 for result in results)

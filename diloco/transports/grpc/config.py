@@ -52,8 +52,9 @@ class GrpcTransportConfig:
     """The deadline is this many times the latest arrival seen in recent rounds (measured from
     each round's first payload), kept within the floor and the ceiling."""
     stream_idle_s: float = 60.0
-    """A payload or state stream that moves no bytes for this long is cut (the coordinator
-    frees what it held; an island retries)."""
+    """A payload or state stream that moves no bytes for this long is cut, and so is one that
+    moves less than 1 MB/s on average after its first stream_idle_s or sends no header within
+    min(10 s, stream_idle_s) (the coordinator frees what it held; an island retries)."""
     fingerprint_file: str = ""
     """Coordinator: a fingerprint.json written by an island of this run (run.dir/island-<rank>/
     fingerprint.json): the group's model and settings are then fixed by this file instead of

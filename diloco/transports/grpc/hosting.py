@@ -126,7 +126,9 @@ def summary(server: CoordinatorServer, islands: int) -> Mapping[str, object]:
         "late_payloads": stats.late_payloads,
         "refused_payloads": stats.refused_payloads,
         "dropped_payloads": stats.dropped_payloads,
-        "refused_calls": server.refused_calls + server.service.limits.refused,
+        "refused_calls": (
+            server.refused_calls + server.service.refused_calls + server.service.limits.refused
+        ),
         "cancelled_streams": server.service.watchdog.cancelled,
         "adopted": stats.adopted,
         "params_sha256": coordinator.state_sha256(),

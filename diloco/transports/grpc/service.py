@@ -85,6 +85,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             total={"Average": 4 * islands + 4, "GetState": islands + 4, "PutState": 2},
         )
         self.status_json: Callable[[], str] = lambda: "{}"
+        self.refused_calls = 0
+        """Calls refused for their session or for naming another rank (the token's refusals
+        are the server's, the call limits' are `limits.refused`)."""
+        self._count_lock = threading.Lock()
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -270,10 +274,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         rank_text = str(metadata.get(RANK_METADATA_KEY, ""))
         session = str(metadata.get(SESSION_METADATA_KEY, ""))
         if not _RANK.fullmatch(rank_text):
+            self._count_refusal()
             _abort(context, grpc.StatusCode.UNAUTHENTICATED, "join first: no rank and session")
         try:
             self.coordinator.authorize(int(rank_text), session)
         except NotAuthorized as error:
+            self._count_refusal()
             log.warning("refused a call from %s: %s", _peer(context), error)
             _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(error))
         return int(rank_text)
@@ -283,6 +289,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> None:
         """A request that names a rank and run must name the caller's own."""
         if asked != rank or run_id != self.coordinator.rules.run_id:
+            self._count_refusal()
             log.warning(
                 "refused a %s from island %d for island %d of run %r",
                 method,
@@ -295,6 +302,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"island {rank} may call {method} for itself only, in its own run",
             )
+
+    def _count_refusal(self) -> None:
+        with self._count_lock:
+            self.refused_calls += 1
 
     def _moving(
         self, context: grpc.ServicerContext, what: str, nbytes: int
