@@ -171,7 +171,7 @@ class Submitter:
 def reported(coordinator: Coordinator) -> int:
     """Payloads the open round holds (read under the coordinator's lock)."""
     with coordinator._cond:
-        return len(coordinator._open.pending)
+        return len(coordinator.closer.open.pending)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = JOIN_S) -> None:
@@ -200,7 +200,7 @@ def run_round_at_deadline(
     for rank in ranks:
         submitter.start(rank, round, sha, deltas_for(round)[rank], 1.0)
     wait_until(lambda: reported(coordinator) == len(ranks))
-    clock.advance(coordinator.deadline.seconds())
+    clock.advance(coordinator.closer.deadline.seconds())
     coordinator.tick()
     return submitter.join()
 
@@ -477,9 +477,9 @@ def test_the_history_keeps_the_means_of_the_last_rounds_only() -> None:
     coordinator, _ = make_group()
     for round in range(4):
         run_round(coordinator, [0, 1, 2], deltas_for(round), [1.0, 1.0, 1.0])
-    held = [closed.mean_payload.numel() > 0 for closed in coordinator.history]
+    held = [closed.mean_payload.numel() > 0 for closed in coordinator.closer.history.rounds]
     assert held == [False, False, True, True]
-    assert [closed.participants for closed in coordinator.history] == [3, 3, 3, 3]
+    assert [closed.participants for closed in coordinator.closer.history.rounds] == [3, 3, 3, 3]
 
 
 # -- late, stale and refused payloads ---------------------------------------------------------
@@ -508,7 +508,7 @@ def test_late_payload_gets_the_closed_rounds_mean_and_older_ones_adopt() -> None
     assert coordinator.stats.late_payloads == 1 and coordinator.stats.participants == [2]
     assert coordinator.round == 1
     # The late arrival, 40 s after the round's first payload, raised the deadline to 2 x 40 s.
-    assert coordinator.deadline.seconds() == 80.0
+    assert coordinator.closer.deadline.seconds() == 80.0
     # ... and the island is active again: round 1 waits for all three.
     assert coordinator.active_islands() == 3
 

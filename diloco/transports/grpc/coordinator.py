@@ -17,75 +17,42 @@ Three parts, each in its own module: `Membership` (who is in the group, sessions
 
 from __future__ import annotations
 
-import collections
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diloco.checkpoint.atomic import write_atomic
-from diloco.codecs.base import Codec, PayloadError, all_finite
+from diloco.codecs.base import Codec
 from diloco.shared_state import OuterOptimizer, SharedState
-from diloco.transports.grpc.deadline import AdaptiveDeadline
+from diloco.transports.grpc.answers import CoordinatorStats as CoordinatorStats
+from diloco.transports.grpc.answers import RoundAnswer as RoundAnswer
+from diloco.transports.grpc.closing import RoundCloser
 from diloco.transports.grpc.guard import check_seed, check_weight
 from diloco.transports.grpc.membership import INITIAL_WEIGHTS_KEY as INITIAL_WEIGHTS_KEY
 from diloco.transports.grpc.membership import PARAMETERS_KEY as PARAMETERS_KEY
 from diloco.transports.grpc.membership import Member, Membership, parse_count
+from diloco.transports.grpc.persistence import persisted, restore, save_membership
 from diloco.transports.grpc.rounds import (
+    Arrival,
     ClosedRound,
     Contribution,
     NotReady,
     OpenRound,
-    RefusedPayload,
     RoundRules,
-    combine,
+    classify,
+    decode_contribution,
 )
 from diloco.transports.grpc.state_keeper import StateKeeper
 
 log = logging.getLogger(__name__)
 
-MEMBERSHIP_FILE = "membership.json"
-KEPT_MEANS = 2
-"""Closed rounds whose mean stays held (a late or retried payload gets the last one's)."""
-RELEASED = torch.empty(0, dtype=torch.uint8)
-
 
 class NotAuthorized(PermissionError):
     """A call without the session of the rank it claims."""
-
-
-@dataclass(frozen=True)
-class RoundAnswer:
-    """What an island gets back for its payload."""
-
-    round: int
-    participants: int
-    params_sha256: str
-    """The hash of the shared parameters after the round, or "" in the first answers of a
-    round (it is computed after they go out; each island hashes its own)."""
-    mean_payload: torch.Tensor | None
-    """The re-encoded mean (uint8), or None when `adopt` is set."""
-    adopt: SharedState | None = None
-    """The group's state to adopt: the keeper's own (no copy per caller), to be read with
-    `keeper.read_chunks(generation)`, which fails if a round's step changed it meanwhile."""
-    generation: int = 0
-    late: bool = False
-
-
-@dataclass
-class CoordinatorStats:
-    rounds_closed: int = 0
-    late_payloads: int = 0
-    refused_payloads: int = 0
-    dropped_payloads: int = 0
-    adopted: int = 0
-    participants: list[int] = field(default_factory=list)
 
 
 class Coordinator:
@@ -113,18 +80,21 @@ class Coordinator:
         self.rules = rules
         self.codec = codec
         self.clock = clock
-        self.deadline = AdaptiveDeadline(
-            rules.deadline_floor_s, rules.deadline_ceiling_s, rules.deadline_slack
-        )
         self.membership = Membership(rules.islands, rules.run_id, pinned, rules.deadline_ceiling_s)
         self.keeper = StateKeeper(optimizer, codec, state_dir)
         self.stats = CoordinatorStats()
-        self.history: collections.deque[ClosedRound] = collections.deque(maxlen=200)
         self.started = time.time()
         self._cond = threading.Condition()
-        self._open = OpenRound(0)
-        self._last: ClosedRound | None = None
-        self._waiting_warned = False
+        self.closer = RoundCloser(
+            rules,
+            codec,
+            self.membership,
+            self.keeper,
+            self.stats,
+            self._cond,
+            clock,
+            self._persisted,
+        )
         self._stopped = False
         if state_dir is not None:
             self._restore()
@@ -145,7 +115,7 @@ class Coordinator:
             )
             self._persist_membership()
             log.info("island %d joined from host %r", rank, host[:128])
-            return self._open.round, self.keeper.state is not None, new_session
+            return self.closer.open.round, self.keeper.state is not None, new_session
 
     def authorize(self, rank: int, session: str) -> Member:
         """The member `rank`, seen now; NotAuthorized unless `session` is its session."""
@@ -178,7 +148,7 @@ class Coordinator:
 
     @property
     def round(self) -> int:
-        return self._open.round
+        return self.closer.open.round
 
     def expected_numel(self) -> int | None:
         """The number of shared parameters the group's fingerprint announces, if any."""
@@ -225,7 +195,7 @@ class Coordinator:
                 expected_numel=self.expected_numel(),
                 initial_weights=fingerprint.get(INITIAL_WEIGHTS_KEY),
             )
-            self._open = OpenRound(int(state.round))
+            self.closer.open = OpenRound(int(state.round))
             self.keeper.seed(state, self._persisted(None))
             log.info("island %d seeded the shared state at round %d", rank, state.round)
             return True
@@ -234,17 +204,7 @@ class Coordinator:
 
     def decode(self, payload: torch.Tensor) -> torch.Tensor:
         """The payload's fp32 values, or RefusedPayload (wrong size/codec, non-finite)."""
-        numel = self.numel
-        if numel == 0:
-            raise NotReady("the coordinator holds no shared state yet: join first")
-        try:
-            delta = self.codec.decode(payload, numel)
-        except PayloadError as error:
-            raise RefusedPayload(str(error)) from None
-        if not all_finite(delta):
-            bad = int((~torch.isfinite(delta)).sum())
-            raise RefusedPayload(f"the payload holds {bad} non-finite value(s) (NaN or inf)")
-        return delta
+        return decode_contribution(self.codec, payload, self.numel)
 
     def note_metrics(self, rank: int, metrics: Mapping[str, float], received: int) -> None:
         """An island's latest figures and the payload bytes it sent (the status page's)."""
@@ -258,7 +218,7 @@ class Coordinator:
         """Count and log a refused payload (or state); `reason` escapes what came from the wire."""
         with self._cond:
             self.stats.refused_payloads += 1
-            self._open.refused += 1
+            self.closer.open.refused += 1
         log.warning("refused a %s from island %d: %s", what, rank, reason)
 
     def submit(
@@ -290,7 +250,7 @@ class Coordinator:
             if stale is not None:
                 return stale
             assert delta is not None
-            self._open.add(rank, Contribution(weight, delta, self.clock()))
+            self.closer.open.add(rank, Contribution(weight, delta, self.clock()))
             self._close_if_complete()
             return self._wait_for_close(round, wait_s)
 
@@ -316,11 +276,11 @@ class Coordinator:
     def finished(self) -> bool:
         with self._cond:
             self.keeper.settle()
-            return self.keeper.state is not None and self._open.round >= self.rules.rounds
+            return self.keeper.state is not None and self.closer.open.round >= self.rules.rounds
 
     @property
     def last_closed(self) -> ClosedRound | None:
-        return self._last
+        return self.closer.last
 
     # -- internals (called with the lock held) -----------------------------------------------
 
@@ -328,39 +288,40 @@ class Coordinator:
         self, rank: int, round: int, sha: str, delta: torch.Tensor | None
     ) -> RoundAnswer | None:
         """The answer for a payload that is not for the open round, or None if it is."""
-        last = self._last
-        if round == self._open.round - 1 and last is not None and sha == last.sha_before:
-            if rank in last.ranks:  # a retry of a payload the round holds (the answer was lost)
-                return RoundAnswer(last.round, last.participants, last.sha_after, last.mean_payload)
+        last = self.closer.last
+        kind = classify(
+            last, self.closer.open.round, self.keeper.sha, rank, round, sha, delta is not None
+        )
+        if kind is Arrival.open:
+            return None
+        if kind is Arrival.adopt:
+            return self._adopt_answer(rank, round, sha)
+        assert last is not None
+        if kind is Arrival.late:
             # Late by less than a round: the island gets that round's mean, applies it, and is
-            # in step with the group again.
+            # in step with the group again; its payload is dropped.
             self.stats.late_payloads += 1
             last.late += 1
-            self.deadline.observe_late(self.clock() - last.first_arrival)
+            self.closer.deadline.observe_late(self.clock() - last.first_arrival)
             log.warning(
-                "island %d's payload for round %d came after the round closed: dropped; "
-                "it receives the round's mean",
-                rank,
-                round,
+                "island %d's payload for round %d came after the round closed: dropped", rank, round
             )
-            return RoundAnswer(
-                last.round, last.participants, last.sha_after, last.mean_payload, late=True
-            )
-        if round != self._open.round or sha != self.keeper.sha or delta is None:
-            return self._adopt_answer(rank, round, sha)
-        return None
+        late = kind is Arrival.late  # else a retry: the round holds it, its answer was lost
+        return RoundAnswer(
+            last.round, last.participants, last.sha_after, last.mean_payload, late=late
+        )
 
     def _adopt_answer(self, rank: int, round: int, sha: str) -> RoundAnswer:
         state = self.keeper.state
         assert state is not None
         self.stats.adopted += 1
         why = (
-            f"its round {round} is not the group's {self._open.round}"
-            if round != self._open.round
+            f"its round {round} is not the group's {self.closer.open.round}"
+            if round != self.closer.open.round
             else "its shared parameters differ from the group's"
         )
         log.warning("island %d is told to adopt the shared state: %s", rank, why)
-        participants = self._last.participants if self._last is not None else 0
+        participants = self.closer.last.participants if self.closer.last is not None else 0
         return RoundAnswer(
             state.round,
             participants,
@@ -371,144 +332,36 @@ class Coordinator:
         )
 
     def _wait_for_close(self, round: int, wait_s: float | None) -> RoundAnswer:
-        limit = None if wait_s is None else self.clock() + wait_s
-        while self._open.round == round and not self._stopped:
-            remaining = None if limit is None else limit - self.clock()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"round {round} is still open")
-            self._cond.wait(timeout=0.25 if remaining is None else min(0.25, remaining))
-            self._close_if_due()
-        if self._stopped and self._open.round == round:
-            raise NotReady("the coordinator is shutting down")
-        # Usually the last closed round; an older one if later rounds closed meanwhile.
-        closed = next((c for c in reversed(self.history) if c.round == round), None)
-        if closed is None or closed.mean_payload is RELEASED:
-            raise NotReady(f"round {round} closed too long ago: send again")
+        closed = self.closer.wait(round, wait_s, lambda: self._stopped)
         # The hash is not part of a fresh answer: it may still be being computed.
         return RoundAnswer(round, closed.participants, "", closed.mean_payload)
 
     def _close_if_complete(self) -> None:
-        if not self._open.pending:
-            return
-        # Islands that never joined are expected until the deadline (they may be starting);
-        # members that missed a round are not (they may be gone).
-        missing, never_seen = self.membership.waiting_for(set(self._open.pending))
-        if not missing and never_seen == 0:
-            self._close()
+        self.closer.close_if_complete()
 
     def _close_if_due(self) -> None:
-        opened = self._open
-        if not opened.pending or opened.first_arrival is None:
-            return
-        self._close_if_complete()
-        if self._open is not opened:
-            return
-        if self.clock() - opened.first_arrival < self.deadline.seconds():
-            return
-        if len(opened.pending) < self.rules.min_islands:
-            if not self._waiting_warned:
-                log.warning(
-                    "round %d: deadline passed with %d of transport.min_islands=%d islands; "
-                    "waiting for more",
-                    opened.round,
-                    len(opened.pending),
-                    self.rules.min_islands,
-                )
-                self._waiting_warned = True
-            return
-        self._close()
-
-    def _close(self) -> None:
-        self.keeper.settle()
-        opened = self._open
-        assert opened.first_arrival is not None
-        mean_payload, ranks, dropped = combine(self.rules, self.codec, opened.pending)
-        closed = ClosedRound(
-            round=opened.round,
-            ranks=ranks,
-            mean_payload=mean_payload,
-            sha_before=self.keeper.sha,
-            first_arrival=opened.first_arrival,
-            duration_s=self.clock() - opened.first_arrival,
-            deadline_s=self.deadline.seconds(),
-            dropped=dropped,
-        )
-        self.deadline.observe_round(opened.offsets)
-        missing, _ = self.membership.waiting_for(set(opened.pending))
-        for rank in missing:
-            self.membership.members[rank].active = False
-        if missing:
-            log.warning(
-                "round %d closed at its deadline without island(s) %s", opened.round, missing
-            )
-        self.stats.rounds_closed += 1
-        self.stats.dropped_payloads += dropped
-        self.stats.participants.append(len(ranks))
-        self._last = closed
-        self.history.append(closed)
-        if len(self.history) > KEPT_MEANS:  # the history keeps figures, not every mean
-            self.history[-KEPT_MEANS - 1].mean_payload = RELEASED
-        self._open = OpenRound(opened.round + 1)
-        self._waiting_warned = False
-        # The islands get their answer now; the outer step, the new state's hash and its copy
-        # on disk follow in the background (nothing reads the state before `settle`). A
-        # coordinator killed in between restarts one round back: the islands then adopt that.
-        self.keeper.step_in_background(mean_payload, self._after_step(closed))
-        self._cond.notify_all()
-
-    def _after_step(self, closed: ClosedRound) -> Callable[[str], dict[str, Any]]:
-        def persist(sha_after: str) -> dict[str, Any]:
-            closed.sha_after = sha_after
-            return self._persisted(closed)
-
-        return persist
+        self.closer.close_if_due()
 
     def _persisted(self, last: ClosedRound | None) -> dict[str, Any]:
-        """What a restarted coordinator needs besides the state (tensors by reference)."""
-        return {
-            "last": None
-            if last is None
-            else {
-                "round": last.round,
-                "ranks": list(last.ranks),
-                "mean_payload": last.mean_payload,
-                "sha_before": last.sha_before,
-                "sha_after": last.sha_after,
-            },
-            "stats": {**vars(self.stats), "participants": list(self.stats.participants)},
-        }
+        return persisted(last, self.stats)
 
     def _persist_membership(self) -> None:
         """Sessions change on join and leave: saved at once, so a restarted coordinator knows
         every island's session (else it would hold their ranks against them)."""
-        state_dir = self.keeper.state_dir
-        if state_dir is not None:
-            text = json.dumps(self.membership.to_json(), sort_keys=True)
-            write_atomic(state_dir / MEMBERSHIP_FILE, text)
+        if self.keeper.state_dir is not None:
+            save_membership(self.keeper.state_dir, self.membership)
 
     def _restore(self) -> None:
         assert self.keeper.state_dir is not None
-        membership = self.keeper.state_dir / MEMBERSHIP_FILE
-        if membership.is_file():
-            self.membership.restore(json.loads(membership.read_text()), self.clock())
-        saved = self.keeper.restore()
-        if saved is None:
+        restored = restore(self.keeper, self.membership, self.clock())
+        if restored is None:
             return
-        self._open = OpenRound(self.keeper.state.round if self.keeper.state else 0)
-        last = saved.get("last")
-        if last is not None:
-            self._last = ClosedRound(
-                round=int(last["round"]),
-                ranks=tuple(int(r) for r in last["ranks"]),
-                mean_payload=last["mean_payload"],
-                sha_before=str(last["sha_before"]),
-                sha_after=str(last["sha_after"]),
-                first_arrival=self.clock(),
-            )
-        self.stats = CoordinatorStats(**saved.get("stats", {}))
+        self.closer.last, self.stats = restored
+        self.closer.stats = self.stats
+        self.closer.open = OpenRound(self.keeper.state.round if self.keeper.state else 0)
         log.warning(
             "coordinator resumed from %s at round %d with islands %s",
             self.keeper.state_dir,
-            self._open.round,
+            self.closer.open.round,
             sorted(self.membership.members),
         )

@@ -201,6 +201,13 @@ class Membership:
         missing = [r for r, m in self.members.items() if m.active and r not in reported]
         return missing, self.islands - len(self.members)
 
+    def mark_missing(self, reported: set[int]) -> list[int]:
+        """Active members that did not report a round that closed: inactive until they do."""
+        missing, _ = self.waiting_for(reported)
+        for rank in missing:
+            self.members[rank].active = False
+        return missing
+
     def everyone_left(self) -> bool:
         return bool(self.members) and all(m.left for m in self.members.values())
 

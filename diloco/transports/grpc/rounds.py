@@ -11,16 +11,20 @@ close never raises and the next round starts clean.
 
 from __future__ import annotations
 
+import collections
+import enum
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from diloco.aggregate import AGGREGATES, AggregateOptions, clip_to_norm
-from diloco.codecs.base import Codec
+from diloco.codecs.base import Codec, PayloadError, all_finite
+from diloco.transports.grpc.answers import CoordinatorStats
+from diloco.transports.grpc.deadline import AdaptiveDeadline
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +155,103 @@ def _largest(contributions: dict[int, Contribution], ranks: Sequence[int]) -> in
         return size if size == size else math.inf  # NaN: certainly the culprit
 
     return max(ranks, key=magnitude)
+
+
+class Arrival(enum.Enum):
+    """What a payload is, relative to the rounds the coordinator holds."""
+
+    open = "open"
+    """For the open round, from the group's shared parameters: it joins the round."""
+    retry = "retry"
+    """For the round that just closed, which already holds it: the answer was lost."""
+    late = "late"
+    """For the round that just closed, from its parameters, too late: it gets that mean."""
+    adopt = "adopt"
+    """Anything else (older, or from other parameters, or no payload): adopt the state."""
+
+
+def classify(
+    last: ClosedRound | None,
+    open_round: int,
+    state_sha: str,
+    rank: int,
+    round: int,
+    sha: str,
+    has_payload: bool,
+) -> Arrival:
+    if round == open_round - 1 and last is not None and sha == last.sha_before:
+        return Arrival.retry if rank in last.ranks else Arrival.late
+    if round != open_round or sha != state_sha or not has_payload:
+        return Arrival.adopt
+    return Arrival.open
+
+
+def decode_contribution(codec: Codec, payload: torch.Tensor, numel: int) -> torch.Tensor:
+    """The payload's fp32 values, or RefusedPayload (wrong size or codec, non-finite)."""
+    if numel == 0:
+        raise NotReady("the coordinator holds no shared state yet: join first")
+    try:
+        delta = codec.decode(payload, numel)
+    except PayloadError as error:
+        raise RefusedPayload(str(error)) from None
+    if not all_finite(delta):
+        bad = int((~torch.isfinite(delta)).sum())
+        raise RefusedPayload(f"the payload holds {bad} non-finite value(s) (NaN or inf)")
+    return delta
+
+
+def close_round(
+    rules: RoundRules,
+    codec: Codec,
+    opened: OpenRound,
+    *,
+    sha_before: str,
+    deadline: AdaptiveDeadline,
+    now: float,
+) -> ClosedRound:
+    """The open round closed: its contributions combined, its arrivals taught to `deadline`."""
+    assert opened.first_arrival is not None
+    mean_payload, ranks, dropped = combine(rules, codec, opened.pending)
+    closed = ClosedRound(
+        round=opened.round,
+        ranks=ranks,
+        mean_payload=mean_payload,
+        sha_before=sha_before,
+        first_arrival=opened.first_arrival,
+        duration_s=now - opened.first_arrival,
+        deadline_s=deadline.seconds(),
+        dropped=dropped,
+    )
+    deadline.observe_round(opened.offsets)
+    return closed
+
+
+KEPT_MEANS = 2
+"""Closed rounds whose mean stays held (a late or retried payload gets the last one's)."""
+RELEASED = torch.empty(0, dtype=torch.uint8)
+
+
+class RoundHistory:
+    """The closed rounds' figures (the status page's), the means of the last `KEPT_MEANS`."""
+
+    def __init__(self, size: int = 200):
+        self.rounds: collections.deque[ClosedRound] = collections.deque(maxlen=size)
+
+    def __iter__(self) -> Iterator[ClosedRound]:
+        return iter(self.rounds)
+
+    def __len__(self) -> int:
+        return len(self.rounds)
+
+    def record(self, closed: ClosedRound, stats: CoordinatorStats) -> None:
+        stats.rounds_closed += 1
+        stats.dropped_payloads += closed.dropped
+        stats.participants.append(closed.participants)
+        self.rounds.append(closed)
+        if len(self.rounds) > KEPT_MEANS:  # figures are kept, not every mean
+            self.rounds[-KEPT_MEANS - 1].mean_payload = RELEASED
+
+    def mean_of(self, round: int) -> ClosedRound | None:
+        """The closed `round` while its mean is held, else None."""
+        closed = next((c for c in reversed(self.rounds) if c.round == round), None)
+        return None if closed is None or closed.mean_payload is RELEASED else closed
