@@ -144,7 +144,8 @@ def _run(config: Any) -> int:
         summary = run_island(config, events=display)
     finally:
         display.close()
-    print(_format_summary(summary))
+    if "island_rank" not in summary:  # the other ranks of an island leave it to rank 0
+        print(_format_summary(summary))
     return 0
 
 

@@ -14,17 +14,24 @@ import torch
 
 from diloco.config import IslandConfig
 from diloco.outer.pseudo_gradient import flatten_params
+from diloco.parallel.mesh import IslandLayout
 from diloco.shared_state import params_sha256
 from diloco.transports.grpc.coordinator import PARAMETERS_KEY
 
 
-def group_fingerprint(config: IslandConfig, model: torch.nn.Module) -> dict[str, str]:
+def group_fingerprint(
+    config: IslandConfig, model: torch.nn.Module, layout: IslandLayout
+) -> dict[str, str]:
+    """The island's fingerprint; `layout` is where this process sits (island.ranks as
+    launched: every island of a group must have as many ranks, and the same parallelism, so
+    that shard r of each is the same part of the parameters)."""
     shapes = "\n".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in model.named_parameters())
     flat = flatten_params(list(model.parameters()))
     return {
         "model": hashlib.sha256(shapes.encode()).hexdigest()[:16],
         PARAMETERS_KEY: str(flat.numel()),
         "initial weights": params_sha256(flat)[:16],
+        "island.ranks, parallel": f"{layout.ranks_per_island}, {layout.parallel.value}",
         **group_settings(config),
     }
 

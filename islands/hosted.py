@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from diloco.data.base import Batch, DataSource
@@ -20,6 +21,7 @@ from diloco.data.selectors.base import Selector
 from diloco.inner.trainer import InnerTrainer
 from diloco.outer.streaming import StreamingSync
 from diloco.outer.sync import OuterSync, SyncResult
+from diloco.parallel.batches import rank_micro_batches
 from diloco.transports.base import Transport
 
 T = TypeVar("T")
@@ -38,6 +40,33 @@ class RoundWork:
     """The learning rate of the round's last inner step."""
     selection: dict[str, Any]
     """What data selection cost and kept so far (metrics fields, docs/output.md)."""
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """This rank's part of each island batch (diloco/parallel/batches.py), and the island's
+    mean of the ranks' losses."""
+
+    island_rank: int = 0
+    ranks: int = 1
+    grad_accum: int = 1
+    group: Any = None
+    """The island's process group (None with one rank)."""
+
+    def micro_batches(self, inputs: Any) -> list[Any]:
+        if self.ranks == 1 and self.grad_accum == 1:
+            return [inputs]
+        return rank_micro_batches(
+            inputs, island_rank=self.island_rank, ranks=self.ranks, grad_accum=self.grad_accum
+        )
+
+    def island_mean(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """The mean over the island's ranks (each trained on its own rows): the island's loss."""
+        if self.group is None:
+            return loss_sum
+        total = loss_sum.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        return total / self.ranks
 
 
 @dataclass
@@ -60,6 +89,8 @@ class HostedIsland:
     """Trained-on examples whose noise flag the data source gave (data.noise), cumulative."""
     noisy_examples: int = 0
     """Of those, how many were junk, cumulative (metrics: selected_noisy_fraction)."""
+    split: BatchSplit = field(default_factory=lambda: BatchSplit())
+    """How an island batch splits over this island's ranks and micro-batches."""
 
     def run_inner(self, steps: int, on_step: Callable[[], None] | None = None) -> RoundWork:
         """`steps` AdamW steps on this island's own stream."""
@@ -70,11 +101,12 @@ class HostedIsland:
             if batch.noisy is not None:
                 self.examples_labelled += int(batch.noisy.numel())
                 self.noisy_examples += int(batch.noisy.sum())
-            loss_sum += self.trainer.train_step(batch.inputs)
-            tokens += batch.num_tokens
+            loss_sum += self.trainer.train_step(*self.split.micro_batches(batch.inputs))
+            tokens += batch.num_tokens  # the island's: every rank draws the whole island batch
             if on_step is not None:
                 on_step()
         self.tokens += tokens
+        loss_sum = self.split.island_mean(loss_sum)
         step_count = self.trainer.step_count
         return RoundWork(
             loss_sum,
@@ -113,7 +145,8 @@ class HostedIsland:
         """The hash of the shared parameters this island holds."""
         if self.stream is not None:
             return self.stream.params_sha256()
-        return self.blocking.params_sha256()
+        # An island of several ranks combines its ranks' shard hashes (a collective).
+        return self.blocking.shard.island_sha256(self.blocking.params_sha256())
 
     def shared_flat(self) -> torch.Tensor:
         """The shared parameters as one flat vector in parameter order."""

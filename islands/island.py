@@ -10,7 +10,7 @@ due, one checkpoint.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from diloco.checkpoint.atomic import write_atomic
+from diloco.codecs.base import Codec
 from diloco.codecs.registry import build_codec
 from diloco.config import IslandConfig, to_container
 from diloco.config.checks import check_gpt_memory, host_memory_bytes
@@ -28,7 +29,6 @@ from diloco.data.factory import build_data_sources
 from diloco.data.selectors.base import SelectorSetup
 from diloco.data.selectors.config import build_selectors
 from diloco.errors import ConfigError
-from diloco.inner.compile import compile_inner_model
 from diloco.inner.trainer import InnerTrainer
 from diloco.metrics import MetricsWriter
 from diloco.metrics.wandb_log import WandbLogger
@@ -38,15 +38,25 @@ from diloco.models.weights import load_weights_
 from diloco.outer.config import build_outer_optimizer
 from diloco.outer.pseudo_gradient import flatten_params
 from diloco.outer.sync import OuterHyperparams, OuterSync
-from diloco.transports.base import TransportSetup
-from diloco.transports.config import build_transports, hosts_every_island
+from diloco.parallel.batches import island_batch_size
+from diloco.shared_state import OuterOptimizer
+from diloco.transports.base import Transport, TransportSetup
+from diloco.transports.config import hosts_every_island
 from islands.fingerprint import group_fingerprint, group_settings
-from islands.hosted import HostedIsland
+from islands.hosted import BatchSplit, HostedIsland
 from islands.loop import run_rounds
 from islands.outputs import check_tensorboard, open_tensorboard, write_plot, write_summary
+from islands.ranks import (
+    IslandRanks,
+    build_rank_transports,
+    launch_layout,
+    shard_lane,
+    start_island_ranks,
+)
+from islands.replicas import Replica, build_replica
 from islands.resume import resume
 from islands.runtime import RunEvents, Runtime
-from islands.streaming import build_lanes, run_streaming
+from islands.streaming import Lanes, build_lanes, run_streaming
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +78,24 @@ def run_island(
         ConfigError: the config cannot be built (missing file, no GPU, bad factory).
     """
     runtime = build_runtime(config, store, events)
+    if not runtime.island_ranks.writes_outputs:
+        events = None  # one progress display per island: its rank 0's
     try:
         start_round = resume(runtime)
-        # Opened once the run's folder is settled (a fresh start moves an earlier run aside).
-        runtime.tensorboard = open_tensorboard(config, runtime.out_dir)
-        runtime.wandb = WandbLogger.open(config.run.wandb, runtime.out_dir, to_container(config))
+        writes_outputs = runtime.island_ranks.writes_outputs
+        if writes_outputs:
+            # Opened once the run's folder is settled (a fresh start moves an earlier run aside).
+            runtime.tensorboard = open_tensorboard(config, runtime.out_dir)
+            runtime.wandb = WandbLogger.open(
+                config.run.wandb, runtime.out_dir, to_container(config)
+            )
         if config.outer.streaming:
             run_streaming(runtime, events)
         else:
             run_rounds(runtime, start_round, events)
         summary = write_summary(runtime)
-        write_plot(runtime)
+        if writes_outputs:
+            write_plot(runtime)
         return summary
     finally:
         runtime.abort()
@@ -91,6 +108,7 @@ def run_island(
             runtime.tensorboard.close()
         if runtime.wandb is not None:
             runtime.wandb.close()
+        runtime.island_ranks.close()
 
 
 def build_runtime(
@@ -103,36 +121,46 @@ def build_runtime(
     _check_memory(config, device)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    bf16 = config.run.precision is Precision.bf16 or (
-        config.run.precision is Precision.auto and device.type == "cuda"
-    )
-    kind = config.transport.kind
-    rank = _rank(config)
-    hosts_all = hosts_every_island(kind)
-    ranks = list(range(config.transport.islands)) if hosts_all else [rank]
-    out_dir = Path(config.run.dir)
-    if not hosts_all:
-        out_dir = out_dir / f"island-{rank}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    layout = launch_layout(config)
+    island_ranks = start_island_ranks(config, layout, device, store)
+    try:
+        return _build(config, store, events, device, island_ranks)
+    except BaseException:
+        island_ranks.close()
+        raise
 
+
+def _build(
+    config: IslandConfig,
+    store: Any,
+    events: RunEvents | None,
+    device: torch.device,
+    island_ranks: IslandRanks,
+) -> Runtime:
+    hosts_all = hosts_every_island(config.transport.kind)
+    ranks = list(range(config.transport.islands)) if hosts_all else [island_ranks.layout.island]
+    out_dir = Path(config.run.dir) if hosts_all else Path(config.run.dir) / f"island-{ranks[0]}"
+    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.run.seed)
-    data_vocab = _data_vocab_size(config)
-    prototype = build_model(config.model, context=config.data.seq_len, data_vocab_size=data_vocab)
+    prototype = build_model(
+        config.model, context=config.data.seq_len, data_vocab_size=_data_vocab_size(config)
+    )
     if config.run.init_from:
         load_weights_(prototype, config.run.init_from, key="run.init_from")
-    model_vocab = int(getattr(prototype, "vocab_size", config.model.vocab_size))
     numel = flatten_params(list(prototype.parameters())).numel()
     outer = config.outer
     codec = build_codec(
         outer.codec.value, block_size=outer.block_size, topk_fraction=outer.topk_fraction
     )
     optimizer = build_outer_optimizer(outer)
-    fingerprint = group_fingerprint(config, prototype)
-    write_atomic(out_dir / "fingerprint.json", json.dumps(fingerprint, indent=2) + "\n")
+    fingerprint = group_fingerprint(config, prototype, island_ranks.layout)
+    if island_ranks.writes_outputs:
+        write_atomic(out_dir / "fingerprint.json", json.dumps(fingerprint, indent=2) + "\n")
+    replicas = [build_replica(config, prototype, island_ranks, device) for _ in ranks]
     setup = TransportSetup(
         config=config.transport,
         codec=codec,
-        numel=numel,
+        numel=replicas[0].shard_numel,
         ranks=ranks,
         rounds=outer.rounds,
         optimizer=optimizer,
@@ -140,16 +168,72 @@ def build_runtime(
         run_dir=Path(config.run.dir),
         device=device,
         store=store,
+        group=island_ranks.mesh.shard_group,
+        lane=shard_lane(island_ranks),
         announce=events.on_announce if events is not None else log.info,
     )
     lanes = build_lanes(config, prototype, setup) if outer.streaming else None
-    built = lanes.lead if lanes is not None else build_transports(setup)
+    built = lanes.lead if lanes is not None else build_rank_transports(setup, island_ranks)
+    split = BatchSplit(
+        island_rank=island_ranks.rank,
+        ranks=island_ranks.count,
+        grad_accum=config.inner.grad_accum,
+        group=island_ranks.group,
+    )
+    hosted = _hosted_islands(
+        config, prototype, ranks, replicas, built.transports, lanes, (codec, optimizer), split
+    )
+    log.info(
+        "islands %s of %d on %s, %d shared parameters (%d on this rank), codec %s, outer "
+        "optimizer %s",
+        ranks,
+        config.transport.islands,
+        device,
+        numel,
+        setup.numel,
+        codec.name,
+        optimizer.name,
+    )
+    return Runtime(
+        config=config,
+        out_dir=out_dir,
+        device=device,
+        hosted=hosted,
+        abort=built.abort if lanes is None else lanes.abort,
+        val_batches=[b.inputs for b in hosted[0].data.val_batches(config.eval.batches)],
+        numel=numel,
+        fingerprint=fingerprint,
+        metrics=MetricsWriter(out_dir / "metrics.jsonl"),
+        island_ranks=island_ranks,
+    )
+
+
+def _hosted_islands(
+    config: IslandConfig,
+    prototype: torch.nn.Module,
+    ranks: list[int],
+    replicas: list[Replica],
+    transports: list[Transport],
+    lanes: Lanes | None,
+    outer_step: tuple[Codec, OuterOptimizer],
+    split: BatchSplit,
+) -> list[HostedIsland]:
+    """Every island this process hosts (`ranks`, the islands' indices, in the order of their
+    replicas and transports): its trainer, data, selector and outer sync."""
+    outer = config.outer
+    codec, optimizer = outer_step
+    device = _device(config)
+    bf16 = config.run.precision is Precision.bf16 or (
+        config.run.precision is Precision.auto and device.type == "cuda"
+    )
+    # data.batch_size is per rank and micro-batch: each rank draws the whole island batch.
+    island_batch = island_batch_size(config.data.batch_size, split.ranks, config.inner.grad_accum)
     sources = build_data_sources(
-        config.data,
+        dataclasses.replace(config.data, batch_size=island_batch),
         islands=ranks,
         num_islands=config.transport.islands,
         seed=config.run.seed,
-        vocab_size=model_vocab,
+        vocab_size=int(getattr(prototype, "vocab_size", config.model.vocab_size)),
         cache_dir=Path(config.run.dir) / "token-cache",
     )
     selectors = build_selectors(
@@ -170,47 +254,28 @@ def build_runtime(
     )
     flops_per_token = train_flops_per_token(prototype)
     hosted: list[HostedIsland] = []
-    for rank_i, transport, source, selector in zip(
-        ranks, built.transports, sources, selectors, strict=True
+    for rank, replica, transport, source, selector in zip(
+        ranks, replicas, transports, sources, selectors, strict=True
     ):
-        model = copy.deepcopy(prototype).to(device)
-        inner_model = compile_inner_model(model, config.run.compile)  # shares model's parameters
+        stream = None
+        if lanes is not None:
+            stream = lanes.stream(list(replica.model.parameters()), len(hosted), codec, optimizer)
         hosted.append(
             HostedIsland(
-                rank=rank_i,
-                model=model,
-                trainer=InnerTrainer(inner_model, config.inner, total_steps, device, bf16),
+                rank=rank,
+                model=replica.model,
+                trainer=InnerTrainer(replica.inner_model, config.inner, total_steps, device, bf16),
                 data=source,
                 selector=selector,
                 outer=None
                 if lanes is not None
-                else OuterSync(model.parameters(), transport, codec, optimizer, hyper),
-                stream=None
-                if lanes is None
-                else lanes.stream(list(model.parameters()), len(hosted), codec, optimizer),
+                else OuterSync(replica.shard, transport, codec, optimizer, hyper),
+                stream=stream,
                 flops_per_token=flops_per_token,
+                split=split,
             )
         )
-    log.info(
-        "islands %s of %d on %s, %d shared parameters, codec %s, outer optimizer %s",
-        ranks,
-        config.transport.islands,
-        device,
-        numel,
-        codec.name,
-        optimizer.name,
-    )
-    return Runtime(
-        config=config,
-        out_dir=out_dir,
-        device=device,
-        hosted=hosted,
-        abort=built.abort if lanes is None else lanes.abort,
-        val_batches=[b.inputs for b in sources[0].val_batches(config.eval.batches)],
-        numel=numel,
-        fingerprint=fingerprint,
-        metrics=MetricsWriter(out_dir / "metrics.jsonl"),
-    )
+    return hosted
 
 
 def _data_vocab_size(config: IslandConfig) -> int | None:
@@ -242,22 +307,3 @@ def _device(config: IslandConfig) -> torch.device:
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun's, when it started us
     return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
-def _rank(config: IslandConfig) -> int:
-    transport = config.transport
-    if hosts_every_island(transport.kind):
-        return 0
-    world = os.environ.get("WORLD_SIZE")
-    if world is not None and int(world) != transport.islands:
-        raise ConfigError(
-            f"transport.islands={transport.islands} but torchrun started WORLD_SIZE={world}"
-        )
-    if transport.rank >= 0:
-        return transport.rank
-    if "RANK" not in os.environ:
-        raise ConfigError(
-            "transport.rank is not set and RANK is not in the environment: start with torchrun "
-            "or give transport.rank=<0..islands-1>"
-        )
-    return int(os.environ["RANK"])

@@ -14,7 +14,13 @@ import torch
 
 from diloco.checkpoint import save_checkpoint
 from islands.hosted import sync_all
-from islands.outputs import RoundTimings, checkpoint_state, log_tensorboard, metrics_row
+from islands.outputs import (
+    RoundTimings,
+    checkpoint_dir,
+    checkpoint_state,
+    log_tensorboard,
+    metrics_row,
+)
 from islands.runtime import RunEvents, Runtime
 
 # The figures of a row an island sends its coordinator for the status page (a few numbers).
@@ -54,7 +60,7 @@ def run_rounds(runtime: Runtime, start_round: int, events: RunEvents | None) -> 
         runtime.timings["compute_s"] += timings.compute_s
         runtime.timings["sync_s"] += timings.sync_s
         done = lead.round
-        if any(result.adopted for result in results):
+        if runtime.island_ranks.writes_outputs and any(result.adopted for result in results):
             # The group's state may be older than ours (a coordinator restarted from the round
             # before): rows of rounds the group no longer has are dropped.
             runtime.metrics.truncate_after(done - 1)
@@ -63,17 +69,18 @@ def run_rounds(runtime: Runtime, start_round: int, events: RunEvents | None) -> 
         )
         val_loss = runtime.hosted[0].trainer.evaluate(runtime.val_batches) if evaluate else None
         row = metrics_row(runtime, done, works[0], train_loss, val_loss, timings, results[0])
-        runtime.metrics.write(row)
-        log_tensorboard(runtime, row)
-        if runtime.wandb is not None:
-            runtime.wandb.log(row)
+        if runtime.island_ranks.writes_outputs:
+            runtime.metrics.write(row)
+            log_tensorboard(runtime, row)
+            if runtime.wandb is not None:
+                runtime.wandb.log(row)
         _report(runtime, row)
         if events is not None:
             events.on_round(row)
         every = config.run.checkpoint_every
         if done == config.outer.rounds or (every > 0 and done % every == 0):
             save_checkpoint(
-                runtime.out_dir / "checkpoints",
+                checkpoint_dir(runtime),
                 done,
                 checkpoint_state(runtime),
                 config.run.keep_checkpoints,

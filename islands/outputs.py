@@ -34,9 +34,39 @@ class RoundTimings:
     """Wall time of the round's sync (all hosted islands, concurrently)."""
 
 
+def checkpoint_dir(runtime: Runtime) -> Path:
+    """Where this process keeps its checkpoints: `checkpoints/`, or `checkpoints/rank-<r>/`
+    on an island of several ranks (each rank holds its own shard and inner state)."""
+    ranks = runtime.island_ranks
+    base = runtime.out_dir / "checkpoints"
+    return base / f"rank-{ranks.rank}" if ranks.count > 1 else base
+
+
+def island_bytes(runtime: Runtime) -> dict[str, Any]:
+    """The lead island's bytes sent and received, summed over its ranks (a collective on an
+    island of several ranks, which also get the per-rank figures)."""
+    lead = runtime.hosted[0]
+    per_rank = runtime.island_ranks.gather((lead.bytes_sent, lead.bytes_received))
+    figures: dict[str, Any] = {
+        "bytes_sent": sum(sent for sent, _ in per_rank),
+        "bytes_received": sum(received for _, received in per_rank),
+    }
+    if len(per_rank) > 1:
+        figures["bytes_sent_per_rank"] = [sent for sent, _ in per_rank]
+        figures["bytes_received_per_rank"] = [received for _, received in per_rank]
+    return figures
+
+
 def write_summary(runtime: Runtime) -> dict[str, Any]:
+    """summary.json, written by the island's rank 0 (every rank calls this: the hash and the
+    bytes are collectives over the island's ranks); other ranks get the dict unwritten."""
     first = runtime.hosted[0]
-    rows = runtime.metrics.path.read_text().splitlines()
+    params_sha256 = first.shared_sha256()
+    bytes_figures = island_bytes(runtime)
+    ranks = runtime.island_ranks
+    if not ranks.writes_outputs:
+        return {"island_rank": ranks.rank, "params_sha256": params_sha256, **bytes_figures}
+    rows = runtime.metrics.path.read_text().splitlines() if runtime.metrics.path.exists() else []
     last = json.loads(rows[-1]) if rows else {}
     compute_s = runtime.timings["compute_s"]
     group_tokens = sum(island.tokens for island in runtime.hosted)
@@ -49,14 +79,14 @@ def write_summary(runtime: Runtime) -> dict[str, Any]:
         "tokens_all_islands": first.tokens * runtime.num_islands,
         "val_loss": last.get("val_loss"),
         "train_loss": last.get("train_loss"),
-        "bytes_sent": first.bytes_sent,
-        "bytes_received": first.bytes_received,
+        **bytes_figures,
         "ddp_bytes_sent": last.get("ddp_bytes_sent", 0),
         "shared_parameters": runtime.numel,
         "compute_s": round(compute_s, 3),
         "sync_s": round(runtime.timings["sync_s"], 3),
         "inner_tokens_per_s": round(group_tokens / compute_s, 1) if compute_s > 0 else None,
-        "params_sha256": first.shared_sha256(),
+        "params_sha256": params_sha256,
+        "island_ranks": ranks.count,
         "device": str(runtime.device),
         "run_dir": str(runtime.out_dir),
         "config": to_container(runtime.config),
@@ -84,8 +114,7 @@ def metrics_row(
         "tokens": lead.tokens,
         "train_loss": round(train_loss, 6),
         "val_loss": None if val_loss is None else round(val_loss, 6),
-        "bytes_sent": lead.bytes_sent,
-        "bytes_received": lead.bytes_received,
+        **island_bytes(runtime),
         "ddp_bytes_sent": work.inner_step * ddp_step_bytes,
         "sync_s": round(timings.sync_s, 6),
         "compute_s": round(timings.compute_s, 6),
@@ -100,7 +129,7 @@ def metrics_row(
 def checkpoint_state(runtime: Runtime) -> dict[str, Any]:
     lead = runtime.hosted[0]
     return {
-        "numel": runtime.numel,
+        "numel": lead.outer.numel if lead.outer is not None else runtime.numel,
         "outer": (
             lead.outer.state_dict()
             if lead.outer is not None

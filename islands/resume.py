@@ -24,6 +24,7 @@ from diloco.checkpoint import (
 from diloco.errors import ConfigError
 from diloco.transports.base import SharedStateSource
 from islands.hosted import join_all
+from islands.outputs import checkpoint_dir
 from islands.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -34,19 +35,28 @@ _OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "loss
 
 def resume(runtime: Runtime) -> int:
     """Load the newest checkpoint the whole group holds; returns the round to start at."""
-    checkpoints = runtime.out_dir / "checkpoints"
+    checkpoints = checkpoint_dir(runtime)
     config = runtime.config
     available: dict[int, dict[str, Any] | None] = {}
     if config.run.resume:
         _refuse_old_format(checkpoints)
         available = _intact(checkpoints)
-    round = join_all(runtime.hosted, sorted(available), runtime.fingerprint, runtime.abort)
+    # An island of several ranks offers the rounds every one of its ranks holds.
+    held = set.intersection(*(set(rounds) for rounds in runtime.island_ranks.gather(available)))
+    round = join_all(runtime.hosted, sorted(held), runtime.fingerprint, runtime.abort)
     if round is not None:
         state = available[round] or load_checkpoint(checkpoints, round)
         _load(runtime, state, checkpoints, round)
     else:
         _start_afresh(runtime)
-    return _catch_up_with_group(runtime)
+    start = _catch_up_with_group(runtime)
+    starts = runtime.island_ranks.gather(start)
+    if len(set(starts)) > 1:
+        raise RuntimeError(
+            f"the island's ranks would start at different rounds {starts} (their shards' "
+            "groups disagree): restart the island"
+        )
+    return start
 
 
 def _refuse_old_format(checkpoints: Path) -> None:
@@ -79,10 +89,12 @@ def _intact(checkpoints: Path) -> dict[int, dict[str, Any] | None]:
 
 
 def _load(runtime: Runtime, state: dict[str, Any], checkpoints: Path, round: int) -> None:
-    if state["numel"] != runtime.numel:
+    lead = runtime.hosted[0]
+    numel = lead.outer.numel if lead.outer is not None else runtime.numel
+    if state["numel"] != numel:
         raise ConfigError(
             f"the checkpoint in {checkpoints} holds {state['numel']} shared parameters, this "
-            f"model has {runtime.numel}: use another run.dir or run.resume=false"
+            f"model (this rank's shard) has {numel}: use another run.dir or run.resume=false"
         )
     islands = {entry["rank"]: entry for entry in state["islands"]}
     for island in runtime.hosted:
@@ -98,13 +110,18 @@ def _load(runtime: Runtime, state: dict[str, Any], checkpoints: Path, round: int
     if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     runtime.timings.update(state["timings"])
-    runtime.metrics.truncate_after(round)
+    if runtime.island_ranks.writes_outputs:
+        runtime.metrics.truncate_after(round)
     log.info("resumed from %s at round %d", checkpoints, round)
 
 
 def _start_afresh(runtime: Runtime) -> None:
     """Round 0 with a new metrics.jsonl; an earlier run's outputs are moved aside, never lost
-    (pruning keeps the highest rounds, so old checkpoints would outlive this run's own)."""
+    (pruning keeps the highest rounds, so old checkpoints would outlive this run's own).
+    Rank 0 of an island moves them (every rank's checkpoints included), the others wait."""
+    if not runtime.island_ranks.writes_outputs:
+        runtime.island_ranks.barrier()
+        return
     present = [runtime.out_dir / name for name in _OUTPUTS if (runtime.out_dir / name).exists()]
     if present:
         aside = runtime.out_dir / time.strftime("previous-%Y%m%d-%H%M%S")
@@ -120,6 +137,7 @@ def _start_afresh(runtime: Runtime) -> None:
             aside,
         )
     runtime.metrics.reset()
+    runtime.island_ranks.barrier()
 
 
 def _catch_up_with_group(runtime: Runtime) -> int:
@@ -140,5 +158,6 @@ def _catch_up_with_group(runtime: Runtime) -> int:
         log.info("joining the group at round %d with its shared state", group_state.round)
         for island in runtime.hosted:
             island.blocking.adopt(group_state)
-        runtime.metrics.truncate_after(group_state.round)
+        if runtime.island_ranks.writes_outputs:
+            runtime.metrics.truncate_after(group_state.round)
     return lead.round

@@ -12,6 +12,7 @@ import torch
 from diloco.config import IslandConfig
 from diloco.metrics.jsonl import MetricsWriter
 from islands.hosted import HostedIsland
+from islands.ranks import IslandRanks
 
 
 class RunEvents(Protocol):
@@ -39,6 +40,8 @@ class Runtime:
     fingerprint: Mapping[str, str]
     """What every island of the group must share (see `group_fingerprint`)."""
     metrics: MetricsWriter
+    island_ranks: IslandRanks
+    """This process's rank in its island and the collectives over the island's ranks."""
     tensorboard: Any = None
     wandb: Any = None
     """A `WandbLogger` when run.wandb is on."""

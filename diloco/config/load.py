@@ -8,6 +8,7 @@ are checked (diloco/config/checks.py) before anything is built.
 
 from __future__ import annotations
 
+import difflib
 import re
 import stat
 from collections.abc import Sequence
@@ -172,10 +173,12 @@ def _describe(error: OmegaConfBaseException) -> str:
     if unknown:
         key = full_key or unknown.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        valid = ", ".join(_valid_keys(parent))
+        keys = _valid_keys(parent)
+        valid = ", ".join(keys)
         where = f"in {parent!r}" if parent else "at the top level"
-        hint = message.split("Did you mean:", 1)
-        suggestion = f" Did you mean {hint[1].strip().rstrip('?')}?" if len(hint) == 2 else ""
+        # Our own guess: omegaconf's stops suggesting once a section has many keys.
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], keys, n=1, cutoff=0.6)
+        suggestion = f" Did you mean {close[0]!r}?" if close else ""
         return f"unknown key {key!r}.{suggestion} Valid keys {where}: {valid}"
     if full_key:
         return f"{full_key}: {message}"

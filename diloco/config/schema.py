@@ -3,7 +3,8 @@
 Each component owns its config dataclass, next to it: `transport` (diloco/transports/config.py,
 with grpc/config.py and hivemind/config.py), `outer` (diloco/outer/config.py), `inner`
 (diloco/inner/config.py), `data` (diloco/data/config.py, with selectors/config.py), `model`
-(diloco/models/config.py); `run` and `eval` are the runtime's own (diloco/config/run.py).
+(diloco/models/config.py), `island` (diloco/parallel/config.py); `run` and `eval` are the
+runtime's own (diloco/config/run.py).
 omegaconf turns `IslandConfig` into a structured config, so YAML files and dotted overrides are
 checked against these types (unknown keys, wrong types); the `__post_init__` checks, run by
 `OmegaConf.to_object`, refuse impossible values and name the YAML path. The string under each
@@ -22,6 +23,7 @@ from diloco.errors import ConfigError
 from diloco.inner.config import InnerConfig
 from diloco.models.config import ModelConfig
 from diloco.outer.config import OuterConfig
+from diloco.parallel.config import IslandSection
 from diloco.transports.config import TorchBackend, TransportConfig
 
 
@@ -41,6 +43,8 @@ class IslandConfig:
     """The model every island trains a replica of."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Validation loss of the shared parameters, written to metrics.jsonl as val_loss."""
+    island: IslandSection = field(default_factory=IslandSection)
+    """How many processes (GPUs) one island is, and how they share its inner loop."""
 
     def __post_init__(self) -> None:
         if self.run.device is Device.cpu and self.transport.torch.backend is TorchBackend.nccl:

@@ -20,6 +20,7 @@ import torch
 
 from diloco.inner.config import InnerConfig
 from diloco.inner.schedule import warmup_cosine_lr
+from diloco.parallel.state import local_state, restore_dtensor_state_
 from diloco.parallel.wrap import gradient_sync_paused
 
 
@@ -144,10 +145,13 @@ class InnerTrainer:
         self.optimizer = self._new_optimizer()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "step_count": self.step_count}
+        # FSDP2: this rank's shards of the AdamW state, as plain tensors (its own checkpoint).
+        optimizer = local_state(self.optimizer.state_dict())
+        return {"optimizer": optimizer, "step_count": self.step_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        restore_dtensor_state_(self.optimizer)
         self.step_count = int(state["step_count"])
 
     def _new_optimizer(self) -> torch.optim.AdamW:

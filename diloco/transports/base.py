@@ -151,6 +151,9 @@ class TransportSetup:
     device: torch.device
     store: Any = None
     """A torch.distributed store made by the caller (tests own theirs)."""
+    group: Any = None
+    """On islands of several ranks that share one torch.distributed world (torch transport):
+    the process group of this rank's shard index across islands. None: the world."""
     lane: str = ""
     """Which independent exchange this transport carries when an island has several (one per
     Streaming DiLoCo fragment): transports that name their groups keep lanes apart."""

@@ -161,6 +161,7 @@ def _torch(setup: TransportSetup) -> BuiltTransports:
         backend=backend,
         timeout_s=settings.timeout_s,
         store=setup.store,
+        group=setup.group,
     )
     return BuiltTransports([transport], lambda: None)
 

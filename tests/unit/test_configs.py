@@ -119,6 +119,7 @@ FROZEN_KEYS = [
     "inner.beta1",
     "inner.beta2",
     "inner.grad_clip",
+    "inner.grad_accum",
     "data.name",
     "data.path",
     "data.val_path",
@@ -154,6 +155,8 @@ FROZEN_KEYS = [
     "model.hf.pretrained",
     "eval.every",
     "eval.batches",
+    "island.parallel",
+    "island.ranks",
 ]
 
 # The public contract (README, docs/config.md): these keys must keep existing.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 
 from diloco.checkpoint.atomic import write_atomic
@@ -13,6 +14,14 @@ from diloco.transports.hivemind.auth import read_run_token
 from diloco.transports.hivemind.transport import HivemindGroup, HivemindTransport
 
 log = logging.getLogger(__name__)
+
+_ANY_PORT = re.compile(r"/tcp/\d+")
+
+
+def is_lead_lane(lane: str) -> bool:
+    """The island's first lane ("", fragment-0, shard-0, fragment-0.shard-0): the one that
+    listens where the config says and that other islands are told to join."""
+    return all(int(index) == 0 for index in re.findall(r"\d+", lane))
 
 
 def build_hivemind_transport(setup: TransportSetup) -> HivemindTransport:
@@ -23,9 +32,16 @@ def build_hivemind_transport(setup: TransportSetup) -> HivemindTransport:
     """
     config, rank = setup.config, setup.ranks[0]
     settings = config.hivemind
+    lead = is_lead_lane(setup.lane)  # the lane other islands are told to join
     if setup.bootstrap:  # another lane of this island: meet the DHT through the first lane
         peers = [*settings.initial_peers, *setup.bootstrap]
         settings = dataclasses.replace(settings, initial_peers=peers)
+    if not lead:  # the lead lane holds the configured ports; the others take free ones
+        settings = dataclasses.replace(
+            settings,
+            host_maddrs=[_ANY_PORT.sub("/tcp/0", maddr) for maddr in settings.host_maddrs],
+            announce_maddrs=[],
+        )
     token = read_run_token(settings)
     if token is None:
         log.info(
@@ -34,7 +50,6 @@ def build_hivemind_transport(setup: TransportSetup) -> HivemindTransport:
             config.run_id,
         )
     identity = settings.identity_path or str(setup.run_dir / f"island-{rank}" / "hivemind.key")
-    lead = setup.lane in ("", "fragment-0")  # the lane other islands are told to join
     if not lead:  # a node of its own per lane: its own peer id
         identity = f"{identity}.{setup.lane}"
     Path(identity).parent.mkdir(parents=True, exist_ok=True)

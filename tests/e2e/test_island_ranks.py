@@ -1,0 +1,162 @@
+"""Islands of several ranks (issue 13), end to end through torchrun and the CLI.
+
+An island of R ranks with batch b per rank must train like a one-rank island with batch R x b
+(DDP and FSDP2 alike), send 1/R of the bytes per rank, and resume after a rank is killed.
+Every run here is tiny (a 2-layer GPT of d_model 64, a few rounds of 5 steps) on gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import assert_ok, finish, metrics_rows, run_cli
+from tests.torchrun import kill_worker, run_torchrun, start_torchrun
+
+TINY = [
+    "run.threads=1",
+    "run.progress=none",
+    "outer.rounds=3",
+    "outer.inner_steps=5",
+    "model.n_layer=2",
+    "model.d_model=64",
+    "data.seq_len=32",
+    "eval.every=1",
+    "eval.batches=2",
+    "inner.warmup_steps=2",
+]
+TORCH = ["--config", "configs/torch-2-islands.yaml", *TINY]
+RUN_S = 240.0
+# A rank's payload header (codec none: a few bytes of shape and dtype) is sent by every rank.
+HEADER_BYTES = 64
+
+
+def _rows(run_dir: Path, island: int) -> list[dict[str, Any]]:
+    return metrics_rows(run_dir / f"island-{island}")
+
+
+def _summary(run_dir: Path, island: int) -> dict[str, Any]:
+    return dict(json.loads((run_dir / f"island-{island}" / "summary.json").read_text()))
+
+
+def _assert_same_losses(a: Path, b: Path, rel: float) -> None:
+    for island in (0, 1):
+        rows_a, rows_b = _rows(a, island), _rows(b, island)
+        assert [r["round"] for r in rows_a] == [r["round"] for r in rows_b] == [1, 2, 3]
+        for row_a, row_b in zip(rows_a, rows_b, strict=True):
+            assert row_a["val_loss"] == pytest.approx(row_b["val_loss"], rel=rel)
+            assert row_a["train_loss"] == pytest.approx(row_b["train_loss"], rel=rel)
+
+
+def test_ddp_and_fsdp_islands_train_like_one_rank_islands_with_the_whole_batch(
+    tmp_path: Path,
+) -> None:
+    one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"
+    assert_ok(run_torchrun(2, [*TORCH, f"run.dir={one}", "data.batch_size=8"], RUN_S))
+    for run_dir, parallel in ((ddp, "ddp"), (fsdp, "fsdp")):
+        result = run_torchrun(
+            4, [*TORCH, f"run.dir={run_dir}", "data.batch_size=4", f"island.parallel={parallel}"],
+            RUN_S,
+        )  # fmt: skip
+        assert_ok(result)
+        # One summary per island, printed by its rank 0 only.
+        assert result.stdout.count("params_sha256") == 2, result.stdout
+    _assert_same_losses(ddp, one, rel=1e-4)
+    _assert_same_losses(fsdp, ddp, rel=1e-4)
+    for run_dir in (ddp, fsdp):
+        # Every island ends on the same shared parameters; rank 0 alone writes the outputs.
+        assert _summary(run_dir, 0)["params_sha256"] == _summary(run_dir, 1)["params_sha256"]
+        assert _summary(run_dir, 0)["island_ranks"] == 2
+        assert not list(run_dir.glob("island-*/rank-*"))
+        for island in (0, 1):
+            for row, alone in zip(_rows(run_dir, island), _rows(one, island), strict=True):
+                per_rank = row["bytes_sent_per_rank"]
+                assert len(per_rank) == 2 and sum(per_rank) == row["bytes_sent"]
+                for sent in per_rank:  # each rank sends its half of the one-rank payload
+                    assert abs(sent - alone["bytes_sent"] / 2) <= HEADER_BYTES * row["round"]
+            assert (run_dir / f"island-{island}" / "checkpoints" / "rank-1").is_dir()
+
+
+def test_gradient_accumulation_matches_the_bigger_batch(tmp_path: Path) -> None:
+    local = ["--config", "configs/demo.yaml", *TINY, "transport.islands=2"]
+    assert_ok(run_cli([*local, f"run.dir={tmp_path / 'whole'}", "data.batch_size=8"], RUN_S))
+    accumulated = [f"run.dir={tmp_path / 'accum'}", "data.batch_size=4", "inner.grad_accum=2"]
+    assert_ok(run_cli([*local, *accumulated], RUN_S))
+    whole, accum = metrics_rows(tmp_path / "whole"), metrics_rows(tmp_path / "accum")
+    assert len(whole) == len(accum) == 3
+    for a, b in zip(accum, whole, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        assert a["tokens"] == b["tokens"]
+
+
+@pytest.mark.slow
+def test_a_torch_run_of_two_islands_of_two_ranks_resumes_after_a_rank_is_killed(
+    tmp_path: Path,
+) -> None:
+    args = [*TORCH, "data.batch_size=4", "island.parallel=fsdp", "run.checkpoint_every=1"]
+    straight = tmp_path / "straight"
+    assert_ok(run_torchrun(4, [*args, f"run.dir={straight}"], RUN_S))
+
+    killed = tmp_path / "killed"
+    agent = start_torchrun(4, [*args, f"run.dir={killed}"])
+    deadline = time.monotonic() + RUN_S
+    while len(_rows(killed, 1)) < 2 and time.monotonic() < deadline and agent.poll() is None:
+        time.sleep(0.05)
+    assert len(_rows(killed, 1)) >= 2, "the run never reached round 2"
+    kill_worker(agent.pid, index=3)  # rank 1 of island 1
+    crashed = finish(agent, RUN_S)
+    assert crashed.returncode != 0
+    assert_ok(run_torchrun(4, [*args, f"run.dir={killed}"], RUN_S))
+    for island in (0, 1):
+        assert _summary(killed, island)["params_sha256"] == _summary(straight, island)[
+            "params_sha256"
+        ]
+        assert [r["round"] for r in _rows(killed, island)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "message"),
+    [
+        (
+            {"WORLD_SIZE": "4", "RANK": "0"},
+            ["transport.kind=torch", "transport.islands=2", "island.ranks=1",
+             "island.parallel=ddp"],
+            "island.ranks must match the 2 ranks per island launched",
+        ),
+        (
+            {"WORLD_SIZE": "4", "RANK": "0"},
+            ["transport.kind=torch", "transport.islands=2"],
+            "island.parallel must be ddp or fsdp with 2 ranks per island",
+        ),
+        (
+            {},
+            ["transport.kind=local", "island.ranks=2", "island.parallel=ddp"],
+            "island.ranks must be 1 with a transport.kind that runs every island in one",
+        ),
+        (
+            {"WORLD_SIZE": "2", "RANK": "0"},
+            ["transport.kind=grpc", "transport.islands=2", "island.parallel=fsdp"],
+            "transport.rank is not set",
+        ),
+    ],
+)  # fmt: skip
+def test_an_island_launch_that_disagrees_with_the_config_is_refused_in_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    overrides: list[str],
+    message: str,
+) -> None:
+    from tests import harness
+
+    launched = harness.cli_env() | env
+    monkeypatch.setattr(harness, "cli_env", lambda: launched)
+    result = run_cli(["--config", "configs/demo.yaml", f"run.dir={tmp_path}", *overrides])
+    assert result.returncode == 2, result.describe()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.describe()
+    assert "Traceback" not in result.stderr
