@@ -59,8 +59,9 @@ def test_a_file_without_settings_is_refused(tmp_path: Path, text: str) -> None:
 def test_unknown_top_level_key_lists_the_sections() -> None:
     with pytest.raises(ConfigError, match="unknown key 'sync_evry'") as caught:
         load_config(None, ["sync_evry=1"])
-    assert "Valid keys at the top level: data, eval, inner, island, model, outer, run, transport" in str(
-        caught.value
+    assert (
+        "Valid keys at the top level: data, eval, inner, island, model, outer, run, transport"
+        in str(caught.value)
     )
 
 
@@ -173,7 +174,10 @@ def test_unknown_enum_value_lists_the_choices(override: str, pattern: str) -> No
         (["inner.grad_clip=-1"], r"^inner\.grad_clip must be >= 0"),
         (["data.name=text"], r"^data\.path must name a file when data\.name is 'text'"),
         (["data.name=tokens"], r"^data\.path must name a file when data\.name is 'tokens'"),
-        (["data.name=wikipedia"], r"^data\.name must be stdlib, text, tokens, hf or module:factory"),
+        (
+            ["data.name=wikipedia"],
+            r"^data\.name must be stdlib, text, tokens, hf or module:factory",
+        ),
         (["data.val_fraction=0"], r"^data\.val_fraction must be in \(0, 1\)"),
         (["data.batch_size=0"], r"^data\.batch_size must be >= 1"),
         (["data.seq_len=0"], r"^data\.seq_len must be >= 1"),
