@@ -59,6 +59,7 @@ def run_coordinator(config: IslandConfig) -> dict[str, Any]:
         group_settings=group_settings(config),
         run_dir=Path(config.run.dir),
         device=torch.device("cpu"),
+        announce=lambda message: print(f"diloco coordinator: {message}", flush=True),
     )
     server = start_coordinator(setup, read_token(config.transport.grpc))
     address = config.transport.grpc.listen or config.transport.grpc.address

@@ -19,6 +19,7 @@ from torch import nn
 from diloco.data.base import Batch, DataSource
 from diloco.data.selectors.base import Selector
 from diloco.inner.trainer import InnerTrainer
+from diloco.outer.shards import combine_shard_hashes
 from diloco.outer.streaming import StreamingSync
 from diloco.outer.sync import OuterSync, SyncResult
 from diloco.parallel.batches import rank_micro_batches
@@ -143,9 +144,9 @@ class HostedIsland:
 
     def shared_sha256(self) -> str:
         """The hash of the shared parameters this island holds."""
-        if self.stream is not None:
-            return self.stream.params_sha256()
         # An island of several ranks combines its ranks' shard hashes (a collective).
+        if self.stream is not None:
+            return combine_shard_hashes(self.stream.params_sha256(), self.split.group)
         return self.blocking.shard.island_sha256(self.blocking.params_sha256())
 
     def shared_flat(self) -> torch.Tensor:

@@ -41,7 +41,7 @@ from diloco.outer.sync import OuterHyperparams, OuterSync
 from diloco.parallel.batches import island_batch_size
 from diloco.shared_state import OuterOptimizer
 from diloco.transports.base import Transport, TransportSetup
-from diloco.transports.config import hosts_every_island
+from diloco.transports.config import build_transports, hosts_every_island
 from islands.fingerprint import group_fingerprint, group_settings
 from islands.hosted import BatchSplit, HostedIsland
 from islands.loop import run_rounds
@@ -49,11 +49,12 @@ from islands.outputs import check_tensorboard, open_tensorboard, write_plot, wri
 from islands.ranks import (
     IslandRanks,
     build_rank_transports,
+    first_addresses,
     launch_layout,
     shard_lane,
     start_island_ranks,
 )
-from islands.replicas import Replica, build_replica
+from islands.replicas import Replica, build_replica, streamed_shard
 from islands.resume import resume
 from islands.runtime import RunEvents, Runtime
 from islands.streaming import Lanes, build_lanes, run_streaming
@@ -172,8 +173,18 @@ def _build(
         lane=shard_lane(island_ranks),
         announce=events.on_announce if events is not None else log.info,
     )
-    lanes = build_lanes(config, prototype, setup) if outer.streaming else None
-    built = lanes.lead if lanes is not None else build_rank_transports(setup, island_ranks)
+    lanes = None
+    if outer.streaming:
+        shard = streamed_shard(config, replicas[0])
+        lanes = build_rank_transports(
+            setup,
+            island_ranks,
+            lambda lane_setup: build_lanes(config, prototype, lane_setup, shard),
+            lambda built: first_addresses(built.lead),
+        )
+        built = lanes.lead
+    else:
+        built = build_rank_transports(setup, island_ranks, build_transports, first_addresses)
     split = BatchSplit(
         island_rank=island_ranks.rank,
         ranks=island_ranks.count,
@@ -259,7 +270,7 @@ def _hosted_islands(
     ):
         stream = None
         if lanes is not None:
-            stream = lanes.stream(list(replica.model.parameters()), len(hosted), codec, optimizer)
+            stream = lanes.stream(streamed_shard(config, replica), len(hosted), codec, optimizer)
         hosted.append(
             HostedIsland(
                 rank=rank,

@@ -20,8 +20,9 @@ import dataclasses
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,9 +32,11 @@ from diloco.errors import ConfigError
 from diloco.parallel.config import Parallelism
 from diloco.parallel.mesh import IslandLayout, IslandMesh, backend_for, build_mesh, resolve_mesh
 from diloco.transports.base import BuiltTransports, TransportSetup
-from diloco.transports.config import TransportKind, build_transports, hosts_every_island
+from diloco.transports.config import TransportKind, hosts_every_island
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def launch_layout(config: IslandConfig) -> IslandLayout:
@@ -216,21 +219,30 @@ def shard_lane(ranks: IslandRanks) -> str:
     return f"shard-{ranks.rank}" if ranks.count > 1 else ""
 
 
-def build_rank_transports(setup: TransportSetup, ranks: IslandRanks) -> BuiltTransports:
-    """This rank's transport. On an island of several ranks rank 0 builds first: it alone
-    hosts a coordinator (grpc.serve) and writes where others join (hivemind.address_file);
-    the other ranks then reach their groups through its addresses (hivemind's DHT)."""
+def build_rank_transports(
+    setup: TransportSetup,
+    ranks: IslandRanks,
+    build: Callable[[TransportSetup], T],
+    addresses: Callable[[T], tuple[str, ...]],
+) -> T:
+    """This rank's transports, `build(setup)`. On an island of several ranks rank 0 builds
+    first: it alone hosts a coordinator (grpc.serve) and writes where others join
+    (hivemind.address_file); the other ranks then reach their groups through its
+    `addresses` (hivemind's DHT)."""
     if ranks.count == 1:
-        return build_transports(setup)
-    lead = build_transports(setup) if ranks.rank == 0 else None
-    addresses = ranks.gather(
-        tuple(getattr(lead.transports[0], "visible_maddrs", ())) if lead is not None else ()
-    )
+        return build(setup)
+    lead = build(setup) if ranks.rank == 0 else None
+    everyone = ranks.gather(addresses(lead) if lead is not None else ())
     if lead is not None:
         return lead
     grpc = dataclasses.replace(setup.config.grpc, serve=False)
     hivemind = dataclasses.replace(setup.config.hivemind, address_file="")
     config = dataclasses.replace(setup.config, grpc=grpc, hivemind=hivemind)
-    return build_transports(
-        dataclasses.replace(setup, config=config, bootstrap=(*setup.bootstrap, *addresses[0]))
+    return build(
+        dataclasses.replace(setup, config=config, bootstrap=(*setup.bootstrap, *everyone[0]))
     )
+
+
+def first_addresses(built: BuiltTransports) -> tuple[str, ...]:
+    """Where others reach this process's first transport (hivemind's multiaddrs; else none)."""
+    return tuple(getattr(built.transports[0], "visible_maddrs", ()))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from diloco.config import IslandConfig
+from diloco.errors import ConfigError
 from diloco.inner.compile import compile_inner_model
 from diloco.outer.shards import ParamShard, SlicedParams, WholeParams, shard_bounds
 from diloco.parallel.config import Parallelism
@@ -61,3 +62,20 @@ def build_replica(
         shard = WholeParams(tensors, group=ranks.group)
         numel = sum(t.numel() for t in tensors)
     return Replica(model=model, inner_model=inner_model, shard=shard, shard_numel=numel)
+
+
+def streamed_shard(config: IslandConfig, replica: Replica) -> list[torch.Tensor]:
+    """What this rank streams of each fragment (Streaming DiLoCo), in parameter order: every
+    parameter with one rank per island; FSDP2's local shards of each on an island of several.
+
+    Raises:
+        ConfigError: streaming on a DDP island of several ranks (its ranks hold whole
+            replicas: use island.parallel=fsdp, whose ranks each stream the shards they hold).
+    """
+    if not isinstance(replica.shard, WholeParams):
+        raise ConfigError(
+            "outer.fragments / outer.overlap_steps (streaming) with island.ranks > 1 need "
+            f"island.parallel=fsdp (each rank streams the shards it holds), got "
+            f"{config.island.parallel.value}"
+        )
+    return replica.shard.params

@@ -2,9 +2,11 @@
 
 Where it looks depends on transport.kind: local and torch runs are read from run.dir's
 metrics files (`diloco.status.run_dir`); grpc asks the coordinator, hivemind reads the DHT
-records the islands publish, both through fetchers the composition root passes in. The answer
-is an exit code and a text: 0 and the table when the run is reachable, 1 and one line saying
-why when it is not (the CLI prints that line after `diloco-island: `).
+records the islands publish, both through fetchers the composition root passes in. Once such a
+run is over nothing answers any more: then, if run.dir on this disk holds the run finished
+(every island that wrote metrics wrote its summary.json), the table comes from there. The
+answer is an exit code and a text: 0 and the table when the run is reachable, 1 and one line
+saying why when it is not (the CLI prints that line after `diloco-island: `).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from diloco.status import (
     RunDescription,
+    RunUnreachable,
     StatusSnapshot,
     StatusUnavailable,
     format_status,
@@ -57,7 +60,7 @@ def run_status(
             fetcher = fetch_coordinator if kind == "grpc" else fetch_hivemind
             if fetcher is None:
                 return 1, f"status: reading a {kind} run is not available in this build"
-            snapshot = fetcher(config)
+            snapshot = _fetch_or_finished(fetcher, config)
     except StatusUnavailable as error:
         return 1, f"status: {_one_line(str(error))}"
     except (OSError, TimeoutError) as error:
@@ -65,6 +68,21 @@ def run_status(
         reason = _one_line(str(error)) or type(error).__name__
         return 1, f"status: {kind} run {config.transport.run_id!r} unreachable: {reason}"
     return 0, snapshot.to_json() if as_json else format_status(snapshot)
+
+
+def _fetch_or_finished(fetcher: Fetcher, config: IslandConfig) -> StatusSnapshot:
+    """The live run's snapshot; when nothing answers, the finished run's from run.dir."""
+    try:
+        return fetcher(config)
+    except (RunUnreachable, OSError, TimeoutError):
+        try:
+            finished = snapshot_from_run_dir(Path(config.run.dir), describe_run(config))
+        except StatusUnavailable:
+            finished = None
+        if finished is None or not finished.finished:
+            raise
+        logger.info("status: nothing answers; the run finished, read from %s", config.run.dir)
+        return finished
 
 
 def describe_run(config: IslandConfig) -> RunDescription:

@@ -1,11 +1,12 @@
 """Where `diloco-island status` reads a remote run: the grpc coordinator's `Status` call (with
-the run token, over TLS unless grpc.insecure), or the DHT records hivemind islands publish."""
+the run token, over TLS unless grpc.insecure), or the status records hivemind islands publish
+in their DHT (diloco/transports/hivemind/status.py)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from diloco.status import StatusSnapshot, StatusUnavailable
+from diloco.status import RunUnreachable, StatusSnapshot, StatusUnavailable
 
 if TYPE_CHECKING:
     from diloco.config import IslandConfig
@@ -17,7 +18,8 @@ def fetch_coordinator(config: IslandConfig) -> StatusSnapshot:
     """The coordinator's status document.
 
     Raises:
-        StatusUnavailable: unreachable, TLS or token refused, or an answer that is not one.
+        RunUnreachable: nothing answers at grpc.address (or not within STATUS_TIMEOUT_S).
+        StatusUnavailable: TLS or the token refused, or an answer that is not a status.
     """
     import grpc
 
@@ -52,7 +54,13 @@ def fetch_coordinator(config: IslandConfig) -> StatusSnapshot:
                 f"(${settings.token_env} or transport.grpc.token_file)"
             ) from None
         details = (error.details() if hasattr(error, "details") else "") or str(code)
-        raise StatusUnavailable(f"the coordinator at {address} is unreachable: {details}") from None
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise RunUnreachable(
+                f"the coordinator at {address} is unreachable: {details}"
+            ) from None
+        raise StatusUnavailable(
+            f"the coordinator at {address} refused the Status call: {details}"
+        ) from None
     finally:
         channel.close()
     try:
@@ -63,6 +71,24 @@ def fetch_coordinator(config: IslandConfig) -> StatusSnapshot:
         ) from None
 
 
-fetch_hivemind = None
-"""Reading a hivemind run's status from the DHT: not wired yet (a run's islands' own
-run.dir/island-*/metrics.jsonl can be read with transport.kind=torch meanwhile)."""
+def fetch_hivemind(config: IslandConfig) -> StatusSnapshot:
+    """The run's status from the records its islands publish in the DHT, read by a client
+    node that joins through transport.hivemind's initial peers (or island 0's address file),
+    with the run token when one is set.
+
+    Raises:
+        RunUnreachable: no peer configured, or none answers.
+        StatusUnavailable: no island published its status (with a valid tag), or hivemind is
+            not installed.
+    """
+    try:
+        from diloco.transports.hivemind.auth import read_run_token
+        from diloco.transports.hivemind.status import read_status
+    except ImportError as error:
+        raise StatusUnavailable(
+            f"reading a hivemind run needs hivemind ({error}): pip install -e '.[hivemind]'"
+        ) from None
+    from islands.status import describe_run
+
+    settings = config.transport.hivemind
+    return read_status(settings, describe_run(config), read_run_token(settings))

@@ -28,7 +28,13 @@ from diloco.outer.streaming import StepReport, StreamingSync, StreamPlan
 from diloco.shared_state import OuterOptimizer
 from diloco.transports.base import BuiltTransports, TransportSetup
 from diloco.transports.config import build_transports
-from islands.outputs import RoundTimings, checkpoint_state, log_tensorboard, metrics_row
+from islands.outputs import (
+    RoundTimings,
+    checkpoint_dir,
+    checkpoint_state,
+    log_tensorboard,
+    metrics_row,
+)
 from islands.runtime import RunEvents, Runtime
 
 
@@ -66,14 +72,25 @@ class Lanes:
         return StreamingSync(params, self.assignment, transports, codec, optimizer, plan)
 
 
-def build_lanes(config: IslandConfig, model: torch.nn.Module, setup: TransportSetup) -> Lanes:
+def build_lanes(
+    config: IslandConfig,
+    model: torch.nn.Module,
+    setup: TransportSetup,
+    shard: Sequence[torch.Tensor] | None = None,
+) -> Lanes:
     """The fragments of `model` and one transport lane per fragment.
+
+    Args:
+        shard: on an island of several ranks (FSDP2), the parameter shards this rank holds, in
+            parameter order: the rank streams its shard of each fragment (fragments are still
+            whole tensors of the model, the same on every rank and island).
 
     Raises:
         ConfigError: more fragments than the model has tensors, or a transport that cannot
             stream yet.
     """
     sizes = [p.numel() for p in model.parameters()]
+    owned = sizes if shard is None else [t.numel() for t in shard]
     count = config.outer.fragments
     if count > len(sizes):
         raise ConfigError(
@@ -83,13 +100,12 @@ def build_lanes(config: IslandConfig, model: torch.nn.Module, setup: TransportSe
     assignment = assign_fragments(sizes, count)
     built: list[BuiltTransports] = []
     for index, members in enumerate(assignment):
-        numel = sum(sizes[i] for i in members)
+        numel = sum(owned[i] for i in members)
         # Lanes after the first reach their group through the island's first lane (hivemind).
         first = built[0].transports[0] if built else None
-        bootstrap = tuple(getattr(first, "visible_maddrs", ()))
-        lane = dataclasses.replace(
-            setup, numel=numel, lane=f"fragment-{index}", bootstrap=bootstrap
-        )
+        bootstrap = (*setup.bootstrap, *getattr(first, "visible_maddrs", ()))
+        name = f"fragment-{index}.{setup.lane}" if setup.lane else f"fragment-{index}"
+        lane = dataclasses.replace(setup, numel=numel, lane=name, bootstrap=bootstrap)
         built.append(build_transports(lane))
     return Lanes(config, assignment, built)
 
@@ -194,16 +210,17 @@ def _end_round(runtime: Runtime, window: _Window, events: RunEvents | None) -> N
         with lead.stream.shared_params():
             val_loss = lead.trainer.evaluate(runtime.val_batches)
     row = _row(runtime, done, window, val_loss)
-    runtime.metrics.write(row)
-    log_tensorboard(runtime, row)
-    if runtime.wandb is not None:
-        runtime.wandb.log(row)
+    if runtime.island_ranks.writes_outputs:
+        runtime.metrics.write(row)
+        log_tensorboard(runtime, row)
+        if runtime.wandb is not None:
+            runtime.wandb.log(row)
     if events is not None:
         events.on_round(row)
     every = config.run.checkpoint_every
     if done == config.outer.rounds or (every > 0 and done % every == 0):
         save_checkpoint(
-            runtime.out_dir / "checkpoints",
+            checkpoint_dir(runtime),
             done,
             checkpoint_state(runtime),
             config.run.keep_checkpoints,
@@ -225,9 +242,14 @@ def _row(runtime: Runtime, done: int, window: _Window, val_loss: float | None) -
     row = metrics_row(runtime, done, window.work, train_loss, val_loss, timings)
     fragments = lead.stream.fragments
     row["islands"] = window.participants or runtime.num_islands
-    row["params_sha256"] = lead.stream.params_sha256()
+    row["params_sha256"] = lead.shared_sha256()
     row["blocked_s"] = round(window.blocked_s, 6)
     row["compute_utilization"] = round(window.compute_s / wall_s, 6) if wall_s > 0 else None
-    row["bytes_sent_per_fragment"] = [f.bytes_sent for f in fragments]
-    row["bytes_received_per_fragment"] = [f.bytes_received for f in fragments]
+    # Every rank of an island streams its shard of each fragment: the island's are the sums.
+    count = len(fragments)
+    per_fragment = runtime.island_ranks.sum(
+        [float(f.bytes_sent) for f in fragments] + [float(f.bytes_received) for f in fragments]
+    )
+    row["bytes_sent_per_fragment"] = [int(b) for b in per_fragment[:count]]
+    row["bytes_received_per_fragment"] = [int(b) for b in per_fragment[count:]]
     return row

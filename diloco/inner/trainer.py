@@ -21,7 +21,7 @@ import torch
 from diloco.inner.config import InnerConfig
 from diloco.inner.schedule import warmup_cosine_lr
 from diloco.parallel.state import local_state, restore_dtensor_state_
-from diloco.parallel.wrap import gradient_sync_paused
+from diloco.parallel.wrap import gradient_sync_paused, reshard
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -137,7 +137,9 @@ class InnerTrainer:
     def evaluate(self, batches: Iterable[Any]) -> float:
         """Mean loss over `batches`, in eval mode."""
         self.model.eval()
+        reshard(self.model)  # FSDP2: gather the shards as they are now (see `reshard`)
         losses = [self.loss(inputs).float() for inputs in batches]
+        reshard(self.model)  # and none stays gathered past a forward without backward
         self.model.train()
         return float(torch.stack(losses).mean().item()) if losses else float("nan")
 

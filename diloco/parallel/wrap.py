@@ -133,3 +133,13 @@ def _fsdp_sync_paused(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def reshard(model: nn.Module) -> None:
+    """Drop FSDP2's gathered (unsharded) parameters, so that the next forward gathers the
+    shards as they are now. FSDP2 keeps the root's parameters gathered after a forward until
+    its backward: after a forward without one (evaluation) a write to the local shards (the
+    outer step, Streaming DiLoCo's merge) would otherwise go unseen. No-op without FSDP2."""
+    for module in _uncompiled(model).modules():
+        if hasattr(module, "reshard") and hasattr(module, "set_requires_gradient_sync"):
+            module.reshard()  # type: ignore[operator]
