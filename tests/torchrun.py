@@ -16,8 +16,13 @@ from pathlib import Path
 from tests.harness import CliResult, cli_env, finish, free_port
 
 
-def torchrun_command(nproc: int) -> list[str]:
-    """torchrun from this interpreter, on one node, rendezvous on a free loopback port."""
+def torchrun_command(nproc: int, *, as_script: bool = False) -> list[str]:
+    """torchrun from this interpreter, on one node, rendezvous on a free loopback port.
+
+    `as_script`: `torchrun ... diloco-island` as the README writes it (the repository root's
+    `diloco-island` file, run by the interpreter: run it from the root); else
+    `torchrun ... -m islands`."""
+    entry = ["diloco-island"] if as_script else ["-m", "islands"]
     return [
         sys.executable,
         "-m",
@@ -30,19 +35,18 @@ def torchrun_command(nproc: int) -> list[str]:
         "127.0.0.1",
         "--master-port",
         str(free_port()),
-        "-m",
-        "islands",
+        *entry,
     ]
 
 
 def start_torchrun(
-    nproc: int, args: Sequence[str], cwd: Path | None = None
+    nproc: int, args: Sequence[str], cwd: Path | None = None, *, as_script: bool = False
 ) -> subprocess.Popen[str]:
     """Start `torchrun --nproc-per-node NPROC diloco-island ARGS` in the background."""
     env = cli_env()
     env["PYTHONUNBUFFERED"] = "1"
     return subprocess.Popen(
-        [*torchrun_command(nproc), *args],
+        [*torchrun_command(nproc, as_script=as_script), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -52,10 +56,15 @@ def start_torchrun(
 
 
 def run_torchrun(
-    nproc: int, args: Sequence[str], timeout_s: float, cwd: Path | None = None
+    nproc: int,
+    args: Sequence[str],
+    timeout_s: float,
+    cwd: Path | None = None,
+    *,
+    as_script: bool = False,
 ) -> CliResult:
     """Run `torchrun ... diloco-island ARGS` to the end."""
-    return finish(start_torchrun(nproc, args, cwd), timeout_s)
+    return finish(start_torchrun(nproc, args, cwd, as_script=as_script), timeout_s)
 
 
 def worker_pids(agent_pid: int) -> list[int]:

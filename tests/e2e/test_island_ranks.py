@@ -29,7 +29,8 @@ TINY = [
     "eval.batches=2",
     "inner.warmup_steps=2",
 ]
-TORCH = ["--config", "configs/torch-2-islands.yaml", *TINY]
+ROOT = Path(__file__).resolve().parents[2]
+TORCH = ["--config", str(ROOT / "configs" / "torch-2-islands.yaml"), *TINY]
 RUN_S = 240.0
 # A rank's payload header (codec none: a few bytes of shape and dtype) is sent by every rank.
 HEADER_BYTES = 64
@@ -58,9 +59,10 @@ def test_ddp_and_fsdp_islands_train_like_one_rank_islands_with_the_whole_batch(
     one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"
     assert_ok(run_torchrun(2, [*TORCH, f"run.dir={one}", "data.batch_size=8"], RUN_S))
     for run_dir, parallel in ((ddp, "ddp"), (fsdp, "fsdp")):
+        # `torchrun ... diloco-island ...` as the README writes it, from the repository root.
         result = run_torchrun(
             4, [*TORCH, f"run.dir={run_dir}", "data.batch_size=4", f"island.parallel={parallel}"],
-            RUN_S,
+            RUN_S, cwd=ROOT, as_script=parallel == "ddp",
         )  # fmt: skip
         assert_ok(result)
         # One summary per island, printed by its rank 0 only.
