@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from diloco.config import load_config
+from diloco.models.build import build_model
+from islands.export import _newest_anchor
 from tests.harness import assert_ok, finish, metrics_rows, run_cli
 from tests.torchrun import kill_worker, run_torchrun, start_torchrun
 
@@ -42,6 +46,11 @@ def _rows(run_dir: Path, island: int) -> list[dict[str, Any]]:
 
 def _summary(run_dir: Path, island: int) -> dict[str, Any]:
     return dict(json.loads((run_dir / f"island-{island}" / "summary.json").read_text()))
+
+
+def _tiny_model() -> torch.nn.Module:
+    config = load_config(ROOT / "configs" / "torch-2-islands.yaml", TINY)
+    return build_model(config.model, context=config.data.seq_len, data_vocab_size=256)
 
 
 def _assert_same_losses(a: Path, b: Path, rel: float) -> None:
@@ -81,6 +90,13 @@ def test_ddp_and_fsdp_islands_train_like_one_rank_islands_with_the_whole_batch(
                 for sent in per_rank:  # each rank sends its half of the one-rank payload
                     assert abs(sent - alone["bytes_sent"] / 2) <= HEADER_BYTES * row["round"]
             assert (run_dir / f"island-{island}" / "checkpoints" / "rank-1").is_dir()
+    # What `diloco-island export` reads: the ranks' shards stitched into the island's vector.
+    shapes = [p.shape for p in _tiny_model().parameters()]
+    _, whole = _newest_anchor(one / "island-0" / "checkpoints", shapes)
+    for run_dir in (ddp, fsdp):
+        round, stitched = _newest_anchor(run_dir / "island-0" / "checkpoints", shapes)
+        assert round == 3
+        assert torch.allclose(stitched, whole, atol=1e-4)
 
 
 def test_gradient_accumulation_matches_the_bigger_batch(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from diloco.parallel import (
     unwrap,
     wrap_model,
 )
+from diloco.parallel.stitch import stitch_island_anchor
 
 CPU = torch.device("cpu")
 B = 2  # data.batch_size: rows per rank and per micro-batch
@@ -161,12 +162,14 @@ def local_shards(model: torch.nn.Module) -> dict[str, Any]:
     storage with the model (a +1 written into them shows in the gathered parameters)."""
     shards = local_parameters(model)
     numels = [s.numel() for s in shards]
+    flat = flatten_params(shards).tolist()
     before = torch.cat([full(p) for p in model.parameters()])
     model(island_batch(0, B)).backward()  # FSDP2's lazy init, then its gathers and frees
     copy_flat_into_(shards, flatten_params(shards) + 1)
     after = torch.cat([full(p) for p in model.parameters()])
     model.zero_grad(set_to_none=True)
-    return {"numels": numels, "shift": (after - before).tolist()}
+    return {"numels": numels, "shift": (after - before).tolist(), "flat": flat,
+            "before": before.tolist()}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +206,14 @@ def relative(got: list[float], expected: list[float]) -> float:
 def assert_close_runs(got: dict, expected: dict, tolerance: float) -> None:  # type: ignore[type-arg]
     assert relative(got["params"], expected["params"]) < tolerance
     assert relative(got["moments"], expected["moments"]) < tolerance
+
+
+def test_fsdp_shards_stitch_into_the_island_vector(two_ranks: list[dict[str, Any]]) -> None:
+    """What an export of a multi-rank island does with its ranks' checkpoints."""
+    shapes = [p.shape for p in new_model().parameters()]
+    shards = [torch.tensor(rank["shards"]["flat"]) for rank in two_ranks]
+    whole = stitch_island_anchor(Parallelism.fsdp, shapes, shards)
+    assert whole.tolist() == two_ranks[0]["shards"]["before"]
 
 
 @pytest.mark.timeout(300)
