@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diloco.codecs import Codec, build_codec
-from diloco.outer.pseudo_gradient import weighted_mean
+from diloco.aggregate import weighted_mean
 from diloco.transports.torch_distributed import TorchDistributedTransport
 
 JOIN_S = 1200.0
