@@ -1,5 +1,5 @@
 """Headless Chromium for tests: find it (or install Debian's package once), dump a page's DOM,
-take a screenshot.
+take a screenshot; read a dumped DOM (`parse`), and write a screenshot into the docs.
 
 Only Chromium's own command-line flags are used (`--headless --dump-dom`, `--screenshot=`,
 `--virtual-time-budget=`): no selenium, no webdriver, no npm. `--virtual-time-budget` lets
@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,65 @@ def screenshot(
     if not path.is_file():
         raise AssertionError(f"chromium wrote no screenshot at {path}")
     return path
+
+
+class ElementCollector(HTMLParser):
+    """Every start tag of a dumped DOM, with its attributes and the id of the <svg> and the
+    text of the element it is in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str], str | None]] = []
+        self.text_by_id: dict[str, str] = {}
+        self._svg: str | None = None
+        self._open_id: list[str | None] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {name: value or "" for name, value in attrs}
+        if tag == "svg":
+            self._svg = attributes.get("id")
+        self.elements.append((tag, attributes, self._svg))
+        if tag not in ("circle", "line", "polyline", "meta", "br"):
+            self._open_id.append(attributes.get("id"))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "svg":
+            self._svg = None
+        if tag not in ("circle", "line", "polyline", "meta", "br") and self._open_id:
+            self._open_id.pop()
+
+    def handle_data(self, data: str) -> None:
+        if self._open_id and self._open_id[-1]:
+            key = self._open_id[-1]
+            self.text_by_id[key] = self.text_by_id.get(key, "") + data
+
+    def find(self, tag: str, svg: str | None = None, **wanted: str) -> list[dict[str, str]]:
+        return [
+            attributes
+            for name, attributes, inside in self.elements
+            if name == tag
+            and (svg is None or inside == svg)
+            and all(
+                wanted_value in attributes.get(key.replace("_", "-"), "").split()
+                for key, wanted_value in wanted.items()
+            )
+        ]
+
+
+def parse(dom: str) -> ElementCollector:
+    collector = ElementCollector()
+    collector.feed(dom)
+    return collector
+
+
+def write_docs_png(source: Path, target: Path) -> None:
+    """Copy the screenshot into the docs, reduced to a 256-colour palette when Pillow is there
+    (a page of flat colours keeps its look at a quarter of the bytes)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        shutil.copyfile(source, target)
+        return
+    with Image.open(source) as image:
+        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE)
+        palette.save(target, optimize=True)

@@ -13,6 +13,7 @@ from diloco.status.snapshot import (
     IslandStatus,
     RankBytes,
     RoundRecord,
+    RunUnreachable,
     StatusSnapshot,
     StatusUnavailable,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "RankBytes",
     "RoundRecord",
     "RunDescription",
+    "RunUnreachable",
     "SnapshotCache",
     "StatusPage",
     "StatusServer",

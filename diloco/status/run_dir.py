@@ -202,10 +202,11 @@ def round_history(
 ) -> list[RoundRecord]:
     """One record per round any island wrote a metrics row for, oldest first.
 
-    Train loss is the mean over the rows of that round, val loss the first one there; tokens
-    at round r are the sum over islands of each one's latest count at or before r (an island
-    that stalled still counts what it trained), times `tokens_scale` (local runs, whose rows
-    hold island 0's count). Duration is the slowest row's inner phase plus sync.
+    Train loss is the mean over the rows of that round, val loss and params_sha256 the first
+    one there (the islands agree on the hash, or the table warns); tokens at round r are the
+    sum over islands of each one's latest count at or before r (an island that stalled still
+    counts what it trained), times `tokens_scale` (local runs, whose rows hold island 0's
+    count). Duration is the slowest row's inner phase plus sync.
     """
     by_round: dict[int, list[Mapping[str, Any]]] = {}
     for rows in rows_per_island:
@@ -227,9 +228,14 @@ def round_history(
                 train_loss=sum(train) / len(train) if train else None,
                 val_loss=val[0] if val else None,
                 tokens=tokens * tokens_scale,
+                params_sha256=_first_hash(rows),
             )
         )
     return records
+
+
+def _first_hash(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    return next((str(row["params_sha256"]) for row in rows if row.get("params_sha256")), None)
 
 
 def _finite_values(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:

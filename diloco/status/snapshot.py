@@ -3,7 +3,8 @@
 The same JSON is served by the coordinator's status page (`GET /status.json`), rendered by the
 page (`page.html`) and the terminal table (`table.py`), built from a run directory for local
 and torch runs (`run_dir.py`), and checked by the tests: it is the one contract between them.
-Version 1; a reader refuses any other version rather than misreading it.
+Version 1; a reader refuses any other version rather than misreading it. Within version 1
+fields are only ever added, each with a default, and a reader skips fields it does not know.
 
 Paper: DiLoCo, Douillard et al. 2023, https://arxiv.org/abs/2311.08105 (the round, islands and
 outer settings shown here are the paper's).
@@ -11,6 +12,7 @@ outer settings shown here are the paper's).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from collections.abc import Mapping
@@ -26,6 +28,11 @@ Scalar = str | int | float | bool | None
 class StatusUnavailable(RuntimeError):
     """The run cannot be read now (no run.dir, no metrics yet, coordinator unreachable, wrong
     token, a malformed document); the message is one line saying why."""
+
+
+class RunUnreachable(StatusUnavailable):
+    """Nothing answered at all (no coordinator listening, no DHT peer), as opposed to an
+    answer that refused (a wrong token) or was not a status document."""
 
 
 class IslandState(enum.Enum):
@@ -90,6 +97,9 @@ class RoundRecord:
     closed_at: float
     """Unix seconds."""
     duration_s: float
+    """The round's wall time: since the round before it closed (a coordinator's; its first
+    round seen: from its first payload), or the slowest island's inner phase plus sync (a
+    run.dir's)."""
     participants: int
     late: int = 0
     """Payloads that arrived after the round closed."""
@@ -102,6 +112,8 @@ class RoundRecord:
     val_loss: float | None = None
     tokens: int | None = None
     """Tokens of all islands together, cumulative, at this round."""
+    params_sha256: str | None = None
+    """The shared parameters' hash after this round (every island's must equal it)."""
 
 
 @dataclass(frozen=True)
@@ -180,10 +192,14 @@ class StatusSnapshot:
                 finished=bool(document["finished"]),
                 outer_settings=dict(document["outer_settings"]),
                 islands=tuple(_island_from_dict(item) for item in document["islands"]),
-                rounds=tuple(RoundRecord(**item) for item in document["rounds"]),
-                coordinator=None if coordinator is None else CoordinatorFigures(**coordinator),
+                rounds=tuple(
+                    RoundRecord(**_known(RoundRecord, item)) for item in document["rounds"]
+                ),
+                coordinator=None
+                if coordinator is None
+                else CoordinatorFigures(**_known(CoordinatorFigures, coordinator)),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise StatusUnavailable(f"malformed status document: {error}") from None
 
     @classmethod
@@ -222,8 +238,15 @@ def _island_to_dict(island: IslandStatus) -> dict[str, Any]:
     return document
 
 
+def _known(record: type[Any], document: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of `document` that `record` has: a field added to a later version-1 writer
+    (always with a default) is skipped by an older reader instead of failing it."""
+    names = {f.name for f in dataclasses.fields(record)}
+    return {key: value for key, value in document.items() if key in names}
+
+
 def _island_from_dict(document: Mapping[str, Any]) -> IslandStatus:
-    fields = dict(document)
+    fields = _known(IslandStatus, document)
     fields["state"] = IslandState(fields["state"])
     fields["per_rank"] = tuple(RankBytes(**item) for item in fields.get("per_rank", ()))
     fragments = fields.get("per_fragment", {})

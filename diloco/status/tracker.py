@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 _ROW_FIELDS = ("round", "tokens", "train_loss", "params_sha256")
 """What an island's line needs of its latest metrics row; the rest is dropped on arrival."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_EARLY_ROUNDS = 8
+"""Rounds not closed yet whose late and refused counts are kept."""
 
 
 def current_rss_bytes() -> int | None:
@@ -125,6 +127,9 @@ class StatusTracker:
         self._round_rows: dict[int, _RoundRows] = {}
         self._tokens_before: dict[int, int] = {}
         """By island rank: its tokens at the newest round dropped from `_round_rows`."""
+        self._early: dict[int, _Round] = {}
+        """Late and refused counts of rounds not closed yet (by round), moved to the round's
+        record when it closes: a payload is refused while its round is open."""
         self._refused_calls = 0
         self._late_payloads = 0
         self._refused_payloads = 0
@@ -183,26 +188,35 @@ class StatusTracker:
         params_sha256: str,
         duration_s: float,
         deadline_s: float | None = None,
+        closed_at: float | None = None,
     ) -> None:
+        """Round `round` (rounds completed, as metrics.jsonl counts them) closed; `closed_at`
+        in Unix seconds (default: now)."""
         with self._lock:
-            self._rounds[round] = _Round(
-                self._clock(), duration_s, participants, deadline_s, params_sha256
-            )
+            when = self._clock() if closed_at is None else closed_at
+            record = _Round(when, duration_s, participants, deadline_s, params_sha256)
+            early = self._early.pop(round, None)
+            if early is not None:
+                record.late, record.refused = early.late, early.refused
+            self._rounds[round] = record
             for stale in sorted(self._rounds)[:-HISTORY_ROUNDS]:
                 del self._rounds[stale]
+            for stale in [r for r in self._early if r < round]:
+                del self._early[stale]
 
-    def late_payload(self, round: int) -> None:
-        """A payload for `round` arrived after it closed."""
+    def late_payload(self, round: int | None = None) -> None:
+        """A payload (for `round`, when known) arrived after its round closed."""
         with self._lock:
             self._late_payloads += 1
-            if round in self._rounds:
-                self._rounds[round].late += 1
+            if round is not None:
+                self._record(round).late += 1
 
     def refused_payload(self, round: int | None = None) -> None:
+        """A payload (of `round`, when known) was refused."""
         with self._lock:
             self._refused_payloads += 1
-            if round is not None and round in self._rounds:
-                self._rounds[round].refused += 1
+            if round is not None:
+                self._record(round).refused += 1
 
     def refused_call(self) -> None:
         """A call without the run token, or otherwise refused before it was read."""
@@ -219,6 +233,14 @@ class StatusTracker:
         """The run's last round closed."""
         with self._lock:
             self._finished = True
+
+    def _record(self, round: int) -> _Round:
+        """The round's record, or the counts kept for it until it closes."""
+        if round in self._rounds:
+            return self._rounds[round]
+        if round not in self._early and len(self._early) >= _EARLY_ROUNDS:
+            del self._early[min(self._early)]  # a bound, whatever rounds a caller names
+        return self._early.setdefault(round, _Round(0.0, 0.0, 0, None, ""))
 
     def _island(self, rank: int) -> _Island:
         # An island past transport.islands is refused by the coordinator before it gets here;
@@ -318,6 +340,7 @@ class StatusTracker:
                     train_loss=train_loss,
                     val_loss=val_loss,
                     tokens=tokens,
+                    params_sha256=closed.params_sha256 or None,
                 )
             )
         return tuple(records)

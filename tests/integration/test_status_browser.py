@@ -2,79 +2,25 @@
 its script against `/status.json`, and the rendered DOM and a screenshot are checked.
 
 Chromium comes from /usr/bin/chromium or, as root, Debian's `chromium` package installed once
-per session (tests/browser.py); without either, these tests skip and say why. Set
-DILOCO_WRITE_SCREENSHOT=1 to also rewrite docs/images/status-page.png from the screenshot
-test (as torchft's WRITE_FIXTURE rewrites its fixtures).
+per session (tests/browser.py); without either, these tests skip and say why. The page
+during a real grpc run, and the docs screenshot, are in tests/e2e/test_status_run.py.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import struct
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from browser import chromium_or_skip, dump_dom, screenshot
+from browser import chromium_or_skip, dump_dom, parse, screenshot
 from status_fixtures import TOKENS_PER_ROUND, scripted_snapshot, train_loss
 
 from diloco.status import StatusServer, StatusSnapshot
 
-DOCS_IMAGE = Path(__file__).resolve().parents[2] / "docs" / "images" / "status-page.png"
 TOKEN = "browser-test-token-0123456789abcdef"
 
 # The first test may install Chromium with apt-get (about a minute here, more on a slow mirror).
 pytestmark = pytest.mark.timeout(900)
-
-
-class ElementCollector(HTMLParser):
-    """Every start tag of a dumped DOM, with its attributes and the id of the <svg> and the
-    text of the element it is in."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.elements: list[tuple[str, dict[str, str], str | None]] = []
-        self.text_by_id: dict[str, str] = {}
-        self._svg: str | None = None
-        self._open_id: list[str | None] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        attributes = {name: value or "" for name, value in attrs}
-        if tag == "svg":
-            self._svg = attributes.get("id")
-        self.elements.append((tag, attributes, self._svg))
-        if tag not in ("circle", "line", "polyline", "meta", "br"):
-            self._open_id.append(attributes.get("id"))
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "svg":
-            self._svg = None
-        if tag not in ("circle", "line", "polyline", "meta", "br") and self._open_id:
-            self._open_id.pop()
-
-    def handle_data(self, data: str) -> None:
-        if self._open_id and self._open_id[-1]:
-            key = self._open_id[-1]
-            self.text_by_id[key] = self.text_by_id.get(key, "") + data
-
-    def find(self, tag: str, svg: str | None = None, **wanted: str) -> list[dict[str, str]]:
-        return [
-            attributes
-            for name, attributes, inside in self.elements
-            if name == tag
-            and (svg is None or inside == svg)
-            and all(
-                wanted_value in attributes.get(key.replace("_", "-"), "").split()
-                for key, wanted_value in wanted.items()
-            )
-        ]
-
-
-def parse(dom: str) -> ElementCollector:
-    collector = ElementCollector()
-    collector.feed(dom)
-    return collector
 
 
 def test_page_renders_islands_and_plot_points() -> None:
@@ -156,19 +102,3 @@ def test_screenshot_is_a_real_png(tmp_path: Path) -> None:
     assert struct.unpack(">II", data[16:24]) == size
     # A blank page compresses to a few kB; a rendered table and plots take tens.
     assert 20_000 < len(data) < 2_000_000
-    if os.environ.get("DILOCO_WRITE_SCREENSHOT") == "1":
-        DOCS_IMAGE.parent.mkdir(parents=True, exist_ok=True)
-        _write_small_png(path, DOCS_IMAGE)
-
-
-def _write_small_png(source: Path, target: Path) -> None:
-    """Copy the screenshot into the docs, reduced to a 256-colour palette when Pillow is there
-    (a page of flat colours keeps its look at a quarter of the bytes)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        shutil.copyfile(source, target)
-        return
-    with Image.open(source) as image:
-        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE)
-        palette.save(target, optimize=True)

@@ -10,7 +10,7 @@ import pytest
 from status_fixtures import scripted_snapshot
 
 from diloco.config import IslandConfig, load_config
-from diloco.status import StatusSnapshot, StatusUnavailable
+from diloco.status import RunUnreachable, StatusSnapshot, StatusUnavailable
 from islands.status import outer_settings, run_status
 
 
@@ -143,3 +143,46 @@ def test_outer_settings_are_flat_and_follow_the_optimizer(tmp_path: Path) -> Non
     assert all(isinstance(value, str | int | float | bool) for value in sgd.values())
     adam = outer_settings(load_config(None, ["outer.optimizer=adam"]))
     assert "outer.momentum" not in adam and "transport.aggregate" not in adam
+
+
+def write_finished_grpc_run(run_dir: Path, rounds: int, finished: bool) -> None:
+    for rank in (0, 1):
+        write_local_run(run_dir / f"island-{rank}", rounds)
+        if finished:
+            (run_dir / f"island-{rank}" / "summary.json").write_text(json.dumps({"rounds": rounds}))
+
+
+@pytest.mark.parametrize("kind", ["grpc", "hivemind"])
+def test_once_nothing_answers_a_finished_run_is_read_from_run_dir(
+    tmp_path: Path, kind: str
+) -> None:
+    def gone(config: IslandConfig) -> StatusSnapshot:
+        raise RunUnreachable("the coordinator at 127.0.0.1:1 is unreachable: connection refused")
+
+    write_finished_grpc_run(tmp_path / "run", rounds=3, finished=True)
+    code, text = run_status(
+        config_for(kind, tmp_path / "run"), fetch_coordinator=gone, fetch_hivemind=gone
+    )
+    assert code == 0
+    assert text.startswith(f"diloco run 'diloco' · {kind} · round 3 · finished")
+
+
+def test_a_run_still_going_or_a_refusal_is_not_read_from_run_dir(tmp_path: Path) -> None:
+    def gone(config: IslandConfig) -> StatusSnapshot:
+        raise RunUnreachable("the coordinator at 127.0.0.1:1 is unreachable: connection refused")
+
+    def refused(config: IslandConfig) -> StatusSnapshot:
+        raise StatusUnavailable("the coordinator at 127.0.0.1:1 refused the run token")
+
+    write_finished_grpc_run(tmp_path / "run", rounds=3, finished=False)
+    config = config_for("grpc", tmp_path / "run")
+    assert run_status(config, fetch_coordinator=gone, fetch_hivemind=None) == (
+        1,
+        "status: the coordinator at 127.0.0.1:1 is unreachable: connection refused",
+    )
+    write_finished_grpc_run(tmp_path / "done", rounds=3, finished=True)
+    config = config_for("grpc", tmp_path / "done")
+    assert run_status(config, fetch_coordinator=refused, fetch_hivemind=None) == (
+        1,
+        "status: the coordinator at 127.0.0.1:1 refused the run token",
+    )
