@@ -4,13 +4,16 @@ For one model, a grid of per-island batch (windows of data.seq_len tokens) x H x
 outer setting x inner lr, every point trained with simulated islands (`transport.kind: local`:
 the maths and byte counts of separate processes) for the same inner steps per island. Against
 each (batch, k): the DDP-equivalent (one process, k x the batch, plain AdamW: what k DDP workers
-compute) and one island alone, both on the same inner-lr grid; each kind keeps its best lr.
+compute) and one island alone, both on the same inner-lr grid; each kind keeps its best lr
+(--diloco-lr-scale narrows DiLoCo's grid). Every point evaluates the same --eval-windows
+validation windows.
 Reported per point: the gap to DDP, the share of DDP's gain over one island that DiLoCo gets,
 ((alone - run) / (alone - DDP)), and DDP's fp32 ring all-reduce bytes over DiLoCo's.
 
     python examples/regime.py [--windows 8 16 64] [--steps 200 | --steps 8:400 64:100]
         [--inner-steps 1 10 50] [--islands 2 4] [--outer paper tuned] [--lr-scale 1 2]
-        [--limit N] [--no-run] [--out runs/regime] [key=value ...]
+        [--diloco-lr-scale 1] [--eval-windows 512] [--limit N] [--no-run] [--out runs/regime]
+        [key=value ...]
 
 Writes regime.json (every point and every row), regime.md (the table) and regime.png (a
 heatmap of the gap) under --out. One file per finished point (<out>/<point>/point.json): a
@@ -106,22 +109,30 @@ def steps_per_windows(specs: list[str], windows: list[int]) -> dict[int, int]:
     return steps
 
 
-def grid(args: argparse.Namespace, base_lr: float, eval_batches: int) -> list[Point]:
+def eval_batches(eval_windows: int, batch: int) -> str:
+    """eval.batches so that a run of this batch evaluates exactly `eval_windows` windows (the
+    same evenly spaced validation windows for every point of the map)."""
+    if eval_windows % batch:
+        sys.exit(f"--eval-windows {eval_windows} is not a multiple of the batch {batch}")
+    return f"eval.batches={eval_windows // batch}"
+
+
+def grid(args: argparse.Namespace, base_lr: float) -> list[Point]:
     """Every point of the map, the small batches first (a partial map is still a map)."""
     points = []
     for b, steps in sorted(steps_per_windows(args.steps, args.windows).items()):
         for scale in args.lr_scale:
             lr = f"inner.lr={base_lr * scale:.6g}"
             for k in args.islands:
-                if eval_batches % k:  # the DDP-equivalent evaluates the islands' windows
-                    sys.exit(f"eval.batches={eval_batches} is not a multiple of {k}")
-                ddp = [lr, f"data.batch_size={k * b}", f"eval.batches={eval_batches // k}"]
+                ddp = [lr, f"data.batch_size={k * b}", eval_batches(args.eval_windows, k * b)]
                 ddp += ["transport.islands=1", f"outer.inner_steps={steps}", "outer.rounds=1"]
                 name = f"b{b}-ddp{k}-lr{scale:g}"
                 points.append(Point(name, "ddp", b, k, 1, "-", scale, steps, (*ddp, *PLAIN_ADAMW)))
-                points += diloco_points(args, b, k, scale, steps, lr)
+                if scale in args.diloco_lr_scale:
+                    points += diloco_points(args, b, k, scale, steps, lr)
             alone = [lr, f"data.batch_size={b}", "transport.islands=1"]
             alone += [f"outer.inner_steps={steps}", "outer.rounds=1", *PLAIN_ADAMW]
+            alone.append(eval_batches(args.eval_windows, b))
             name = f"b{b}-alone-lr{scale:g}"
             points.append(Point(name, "alone", b, 1, 1, "-", scale, steps, tuple(alone)))
     return points
@@ -137,6 +148,7 @@ def diloco_points(
         for outer in args.outer:
             setting = [lr, f"data.batch_size={b}", f"transport.islands={k}"]
             setting += [f"outer.inner_steps={h}", *OUTER_SETTINGS[outer](k, h, steps)]
+            setting.append(eval_batches(args.eval_windows, b))
             name = f"b{b}-k{k}-h{h}-{outer}-lr{scale:g}"
             points.append(Point(name, "diloco", b, k, h, outer, scale, steps, tuple(setting)))
     return points
@@ -330,17 +342,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--islands", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--outer", nargs="+", default=list(OUTER_SETTINGS), choices=OUTER_SETTINGS)
     parser.add_argument("--lr-scale", type=float, nargs="+", default=[1.0, 2.0])
+    parser.add_argument(
+        "--diloco-lr-scale", type=float, nargs="+", help="DiLoCo's lr grid (default: --lr-scale)"
+    )
+    parser.add_argument("--eval-windows", type=int, default=512, help="validation windows")
     parser.add_argument("--limit", type=int, default=-1, help="run at most N new points")
     parser.add_argument("--no-run", action="store_true", help="only tabulate finished points")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("overrides", nargs="*", help="key=value for every point")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.diloco_lr_scale is None:
+        args.diloco_lr_scale = args.lr_scale
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     base = load_config(args.config, args.overrides)
-    points = grid(args, base.inner.lr, base.eval.batches)
+    points = grid(args, base.inner.lr)
     out = Path(args.out)
     results: dict[str, dict[str, Any]] = {}
     budget = args.limit

@@ -34,9 +34,8 @@ def regime_module() -> ModuleType:
 
 
 def run_map(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    # eval.batches=2: the 2x-batch DDP-equivalent evaluates the islands' windows in 1 batch.
-    overrides = [*TINY, "eval.batches=2"]
-    command = [sys.executable, str(EXAMPLE), *GRID, *extra, "--out", str(out), *overrides]
+    command = [sys.executable, str(EXAMPLE), *GRID, "--eval-windows", "4", *extra]
+    command += ["--out", str(out), *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=200, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -86,6 +85,9 @@ def test_a_stopped_map_resumes_and_tabulates_every_cell(tmp_path: Path) -> None:
     # tuned: two warm rounds of one step (a quarter of 4, rounded so H = 2 divides the rest),
     # then one round of H = 2.
     assert {r["outer"]: points[r["run"]]["rounds"] for r in rows} == {"paper": 2, "tuned": 3}
+    # Every point evaluates the same 4 windows: 1 batch of 2 x 2 for the DDP-equivalent.
+    assert "eval.batches=1" in points["b2-ddp2-lr2"]["overrides"]
+    assert "eval.batches=2" in points["b2-k2-h2-paper-lr1"]["overrides"]
     table = (tmp_path / "regime.md").read_text()
     assert table.count("\n") == 2 + len(rows)
     assert 0 < (tmp_path / "regime.png").stat().st_size < 200_000
@@ -106,3 +108,16 @@ def test_steps_per_batch_size_come_from_one_count_or_per_windows() -> None:
     assert steps_per_windows(["200", "64:100"], [8, 64]) == {8: 200, 64: 100}
     with pytest.raises(SystemExit, match=r"no step count for \[64\]"):
         steps_per_windows(["8:400"], [8, 64])
+
+
+def test_diloco_lr_grid_can_be_narrower_than_the_baselines() -> None:
+    module = regime_module()
+    args = module.parse([*GRID, "--diloco-lr-scale", "1", "--eval-windows", "8"])
+    points = module.grid(args, 1e-3)
+    kinds = sorted((p.kind, p.lr_scale) for p in points)
+    assert kinds == sorted(
+        [("ddp", 1.0), ("ddp", 2.0), ("alone", 1.0), ("alone", 2.0)]
+        + [("diloco", 1.0)] * 2  # two outer settings, lr 1x only
+    )
+    with pytest.raises(SystemExit, match="--eval-windows 6 is not a multiple of the batch 4"):
+        module.grid(module.parse([*GRID, "--eval-windows", "6"]), 1e-3)
