@@ -9,7 +9,9 @@ parameters (`group_bits`). Each island also stores, under its peer id (a DHT sub
   settings differ from the other islands of the run;
 - `<prefix>.progress`: the round it is averaging and its parameters' hash, which the adopt
   policy reads (adopt.py);
-- `<prefix>.members`: its member proof, which a peer checks before serving it the state.
+- `<prefix>.members`: its member proof, which a peer checks before serving it the state;
+- `<run>.status`: its status record for `diloco-island status` (status.py: a few figures and
+  its recent rows; readers of older versions never look at this key).
 
 With a run token each record carries a tag (auth.py) and records without a valid one are
 ignored: a peer without the token can write records but cannot steer an island with them.
@@ -97,6 +99,12 @@ class GroupRecords:
             value.append(self.token.sign("progress", self.peer_id, round, sha))
         self._store(f"{self.prefix}.progress", value, wait=False)
 
+    def publish_status(self, value: dict[str, Any]) -> None:
+        """This island's status record (status.py), replacing its previous one; not awaited."""
+        if self.token is not None:
+            value = {**value, "tag": self.token.sign("status", self.peer_id, value)}
+        self._store(status_key(self._run), value, wait=False)
+
     def others_progress(self) -> list[tuple[int, str]]:
         """(round, params sha) of every other island of this group that published one."""
         found = []
@@ -167,6 +175,29 @@ class GroupRecords:
             subkey=self.peer_id,
             return_future=not wait,
         )
+
+
+def status_key(run: str) -> str:
+    return f"{run}.status"
+
+
+def read_status_records(
+    dht: DHT, run_id: str, token: RunToken | None
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """({peer id: status record} of the run's islands, how many records were left out for a
+    missing or invalid tag)."""
+    found = records_of(dht.get(status_key(run_key(run_id)), latest=True))
+    records: dict[str, dict[str, Any]] = {}
+    untagged = 0
+    for peer, value in found.items():
+        if not isinstance(value, dict):
+            continue
+        body = {key: item for key, item in value.items() if key != "tag"}
+        if token is None or token.verify(value.get("tag"), "status", peer, body):
+            records[peer] = body
+        else:
+            untagged += 1
+    return records, untagged
 
 
 def records_of(found: Any) -> dict[str, Any]:

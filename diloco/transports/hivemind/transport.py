@@ -39,6 +39,7 @@ from diloco.transports.hivemind.connect import start_dht
 from diloco.transports.hivemind.records import GroupRecords, group_bits, group_prefix, run_key
 from diloco.transports.hivemind.sockets import SocketDir
 from diloco.transports.hivemind.state import Snapshot, StateServer
+from diloco.transports.hivemind.status import IslandStatusRecord, is_lead_lane
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class HivemindTransport:
         self.token = RunToken(group.token, run_key(group.run_id)) if group.token else None
         self.refused_peers: set[str] = set()
         """Peer ids this island refused for lacking the run token (as of its last average)."""
+        self.status = IslandStatusRecord(rank, lane)
+        """What this island publishes for `diloco-island status` (status.py)."""
         self._state = StateServer(
             group.optimizer, numel, self.token, serving=not settings.client_mode
         )
@@ -155,6 +158,8 @@ class HivemindTransport:
         records = self._require_records()
         sha = params_sha256 or ""
         records.publish_progress(round, sha)
+        self.status.note_hash(round, sha)
+        self._publish_status()
         if group_is_ahead(records.others_progress(), round, sha):
             adopted = self._adopt(round, sha)
             if adopted is not None:
@@ -182,9 +187,15 @@ class HivemindTransport:
         self._state.after_round(round, snapshot, mean_N, averager)
         if len(gathered) == 1 and self.num_islands > 1:
             log.warning("hivemind: round %d averaged alone%s", round, self._why_alone())
+        self.status.note_result(len(gathered), outcome["bytes_sent"], outcome["bytes_received"])
         return AverageResult(
             mean_N.to(home), len(gathered), outcome["bytes_sent"], outcome["bytes_received"]
         )
+
+    def note_metrics(self, metrics: Mapping[str, float]) -> None:
+        """This island's latest metrics row (islands/loop.py), published with its status."""
+        self.status.note_row(metrics)
+        self._publish_status()
 
     def close(self) -> None:
         if self._closed:
@@ -270,6 +281,11 @@ class HivemindTransport:
         self._state.serve(group, averager)
         empty = torch.zeros(0)
         return AverageResult(empty, 1, 0, 8 * self.numel, adopt=group)
+
+    def _publish_status(self) -> None:
+        # One record per island: its lead lane's (the others carry fragments of its rounds).
+        if self._records is not None and is_lead_lane(self.lane):
+            self._records.publish_status(self.status.value())
 
     def _why_alone(self) -> str:
         return self._require_records().why_alone(self.settings.matchmaking_s)
