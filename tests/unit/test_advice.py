@@ -50,3 +50,8 @@ def test_h1_without_momentum_wants_an_outer_lr_near_sqrt_k(
     if line is not None:
         assert f"outer.lr to about {islands**0.5:.2g}" in line
         assert lr < H1_MIN_LR_PER_SQRT_K * islands**0.5
+
+
+def test_h1_with_outer_momentum_is_warned_about_whatever_the_lr() -> None:
+    line = regime_warning(tokens_per_step=128, inner_steps=1, islands=4, rounds=100)
+    assert line is not None and "outer.momentum to 0" in line and "momentum 0.9" in line
