@@ -53,6 +53,8 @@ from diloco.codecs.fp8 import Fp8Codec, fp8_decode, fp8_encode
 from diloco.codecs.int8 import Int8Codec, int8_decode, int8_encode
 from diloco.codecs.topk import TopKCodec, topk_decode, topk_encode, topk_sizes
 
+_CHECK_ELEMENTS = 1 << 20
+"""Elements `decodes_finite` decodes at a time."""
 # The header layout of diloco/codecs/base.py, parsed only to explain a mismatch.
 _HEADER = struct.Struct("<4sBBBxIQ")
 
@@ -110,6 +112,58 @@ def chunk_codec(codec: Codec, numel: int) -> ChunkCodec:
         raise ValueError(f"codec {codec.name!r} has no chunked form in the data plane")
     assert chunked.payload_bytes == codec.payload_bytes(numel), codec.name
     return chunked
+
+
+def decode_view(codec: Codec, payload: torch.Tensor, numel: int) -> torch.Tensor:
+    """`codec.decode(payload, numel)`, except that a `none` payload's values are a view of its
+    body (no fp32 copy of the whole vector) after its header is checked. The caller must not
+    change the payload while the values are in use.
+
+    Raises:
+        PayloadError: as `codec.decode`.
+    """
+    body = payload[HEADER_BYTES:]
+    if not isinstance(codec, NoneCodec) or payload.device.type != "cpu" or body.data_ptr() % 4:
+        return codec.decode(payload, numel)
+    chunked = _CastChunks(codec, numel)
+    if payload.numel() != chunked.payload_bytes:
+        raise PayloadError(
+            f"none payload of {payload.numel()} bytes, expected {chunked.payload_bytes}"
+        )
+    chunked.check_prefix(payload)
+    return body.view(torch.float32)
+
+
+def decodes_finite(codec: Codec, payload: torch.Tensor, numel: int) -> bool:
+    """Whether `payload` decodes (this codec, `numel` elements) to finite values only, read a
+    chunk at a time (at most `_CHECK_ELEMENTS` fp32 values in memory); False for a payload
+    that does not decode."""
+    try:
+        chunked = chunk_codec(codec, numel)
+    except ValueError:  # a plugin's codec: decoded whole
+        try:
+            return all_finite(codec.decode(payload, numel))
+        except (PayloadError, ValueError):
+            return False
+    if payload.numel() != chunked.payload_bytes:
+        return False
+    prefix = payload[: chunked.prefix_bytes]
+    step = math.lcm(chunked.alignment, 64) * max(
+        1, _CHECK_ELEMENTS // math.lcm(chunked.alignment, 64)
+    )
+    scratch_n = empty(min(step, numel), torch.float32, payload.device)
+    try:
+        chunked.check_prefix(prefix)
+        for start in range(0, numel, step):
+            stop = min(start + step, numel)
+            begin = chunked.prefix_bytes + chunked.section_offset(start)
+            section = payload[begin : chunked.prefix_bytes + chunked.section_offset(stop)]
+            values_n = chunked.decode_chunk(prefix, section, start, scratch_n[: stop - start])
+            if not all_finite(values_n):
+                return False
+    except (PayloadError, ValueError):
+        return False
+    return True
 
 
 def new_payload(chunked: ChunkCodec) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""The data plane's limits: one small config the composition root builds the server from.
+"""The data plane's section, `transport.grpc.dataplane`: whether payloads travel on it, where its
+server listens, its limits and timeouts (grpc stays the control plane).
 
-Standard library and `diloco.errors` only (config errors must answer without loading torch).
-The yaml keys are proposed under `transport.grpc.dataplane` (grpc stays the control plane);
-every message names that full key.
+Standard library and `diloco.errors` only (config errors must answer without loading torch);
+every message names the full yaml key.
 """
 
 from __future__ import annotations
@@ -16,6 +16,15 @@ KEY = "transport.grpc.dataplane"
 
 @dataclass(kw_only=True)
 class DataPlaneConfig:
+    enabled: bool = True
+    """Payload bytes travel on the data plane: one TLS TCP stream per exchange, admitted by a
+    ticket the coordinator issues on grpc, averaged chunk by chunk as they arrive. false: they
+    travel on the grpc stream (slower; the coordinator also falls back to it for
+    transport.aggregate median / trimmed_mean, transport.clip_norm and codecs of a plugin)."""
+    listen: str = ""
+    """host:port the coordinator's data-plane server binds; islands connect to the host of
+    transport.grpc.address at the port the coordinator announces. Empty: the host of
+    grpc.listen (or grpc.address), on a free port (open it in a firewall with a fixed port)."""
     max_connections: int = 128
     """Connections the data-plane server holds at once, all islands and unauthenticated peers
     together; one more is closed at accept and counted."""
@@ -43,6 +52,9 @@ class DataPlaneConfig:
     rather than forgetting an unexpired id (a replay must never pass)."""
 
     def __post_init__(self) -> None:
+        if self.listen:
+            host, _, port = self.listen.rpartition(":")
+            require(bool(host) and port.isdigit(), f"{KEY}.listen", "host:port", self.listen)
         for name in ("max_connections", "max_pending", "max_connections_per_island"):
             value = getattr(self, name)
             require(value >= 1, f"{KEY}.{name}", ">= 1", value)

@@ -192,10 +192,16 @@ class DataPlaneServer:
         with self._lock:
             self._expected[ticket.ticket_id] = _Expected(ticket, sink, deadline)
 
-    def withdraw(self, ticket: Ticket) -> None:
-        """Forget a ticket not used yet (its exchange was abandoned)."""
+    def withdraw(self, ticket: Ticket) -> bool:
+        """Forget a ticket not used yet (its exchange was abandoned, or its payload is handed
+        to the sink in process); whether it was still waiting for its connection."""
         with self._lock:
-            self._expected.pop(ticket.ticket_id, None)
+            return self._expected.pop(ticket.ticket_id, None) is not None
+
+    def pending(self, ticket: Ticket) -> bool:
+        """Whether `ticket` is registered and no connection has presented it yet."""
+        with self._lock:
+            return ticket.ticket_id in self._expected
 
     def refusals(self) -> dict[str, int]:
         """How many connections were refused, by reason."""
