@@ -24,6 +24,7 @@ from diloco.outer.nesterov import nesterov_step_
 from diloco.outer.optimizers import SgdOuter
 from diloco.shared_state import SharedState, params_sha256
 from diloco.transports.base import GroupMismatchError
+from diloco.transports.dataplane.config import DataPlaneConfig
 from diloco.transports.grpc import (
     Coordinator,
     CoordinatorServer,
@@ -45,17 +46,20 @@ SGD = SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
 class Running:
     """A coordinator server on loopback (port 0: the OS picks it) and its islands' settings."""
 
-    def __init__(self, tmp_path: Path, codec_name: str, islands: int = 2):
+    def __init__(self, tmp_path: Path, codec_name: str, islands: int = 2, dataplane: bool = True):
         self.tmp_path = tmp_path
         self.codec = build_codec(codec_name)
         rules = RoundRules(run_id="run", rounds=10, islands=islands, min_islands=islands)
         self.coordinator = Coordinator(
             rules, self.codec, SGD, pinned={}, state_dir=tmp_path / "coordinator"
         )
-        listen = GrpcTransportConfig(address="127.0.0.1:0", insecure=True, retry_s=5)
+        paths = DataPlaneConfig(enabled=dataplane)
+        listen = GrpcTransportConfig(
+            address="127.0.0.1:0", insecure=True, retry_s=5, dataplane=paths
+        )
         self.server = CoordinatorServer(self.coordinator, listen, TOKEN).start()
         self.settings = GrpcTransportConfig(
-            address=f"127.0.0.1:{self.server.port}", insecure=True, retry_s=5
+            address=f"127.0.0.1:{self.server.port}", insecure=True, retry_s=5, dataplane=paths
         )
 
     def client(self, rank: int, token: str = TOKEN, islands: int = 2) -> GrpcTransport:
@@ -128,6 +132,55 @@ def test_two_islands_get_the_re_encoded_weighted_mean(coordinator: Running) -> N
     anchor, momentum = state.anchor.clone(), torch.zeros(NUMEL)
     nesterov_step_(anchor, expected, momentum, lr=0.7, mu=0.9)
     assert coordinator.coordinator.state_sha256() == params_sha256(anchor)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("codec_name", ["none", "int8"])
+def test_the_data_plane_and_the_grpc_stream_give_the_same_bits(
+    tmp_path: Path, codec_name: str
+) -> None:
+    """Rounds of unequal weights through each path: the same means, the same shared state;
+    the data plane carried every payload (and the grpc path none)."""
+    seen = {}
+    for dataplane in (True, False):
+        running = Running(tmp_path / f"dataplane-{dataplane}", codec_name, dataplane=dataplane)
+        state = initial_state()
+        anchor, momentum = state.anchor.clone(), torch.zeros(NUMEL)
+
+        def island(rank: int, running: Running = running) -> list[bytes]:
+            transport = running.client(rank)
+            transport.join([], FINGERPRINT)
+            transport.shared_state(initial_state())
+            local, buffer, means = initial_state().anchor, torch.zeros(NUMEL), []
+            for round in range(3):
+                payload = running.codec.encode(delta(rank) * (round + 1))
+                result = transport.average(payload, 100.0 + 50 * rank, round, params_sha256(local))
+                nesterov_step_(local, result.mean, buffer, lr=0.7, mu=0.9)
+                means.append(result.mean.numpy().tobytes())
+            transport.close()
+            return means
+
+        try:
+            means = run_threads(island, [(0,), (1,)], timeout_s=60)
+            assert means[0] == means[1]
+            for mean in means[0]:
+                nesterov_step_(
+                    anchor,
+                    torch.frombuffer(bytearray(mean), dtype=torch.float32),
+                    momentum,
+                    lr=0.7,
+                    mu=0.9,
+                )
+            assert running.coordinator.state_sha256() == params_sha256(anchor)
+            host = running.server.dataplane
+            if dataplane:
+                assert host is not None and host.server.exchanges_completed == 6
+            else:
+                assert host is None
+            seen[dataplane] = (means[0], running.coordinator.state_sha256())
+        finally:
+            running.server.stop(0)
+    assert seen[True] == seen[False]
 
 
 @pytest.mark.timeout(60)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from diloco.shared_state import SharedState
+from diloco.transports.grpc.state_keeper import StateKeeper
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,3 +39,21 @@ class CoordinatorStats:
     dropped_payloads: int = 0
     adopted: int = 0
     participants: list[int] = field(default_factory=list)
+
+
+def adopt_answer(
+    keeper: StateKeeper, participants: int, rank: int, round: int, open_round: int
+) -> RoundAnswer:
+    """The answer that tells island `rank` (whose payload was for `round`) to adopt the
+    group's state: the keeper's own, read from its one copy (`RoundAnswer.adopt`)."""
+    state = keeper.state
+    assert state is not None
+    why = (
+        f"its round {round} is not the group's {open_round}"
+        if round != open_round
+        else "its shared parameters differ from the group's"
+    )
+    log.warning("island %d is told to adopt the shared state: %s", rank, why)
+    return RoundAnswer(
+        state.round, participants, keeper.sha, None, adopt=state, generation=keeper.generation
+    )

@@ -6,14 +6,15 @@ after its answer was lost, or a restarted island, presents it and keeps its rank
 other caller can take it. Every call has a deadline. A coordinator that cannot be reached
 (down, restarting, busy) is retried with bounded exponential backoff for `grpc.retry_s`; the
 same payload is sent again, which the coordinator takes as the same island's payload for the
-same round.
+same round (grpc/retrying.py). With the data plane (transport.grpc.dataplane, the default) a
+payload's header goes on grpc and its bytes on the data plane, with the ticket that comes back
+(grpc/island_dataplane.py); a coordinator without one gets the bytes on grpc (Average).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import re
 import secrets
 import socket
@@ -27,13 +28,18 @@ import torch
 
 from diloco.checkpoint.atomic import write_atomic
 from diloco.codecs.base import Codec
-from diloco.errors import ConfigError
 from diloco.shared_state import SharedState, params_sha256
 from diloco.transports.base import AverageResult, GroupMismatchError
+from diloco.transports.dataplane.codec_chunks import decode_view, decodes_finite
+from diloco.transports.dataplane.framing import DataPlaneError
 from diloco.transports.grpc import coordinator_pb2 as pb
 from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
 from diloco.transports.grpc.config import GrpcTransportConfig
 from diloco.transports.grpc.guard import MIN_BYTES_PER_S
+from diloco.transports.grpc.island_dataplane import IslandDataPlane
+from diloco.transports.grpc.lanes import check_lane, lane_fingerprint
+from diloco.transports.grpc.retrying import PayloadRefusedError as PayloadRefusedError
+from diloco.transports.grpc.retrying import retrying
 from diloco.transports.grpc.security import (
     TLS_TARGET_NAME,
     call_metadata,
@@ -52,20 +58,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Worth retrying: the coordinator is down, restarting, busy or not ready for this call yet,
-# or it cut a stream that moved no bytes for transport.grpc.stream_idle_s (CANCELLED: this
-# island was too slow for a moment; the same call gets the same answer).
-_TRANSIENT = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.CANCELLED,
-}
 
-
-class PayloadRefusedError(RuntimeError):
-    """The coordinator refused this island's payload (malformed or non-finite)."""
+class _NoDataPlane(Exception):
+    """The coordinator answers Exchange with UNIMPLEMENTED."""
 
 
 class GrpcTransport:
@@ -74,6 +69,8 @@ class GrpcTransport:
     Args:
         session_file: where this island keeps the session the coordinator gave it (its
             run.dir); None keeps it in memory only.
+        lane: the exchange group this transport carries ("": the main one; a fragment's or a
+            rank's otherwise, grpc/lanes.py); it joins with `parameters` = `numel`.
     """
 
     def __init__(
@@ -87,15 +84,17 @@ class GrpcTransport:
         rank: int,
         num_islands: int,
         session_file: Path | None = None,
+        lane: str = "",
     ):
         self.settings = settings
+        self.lane = check_lane(lane)
         self.run_id = run_id
         self.codec = codec
         self.numel = numel
         self.rank = rank
         self.num_islands = num_islands
         self._token = token
-        self._token_metadata = token_metadata(token)
+        self._token_metadata = token_metadata(token, self.lane)
         self._session_file = session_file
         self._session = _read_session(session_file) or secrets.token_hex(16)
         self._metrics: dict[str, float] = {}
@@ -111,6 +110,10 @@ class GrpcTransport:
         self._closed = False
         self.on_close: Callable[[], None] | None = None
         """Called last by `close` (an island that hosts the coordinator stops it there)."""
+        self._dataplane = IslandDataPlane(settings) if settings.dataplane.enabled else None
+        self.visible_maddrs: tuple[str, ...] = ()
+        """The coordinator this transport hosts, if any: the island's other lanes reach it
+        there (`TransportSetup.bootstrap`) instead of starting one each."""
 
     # -- Transport --------------------------------------------------------------------------
 
@@ -120,7 +123,9 @@ class GrpcTransport:
         The shared state then comes from the coordinator (`shared_state`), whatever round
         the checkpoint holds.
         """
-        self._fingerprint = dict(fingerprint)
+        self._fingerprint = (
+            lane_fingerprint(fingerprint, self.numel) if self.lane else dict(fingerprint)
+        )
         self._join()
         return max(available_rounds) if available_rounds else None
 
@@ -149,7 +154,7 @@ class GrpcTransport:
         params_sha256: str | None = None,
     ) -> AverageResult:
         home = payload.device
-        host_payload = payload.cpu()
+        host_payload = payload.cpu().contiguous()
         header = pb.AverageHeader(
             run_id=self.run_id,
             rank=self.rank,
@@ -169,8 +174,15 @@ class GrpcTransport:
                 yield from chunks_of(host_payload)
 
             replies = self._stub.Average(requests(), metadata=self._metadata(), timeout=timeout_s)
-            return self._read_answer(replies, home, host_payload.numel())
+            return self._read_answer(next(replies).reply, replies, home, host_payload.numel())
 
+        # A payload that is not finite values of this codec (a bug: codecs refuse to encode
+        # NaN) goes on grpc, where the coordinator refuses it at once; on the data plane it
+        # would be refused only once its round's participants are fixed.
+        if self._dataplane is not None and decodes_finite(self.codec, host_payload, self.numel):
+            result = self._average_on_dataplane(header, host_payload, home, timeout_s)
+            if result is not None:
+                return result
         return self._retrying(f"averaging round {round}", call)
 
     def close(self) -> None:
@@ -191,13 +203,14 @@ class GrpcTransport:
     # -- calls ------------------------------------------------------------------------------
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return call_metadata(self._token, self.rank, self._session)
+        return call_metadata(self._token, self.rank, self._session, self.lane)
 
     def _join(self) -> None:
         reply = self._retrying("joining", self._join_once)
         log.info(
-            "joined the coordinator at %s: round %d, %d island(s) active",
+            "joined the coordinator at %s%s: round %d, %d island(s) active",
             self.settings.address,
+            f" in lane {self.lane}" if self.lane else "",
             reply.round,
             reply.islands_active,
         )
@@ -262,10 +275,9 @@ class GrpcTransport:
         return bool(reply.accepted)
 
     def _read_answer(
-        self, replies: Iterator[pb.Chunk], home: torch.device, sent: int
+        self, reply: pb.AverageReply, replies: Iterator[pb.Chunk], home: torch.device, sent: int
     ) -> AverageResult:
-        replies = iter(replies)
-        reply = next(replies).reply
+        """The answer `reply` heads, its bytes read from `replies`: a mean, or a state."""
         if reply.adopt:
             if reply.state.numel != self.numel:
                 raise GroupMismatchError(
@@ -291,76 +303,64 @@ class GrpcTransport:
                 "round %d closed before this island's payload arrived: applying the group's mean",
                 reply.round,
             )
-        mean = self.codec.decode(mean_payload, self.numel).to(home)
+        mean = decode_view(self.codec, mean_payload, self.numel).to(home)
         return AverageResult(mean, reply.participants, sent, reply.payload_bytes)
+
+    def _average_on_dataplane(
+        self, header: pb.AverageHeader, payload: torch.Tensor, home: torch.device, timeout_s: float
+    ) -> AverageResult | None:
+        """The header on grpc (Exchange), the payload on the data plane with the ticket that
+        comes back; a failed exchange asks again (for `retry_s` at most). None: the coordinator
+        has no data plane (the payload then goes with Average, from now on)."""
+        assert self._dataplane is not None
+        what, sent = f"averaging round {header.round}", payload.numel()
+        expected = self.codec.payload_bytes(self.numel)
+        deadline = time.monotonic() + self.settings.retry_s
+        while True:
+            try:
+                reply, replies = self._retrying(what, lambda: self._ask(header, timeout_s))
+            except _NoDataPlane:
+                log.warning("the coordinator has no data plane: payloads go on grpc")
+                self._dataplane = None
+                return None
+            if not reply.ticket:  # the round's mean (late or retried), or a state to adopt
+                return self._read_answer(reply, replies, home, sent)
+            try:
+                mean_payload = self._dataplane.exchange(reply, payload, expected, timeout_s)
+            except DataPlaneError as error:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(
+                        f"the data plane of the coordinator at {self.settings.address} failed "
+                        f"for {self.settings.retry_s:.0f} s while {what} (last error: {error})"
+                    ) from None
+                log.warning("%s on the data plane: %s; asking the coordinator again", what, error)
+                continue
+            mean = decode_view(self.codec, mean_payload, self.numel).to(home)
+            return AverageResult(mean, reply.participants, sent, expected)
+
+    def _ask(
+        self, header: pb.AverageHeader, timeout_s: float
+    ) -> tuple[pb.AverageReply, Iterator[pb.Chunk]]:
+        replies = self._stub.Exchange(header, metadata=self._metadata(), timeout=timeout_s)
+        try:
+            first = next(replies)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise _NoDataPlane() from None
+            raise
+        return first.reply, replies
 
     def _transfer_s(self, nbytes: int) -> float:
         return 60.0 + nbytes / MIN_BYTES_PER_S
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         """`call`, retried with backoff while the coordinator is unreachable or not ready."""
-        deadline = time.monotonic() + self.settings.retry_s
-        delay = 0.2
-        closed_on_connect = 0
-        while True:
-            try:
-                return call()
-            except grpc.RpcError as error:
-                code = error.code() if hasattr(error, "code") else None
-                details = (error.details() if hasattr(error, "details") else str(error)) or ""
-                if code == grpc.StatusCode.UNAUTHENTICATED and "join first" in details:
-                    self._join_quietly()  # the coordinator forgot this island (restarted)
-                    code = grpc.StatusCode.UNAVAILABLE
-                self._raise_permanent(code, details, what)
-                # A TLS server closes a plaintext connection at once; a coordinator that is
-                # down refuses it instead.
-                closed_on_connect = closed_on_connect + 1 if "Socket closed" in details else 0
-                if self.settings.insecure and closed_on_connect >= 3:
-                    raise ConfigError(
-                        f"the coordinator at {self.settings.address} closes plaintext "
-                        "connections: it requires TLS; set transport.grpc.tls_cert and tls_key "
-                        "(and drop transport.grpc.insecure)"
-                    ) from None
-                if time.monotonic() + delay > deadline:
-                    raise ConnectionError(
-                        f"the coordinator at {self.settings.address} did not answer for "
-                        f"{self.settings.retry_s:.0f} s while {what} (last error: {details}); "
-                        "is it running, and are transport.grpc.address and TLS right?"
-                    ) from None
-                if "has not joined" in details:
-                    self._join_quietly()
-                log.warning("%s: %s; retrying in %.1f s", what, details, delay)
-                time.sleep(delay * (1 + 0.2 * random.random()))
-                delay = min(delay * 2, 5.0)
+        return retrying(self.settings, what, call, rejoin=self._join_quietly)
 
     def _join_quietly(self) -> None:
         # Failing here is fine: the retry loop reports what is wrong.
         with contextlib.suppress(grpc.RpcError):
             self._join_once()
-
-    def _raise_permanent(self, code: grpc.StatusCode | None, details: str, what: str) -> None:
-        address = self.settings.address
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-            raise ConfigError(
-                f"the coordinator at {address} refused the run token while {what}: every site "
-                f"needs the same ${self.settings.token_env} (or transport.grpc.token_file)"
-            )
-        if code == grpc.StatusCode.FAILED_PRECONDITION:
-            raise GroupMismatchError(f"the coordinator at {address} refused: {details}")
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            raise PayloadRefusedError(f"the coordinator at {address} refused: {details}")
-        if code == grpc.StatusCode.UNAVAILABLE and _tls_mismatch(details):
-            raise ConfigError(
-                f"cannot reach the coordinator at {address} over TLS ({details}): check "
-                "transport.grpc.tls_cert / tls_ca, and that both sides use TLS"
-            )
-        if code is not None and code not in _TRANSIENT:
-            raise RuntimeError(f"the coordinator at {address} failed while {what}: {details}")
-
-
-def _tls_mismatch(details: str) -> bool:
-    text = (details or "").lower()
-    return any(word in text for word in ("ssl", "tls", "handshake", "certificate", "wrong version"))
 
 
 def _read_session(path: Path | None) -> str:

@@ -5,7 +5,9 @@ once), or at its adaptive deadline once `min_islands` have. Islands that missed 
 inactive until they report again, so later rounds do not wait for an island that is gone.
 Closing combines the contributions (`rounds.close_round`), records the round, and hands the
 mean to the state keeper, whose outer step, hash and save run in the background while the
-islands get their answer. Called with the coordinator's lock held (`cond`).
+islands get their answer. With a data plane (grpc/exchanges.py), closing first only *fixes*
+the round's participants (`fix`): the mean comes from their exchange, and `finish` closes the
+round with it. Called with the coordinator's lock held (`cond`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class RoundCloser:
         self.history = RoundHistory()
         self.open = OpenRound(0)
         self.last: ClosedRound | None = None
+        self.fix: Callable[[OpenRound], None] | None = None
+        """With a data plane: takes the round whose participants are now fixed, instead of
+        combining it here (grpc/exchanges.py); it calls `finish` with the mean."""
         self._waiting_warned = False
 
     def wait(self, round: int, wait_s: float | None, stopped: Callable[[], bool]) -> ClosedRound:
@@ -75,7 +80,7 @@ class RoundCloser:
         return closed
 
     def close_if_complete(self) -> None:
-        if not self.open.pending:
+        if not self.open.pending or self.open.fixed:
             return
         # Islands that never joined are expected until the deadline (they may be starting);
         # members that missed a round are not (they may be gone).
@@ -85,7 +90,7 @@ class RoundCloser:
 
     def close_if_due(self) -> None:
         opened = self.open
-        if not opened.pending or opened.first_arrival is None:
+        if not opened.pending or opened.first_arrival is None or opened.fixed:
             return
         self.close_if_complete()
         if self.open is not opened:
@@ -108,6 +113,10 @@ class RoundCloser:
     def close(self) -> None:
         self.keeper.settle()
         opened = self.open
+        if self.fix is not None:
+            opened.fixed = True
+            self.fix(opened)
+            return
         closed = close_round(
             self.rules,
             self.codec,
@@ -116,6 +125,11 @@ class RoundCloser:
             deadline=self.deadline,
             now=self.clock(),
         )
+        self.finish(opened, closed)
+
+    def finish(self, opened: OpenRound, closed: ClosedRound) -> None:
+        """Close `opened` as `closed`: its record kept, the next round open, the outer step
+        with its mean started in the background, the waiting islands woken."""
         missing = self.membership.mark_missing(set(opened.pending))
         if missing:
             log.warning(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from diloco.errors import ConfigError, require
+from diloco.transports.dataplane.config import DataPlaneConfig
 
 
 class GrpcRole(enum.Enum):
@@ -65,9 +66,25 @@ class GrpcTransportConfig:
     linger_s: float = 60.0
     """After the last round the coordinator waits up to this long for every island to leave
     (late ones still need the last mean), and as long again for answers still streaming."""
+    dataplane: DataPlaneConfig = field(default_factory=DataPlaneConfig)
+    """Where payload bytes travel: the data plane (one TLS stream per exchange, the same
+    certificates and token) or, with dataplane.enabled=false, the grpc stream."""
+    max_lanes: int = 16
+    """Lanes (independent exchange groups: one per Streaming DiLoCo fragment of outer.fragments,
+    per rank of multi-rank islands, or per both) the coordinator hosts besides its main one; a
+    Join that would open one more is refused. At least outer.fragments x ranks per island."""
+    status_listen: str = ""
+    """host:port of the coordinator's read-only status page (GET / and /status.json); port 0:
+    a free one, written to run.dir/coordinator/status-address; empty: no page. A loopback
+    address (127.0.0.1:8080) is open to this machine's users; any other needs the run token in
+    an `Authorization: Bearer` header (docs/transports.md, "Status page")."""
 
     def __post_init__(self) -> None:
-        for key, value in (("address", self.address), ("listen", self.listen or "h:1")):
+        for key, value in (
+            ("address", self.address),
+            ("listen", self.listen or "h:1"),
+            ("status_listen", self.status_listen or "h:1"),
+        ):
             host, _, port = value.rpartition(":")
             require(bool(host) and port.isdigit(), f"transport.grpc.{key}", "host:port", value)
         require(
@@ -88,6 +105,7 @@ class GrpcTransportConfig:
         require(self.retry_s > 0, "transport.grpc.retry_s", "> 0", self.retry_s)
         require(self.stream_idle_s > 0, "transport.grpc.stream_idle_s", "> 0", self.stream_idle_s)
         require(self.linger_s >= 0, "transport.grpc.linger_s", ">= 0", self.linger_s)
+        require(self.max_lanes >= 0, "transport.grpc.max_lanes", ">= 0", self.max_lanes)
         require(
             bool(self.tls_cert) == bool(self.tls_key),
             "transport.grpc.tls_key",

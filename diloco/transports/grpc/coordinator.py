@@ -30,13 +30,21 @@ from diloco.codecs.base import Codec
 from diloco.shared_state import OuterOptimizer, SharedState
 from diloco.transports.grpc.answers import CoordinatorStats as CoordinatorStats
 from diloco.transports.grpc.answers import RoundAnswer as RoundAnswer
+from diloco.transports.grpc.answers import adopt_answer
 from diloco.transports.grpc.closing import RoundCloser
+from diloco.transports.grpc.exchanges import (
+    HEADER_ONLY,
+    ExchangeControl,
+    ExchangeHost,
+    TicketAnswer,
+)
 from diloco.transports.grpc.guard import check_seed, check_weight
 from diloco.transports.grpc.membership import INITIAL_WEIGHTS_KEY as INITIAL_WEIGHTS_KEY
 from diloco.transports.grpc.membership import PARAMETERS_KEY as PARAMETERS_KEY
 from diloco.transports.grpc.membership import Member, Membership, parse_count
-from diloco.transports.grpc.persistence import persisted, restore, save_membership
+from diloco.transports.grpc.persistence import persisted, restore_rounds, save_membership
 from diloco.transports.grpc.rounds import (
+    RELEASED,
     Arrival,
     ClosedRound,
     Contribution,
@@ -47,6 +55,7 @@ from diloco.transports.grpc.rounds import (
     decode_contribution,
 )
 from diloco.transports.grpc.state_keeper import StateKeeper
+from diloco.transports.grpc.status_feed import StatusFeed
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,7 @@ class Coordinator:
         pinned: fingerprint entries fixed by the coordinator's own config (may be empty).
         state_dir: where the state is persisted (None: in memory only).
         clock: monotonic seconds (tests move it by hand).
+        lane: the lane this coordinator averages ("": the main one; grpc/lanes.py).
     """
 
     def __init__(
@@ -76,13 +86,16 @@ class Coordinator:
         pinned: Mapping[str, str],
         state_dir: Path | None,
         clock: Callable[[], float] = time.monotonic,
+        lane: str = "",
     ):
         self.rules = rules
         self.codec = codec
         self.clock = clock
+        self.lane = lane
         self.membership = Membership(rules.islands, rules.run_id, pinned, rules.deadline_ceiling_s)
         self.keeper = StateKeeper(optimizer, codec, state_dir)
         self.stats = CoordinatorStats()
+        self.status_feed = StatusFeed()  # a no-op until status_feed.attach_status
         self.started = time.time()
         self._cond = threading.Condition()
         self.closer = RoundCloser(
@@ -96,6 +109,8 @@ class Coordinator:
             self._persisted,
         )
         self._stopped = False
+        self.exchanges: ExchangeControl | None = None
+        """The data plane's rounds, once `attach_exchanges` gave it one."""
         if state_dir is not None:
             self._restore()
 
@@ -115,6 +130,7 @@ class Coordinator:
             )
             self._persist_membership()
             log.info("island %d joined from host %r", rank, host[:128])
+            self.status_feed.joined(rank, host)
             return self.closer.open.round, self.keeper.state is not None, new_session
 
     def authorize(self, rank: int, session: str) -> Member:
@@ -129,16 +145,20 @@ class Coordinator:
     def leave(self, rank: int) -> None:
         with self._cond:
             self.membership.leave(rank)
-            self._close_if_complete()
+            self.status_feed.left(rank)
+            self.closer.close_if_complete()
             self._persist_membership()
 
     def active_islands(self) -> int:
         with self._cond:
             return self.membership.active_count()
 
-    def everyone_left(self) -> bool:
+    def everyone_left(self, but: int | None = None) -> bool:
         with self._cond:
-            return self.membership.everyone_left()
+            return self.membership.everyone_left(but)
+
+    def has_members(self) -> bool:
+        return bool(self.membership.members)  # a read of a dict: no lock needed
 
     # -- shared state -----------------------------------------------------------------------
 
@@ -178,8 +198,9 @@ class Coordinator:
             self.keeper.settle()
             return self.keeper.sha
 
-    def seed(self, rank: int, state: SharedState) -> bool:
+    def seed(self, rank: int, state: SharedState, *, owned: bool = False) -> bool:
         """Take a joined island's state as the group's when there is none yet; False otherwise.
+        `owned`: nothing else holds `state` (read from the wire): it is kept, not copied.
 
         Raises:
             RefusedPayload: its size is not the group's model's, its round is out of range, it
@@ -193,10 +214,11 @@ class Coordinator:
                 state,
                 self.rules,
                 expected_numel=self.expected_numel(),
-                initial_weights=fingerprint.get(INITIAL_WEIGHTS_KEY),
+                # A lane's state is a slice: the whole model's initial weights do not check it.
+                initial_weights=None if self.lane else fingerprint.get(INITIAL_WEIGHTS_KEY),
             )
             self.closer.open = OpenRound(int(state.round))
-            self.keeper.seed(state, self._persisted(None))
+            self.keeper.seed(state, self._persisted(None), owned=owned)
             log.info("island %d seeded the shared state at round %d", rank, state.round)
             return True
 
@@ -213,12 +235,14 @@ class Coordinator:
             if member is not None:
                 member.metrics = dict(metrics)
                 member.bytes_received += received
+        self.status_feed.metrics(rank, metrics, received)
 
     def refuse(self, rank: int, reason: str, what: str = "payload") -> None:
         """Count and log a refused payload (or state); `reason` escapes what came from the wire."""
         with self._cond:
             self.stats.refused_payloads += 1
             self.closer.open.refused += 1
+            self.status_feed.refused(self.closer.open.round)
         log.warning("refused a %s from island %d: %s", what, rank, reason)
 
     def submit(
@@ -238,27 +262,49 @@ class Coordinator:
         """
         check_weight(weight)
         with self._cond:
-            if self.keeper.state is None:
-                raise NotReady("the coordinator holds no shared state yet: join first")
-            self.keeper.settle()
-            member = self.membership.members.get(rank)
-            if member is None or member.left:
-                raise NotReady(f"island {rank} has not joined this coordinator")
-            member.active = True
-            member.last_round = max(member.last_round, round)
+            self._admit(rank, round, sha)
             stale = self._answer_stale(rank, round, sha, delta)
             if stale is not None:
                 return stale
             assert delta is not None
             self.closer.open.add(rank, Contribution(weight, delta, self.clock()))
-            self._close_if_complete()
+            self.closer.close_if_complete()
             return self._wait_for_close(round, wait_s)
+
+    def attach_exchanges(self, host: ExchangeHost) -> None:
+        """Average on `host`, a data plane, from now on: `submit_header` (grpc/exchanges.py)."""
+        with self._cond:
+            self.closer.history.kept_means = 1
+            self.exchanges = ExchangeControl(
+                self.closer,
+                host,
+                self.lane,
+                self.refuse,
+                stopped=lambda: self._stopped,
+                answered=lambda rank, answer: self.status_feed.answer(rank, answer),
+            )
+
+    def submit_header(
+        self, rank: int, round: int, weight: float, sha: str, wait_s: float | None = None
+    ) -> RoundAnswer | TicketAnswer:
+        """`submit` for a payload that travels on the data plane: its header joins `round`;
+        the answer is its ticket once the round's participants are fixed, or (as `submit`'s)
+        the round's mean, late, or the state to adopt. Raises as `submit`, and
+        RefusedOnDataPlane when its payload was refused in the exchange."""
+        check_weight(weight)
+        with self._cond:
+            self._admit(rank, round, sha)
+            assert self.exchanges is not None, "attach_exchanges first"
+            stale = lambda r, n, s: self._answer_stale(r, n, s, HEADER_ONLY)  # noqa: E731
+            return self.exchanges.submit(rank, round, weight, sha, stale, wait_s)
 
     def tick(self) -> None:
         """Close the open round if its deadline has passed (called periodically; never raises)."""
         try:
+            if self.exchanges is not None:  # exchanges abandoned by every participant
+                self.exchanges.poll()
             with self._cond:
-                self._close_if_due()
+                self.closer.close_if_due()
         except Exception:  # a failure here must not stop the deadline thread
             log.exception("the coordinator failed to close round %d at its deadline", self.round)
 
@@ -272,6 +318,7 @@ class Coordinator:
             self.keeper.settle()
             self._stopped = True
             self._cond.notify_all()
+        self.status_feed.stopped()
 
     def finished(self) -> bool:
         with self._cond:
@@ -284,6 +331,18 @@ class Coordinator:
 
     # -- internals (called with the lock held) -----------------------------------------------
 
+    def _admit(self, rank: int, round: int, sha: str) -> None:
+        """A payload's island: joined, now expected in rounds; the state settled."""
+        if self.keeper.state is None:
+            raise NotReady("the coordinator holds no shared state yet: join first")
+        self.keeper.settle()
+        member = self.membership.members.get(rank)
+        if member is None or member.left:
+            raise NotReady(f"island {rank} has not joined this coordinator")
+        member.active = True
+        member.last_round = max(member.last_round, round)
+        self.status_feed.payload(rank, round, sha)
+
     def _answer_stale(
         self, rank: int, round: int, sha: str, delta: torch.Tensor | None
     ) -> RoundAnswer | None:
@@ -294,14 +353,14 @@ class Coordinator:
         )
         if kind is Arrival.open:
             return None
-        if kind is Arrival.adopt:
-            return self._adopt_answer(rank, round, sha)
-        assert last is not None
+        if kind is Arrival.adopt or last is None or last.mean_payload is RELEASED:
+            return self._adopt_answer(rank, round, sha)  # (a data plane released the mean)
         if kind is Arrival.late:
             # Late by less than a round: the island gets that round's mean, applies it, and is
             # in step with the group again; its payload is dropped.
             self.stats.late_payloads += 1
             last.late += 1
+            self.status_feed.late(round)
             self.closer.deadline.observe_late(self.clock() - last.first_arrival)
             log.warning(
                 "island %d's payload for round %d came after the round closed: dropped", rank, round
@@ -312,37 +371,18 @@ class Coordinator:
         )
 
     def _adopt_answer(self, rank: int, round: int, sha: str) -> RoundAnswer:
-        state = self.keeper.state
-        assert state is not None
         self.stats.adopted += 1
-        why = (
-            f"its round {round} is not the group's {self.closer.open.round}"
-            if round != self.closer.open.round
-            else "its shared parameters differ from the group's"
-        )
-        log.warning("island %d is told to adopt the shared state: %s", rank, why)
-        participants = self.closer.last.participants if self.closer.last is not None else 0
-        return RoundAnswer(
-            state.round,
-            participants,
-            self.keeper.sha,
-            None,
-            adopt=state,
-            generation=self.keeper.generation,
-        )
+        last, open_round = self.closer.last, self.closer.open.round
+        return adopt_answer(self.keeper, last.participants if last else 0, rank, round, open_round)
 
     def _wait_for_close(self, round: int, wait_s: float | None) -> RoundAnswer:
         closed = self.closer.wait(round, wait_s, lambda: self._stopped)
         # The hash is not part of a fresh answer: it may still be being computed.
         return RoundAnswer(round, closed.participants, "", closed.mean_payload)
 
-    def _close_if_complete(self) -> None:
-        self.closer.close_if_complete()
-
-    def _close_if_due(self) -> None:
-        self.closer.close_if_due()
-
     def _persisted(self, last: ClosedRound | None) -> dict[str, Any]:
+        if last is not None:  # called once its outer step is done: sha_after is known
+            self.status_feed.round_closed(last)
         return persisted(last, self.stats)
 
     def _persist_membership(self) -> None:
@@ -352,16 +392,6 @@ class Coordinator:
             save_membership(self.keeper.state_dir, self.membership)
 
     def _restore(self) -> None:
-        assert self.keeper.state_dir is not None
-        restored = restore(self.keeper, self.membership, self.clock())
-        if restored is None:
-            return
-        self.closer.last, self.stats = restored
-        self.closer.stats = self.stats
-        self.closer.open = OpenRound(self.keeper.state.round if self.keeper.state else 0)
-        log.warning(
-            "coordinator resumed from %s at round %d with islands %s",
-            self.keeper.state_dir,
-            self.closer.open.round,
-            sorted(self.membership.members),
-        )
+        stats = restore_rounds(self.closer, self.membership, self.clock())
+        if stats is not None:
+            self.stats = stats

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(diloco/transports/grpc/coordinator.proto\x12\x0e\x64iloco.grpc.v1\"\xc1\x01\n\x0bJoinRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x41\n\x0b\x66ingerprint\x18\x03 \x03(\x0b\x32,.diloco.grpc.v1.JoinRequest.FingerprintEntry\x12\x0f\n\x07session\x18\x04 \x01(\t\x12\x0c\n\x04host\x18\x05 \x01(\t\x1a\x32\n\x10\x46ingerprintEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\tJoinReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x11\n\thas_state\x18\x02 \x01(\x08\x12\x16\n\x0eislands_active\x18\x03 \x01(\x05\x12\x0f\n\x07session\x18\x04 \x01(\t\"\xe7\x01\n\rAverageHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x15\n\rparams_sha256\x18\x05 \x01(\t\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x03\x12;\n\x07metrics\x18\x07 \x03(\x0b\x32*.diloco.grpc.v1.AverageHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05numel\x18\x03 \x01(\x03\"\xaa\x01\n\x0c\x41verageReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x14\n\x0cparticipants\x18\x02 \x01(\x05\x12\x15\n\rparams_sha256\x18\x03 \x01(\t\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x61\x64opt\x18\x05 \x01(\x08\x12\x0c\n\x04late\x18\x06 \x01(\x08\x12*\n\x05state\x18\x07 \x01(\x0b\x32\x1b.diloco.grpc.v1.StateHeader\"R\n\x0cStateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x15\n\rparams_sha256\x18\x04 \x01(\t\"\xae\x01\n\x0bStateHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05numel\x18\x02 \x01(\x03\x12\x15\n\rparams_sha256\x18\x03 \x01(\t\x12\x11\n\thas_state\x18\x04 \x01(\x08\x12\x0c\n\x04same\x18\x05 \x01(\x08\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12+\n\x07tensors\x18\x08 \x03(\x0b\x32\x1a.diloco.grpc.v1.TensorSpec\"\xae\x01\n\x05\x43hunk\x12\x30\n\x07\x61verage\x18\x01 \x01(\x0b\x32\x1d.diloco.grpc.v1.AverageHeaderH\x00\x12-\n\x05reply\x18\x02 \x01(\x0b\x32\x1c.diloco.grpc.v1.AverageReplyH\x00\x12,\n\x05state\x18\x03 \x01(\x0b\x32\x1b.diloco.grpc.v1.StateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04kind\"0\n\rPutStateReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\",\n\x0cLeaveRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\x9a\x03\n\x0b\x43oordinator\x12>\n\x04Join\x12\x1b.diloco.grpc.v1.JoinRequest\x1a\x19.diloco.grpc.v1.JoinReply\x12;\n\x07\x41verage\x12\x15.diloco.grpc.v1.Chunk\x1a\x15.diloco.grpc.v1.Chunk(\x01\x30\x01\x12\x41\n\x08GetState\x12\x1c.diloco.grpc.v1.StateRequest\x1a\x15.diloco.grpc.v1.Chunk0\x01\x12\x42\n\x08PutState\x12\x15.diloco.grpc.v1.Chunk\x1a\x1d.diloco.grpc.v1.PutStateReply(\x01\x12\x41\n\x05Leave\x12\x1c.diloco.grpc.v1.LeaveRequest\x1a\x1a.diloco.grpc.v1.LeaveReply\x12\x44\n\x06Status\x12\x1d.diloco.grpc.v1.StatusRequest\x1a\x1b.diloco.grpc.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(diloco/transports/grpc/coordinator.proto\x12\x0e\x64iloco.grpc.v1\"\xc1\x01\n\x0bJoinRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x41\n\x0b\x66ingerprint\x18\x03 \x03(\x0b\x32,.diloco.grpc.v1.JoinRequest.FingerprintEntry\x12\x0f\n\x07session\x18\x04 \x01(\t\x12\x0c\n\x04host\x18\x05 \x01(\t\x1a\x32\n\x10\x46ingerprintEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\tJoinReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x11\n\thas_state\x18\x02 \x01(\x08\x12\x16\n\x0eislands_active\x18\x03 \x01(\x05\x12\x0f\n\x07session\x18\x04 \x01(\t\"\xe7\x01\n\rAverageHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x15\n\rparams_sha256\x18\x05 \x01(\t\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x03\x12;\n\x07metrics\x18\x07 \x03(\x0b\x32*.diloco.grpc.v1.AverageHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05numel\x18\x03 \x01(\x03\"\xd2\x01\n\x0c\x41verageReply\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x14\n\x0cparticipants\x18\x02 \x01(\x05\x12\x15\n\rparams_sha256\x18\x03 \x01(\t\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x61\x64opt\x18\x05 \x01(\x08\x12\x0c\n\x04late\x18\x06 \x01(\x08\x12*\n\x05state\x18\x07 \x01(\x0b\x32\x1b.diloco.grpc.v1.StateHeader\x12\x0e\n\x06ticket\x18\x08 \x01(\x0c\x12\x16\n\x0e\x64\x61taplane_port\x18\t \x01(\x05\"R\n\x0cStateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x15\n\rparams_sha256\x18\x04 \x01(\t\"\xae\x01\n\x0bStateHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05numel\x18\x02 \x01(\x03\x12\x15\n\rparams_sha256\x18\x03 \x01(\t\x12\x11\n\thas_state\x18\x04 \x01(\x08\x12\x0c\n\x04same\x18\x05 \x01(\x08\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12+\n\x07tensors\x18\x08 \x03(\x0b\x32\x1a.diloco.grpc.v1.TensorSpec\"\xae\x01\n\x05\x43hunk\x12\x30\n\x07\x61verage\x18\x01 \x01(\x0b\x32\x1d.diloco.grpc.v1.AverageHeaderH\x00\x12-\n\x05reply\x18\x02 \x01(\x0b\x32\x1c.diloco.grpc.v1.AverageReplyH\x00\x12,\n\x05state\x18\x03 \x01(\x0b\x32\x1b.diloco.grpc.v1.StateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04kind\"0\n\rPutStateReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\",\n\x0cLeaveRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xde\x03\n\x0b\x43oordinator\x12>\n\x04Join\x12\x1b.diloco.grpc.v1.JoinRequest\x1a\x19.diloco.grpc.v1.JoinReply\x12;\n\x07\x41verage\x12\x15.diloco.grpc.v1.Chunk\x1a\x15.diloco.grpc.v1.Chunk(\x01\x30\x01\x12\x42\n\x08\x45xchange\x12\x1d.diloco.grpc.v1.AverageHeader\x1a\x15.diloco.grpc.v1.Chunk0\x01\x12\x41\n\x08GetState\x12\x1c.diloco.grpc.v1.StateRequest\x1a\x15.diloco.grpc.v1.Chunk0\x01\x12\x42\n\x08PutState\x12\x15.diloco.grpc.v1.Chunk\x1a\x1d.diloco.grpc.v1.PutStateReply(\x01\x12\x41\n\x05Leave\x12\x1c.diloco.grpc.v1.LeaveRequest\x1a\x1a.diloco.grpc.v1.LeaveReply\x12\x44\n\x06Status\x12\x1d.diloco.grpc.v1.StatusRequest\x1a\x1b.diloco.grpc.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,23 +48,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_start=578
   _globals['_TENSORSPEC']._serialized_end=634
   _globals['_AVERAGEREPLY']._serialized_start=637
-  _globals['_AVERAGEREPLY']._serialized_end=807
-  _globals['_STATEREQUEST']._serialized_start=809
-  _globals['_STATEREQUEST']._serialized_end=891
-  _globals['_STATEHEADER']._serialized_start=894
-  _globals['_STATEHEADER']._serialized_end=1068
-  _globals['_CHUNK']._serialized_start=1071
-  _globals['_CHUNK']._serialized_end=1245
-  _globals['_PUTSTATEREPLY']._serialized_start=1247
-  _globals['_PUTSTATEREPLY']._serialized_end=1295
-  _globals['_LEAVEREQUEST']._serialized_start=1297
-  _globals['_LEAVEREQUEST']._serialized_end=1341
-  _globals['_LEAVEREPLY']._serialized_start=1343
-  _globals['_LEAVEREPLY']._serialized_end=1355
-  _globals['_STATUSREQUEST']._serialized_start=1357
-  _globals['_STATUSREQUEST']._serialized_end=1372
-  _globals['_STATUSREPLY']._serialized_start=1374
-  _globals['_STATUSREPLY']._serialized_end=1401
-  _globals['_COORDINATOR']._serialized_start=1404
-  _globals['_COORDINATOR']._serialized_end=1814
+  _globals['_AVERAGEREPLY']._serialized_end=847
+  _globals['_STATEREQUEST']._serialized_start=849
+  _globals['_STATEREQUEST']._serialized_end=931
+  _globals['_STATEHEADER']._serialized_start=934
+  _globals['_STATEHEADER']._serialized_end=1108
+  _globals['_CHUNK']._serialized_start=1111
+  _globals['_CHUNK']._serialized_end=1285
+  _globals['_PUTSTATEREPLY']._serialized_start=1287
+  _globals['_PUTSTATEREPLY']._serialized_end=1335
+  _globals['_LEAVEREQUEST']._serialized_start=1337
+  _globals['_LEAVEREQUEST']._serialized_end=1381
+  _globals['_LEAVEREPLY']._serialized_start=1383
+  _globals['_LEAVEREPLY']._serialized_end=1395
+  _globals['_STATUSREQUEST']._serialized_start=1397
+  _globals['_STATUSREQUEST']._serialized_end=1412
+  _globals['_STATUSREPLY']._serialized_start=1414
+  _globals['_STATUSREPLY']._serialized_end=1441
+  _globals['_COORDINATOR']._serialized_start=1444
+  _globals['_COORDINATOR']._serialized_end=1922
 # @@protoc_insertion_point(module_scope)

@@ -75,7 +75,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., numel: _Optional[int] = ...) -> None: ...
 
 class AverageReply(_message.Message):
-    __slots__ = ("round", "participants", "params_sha256", "payload_bytes", "adopt", "late", "state")
+    __slots__ = ("round", "participants", "params_sha256", "payload_bytes", "adopt", "late", "state", "ticket", "dataplane_port")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,8 @@ class AverageReply(_message.Message):
     ADOPT_FIELD_NUMBER: _ClassVar[int]
     LATE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    DATAPLANE_PORT_FIELD_NUMBER: _ClassVar[int]
     round: int
     participants: int
     params_sha256: str
@@ -90,7 +92,9 @@ class AverageReply(_message.Message):
     adopt: bool
     late: bool
     state: StateHeader
-    def __init__(self, round: _Optional[int] = ..., participants: _Optional[int] = ..., params_sha256: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., adopt: _Optional[bool] = ..., late: _Optional[bool] = ..., state: _Optional[_Union[StateHeader, _Mapping]] = ...) -> None: ...
+    ticket: bytes
+    dataplane_port: int
+    def __init__(self, round: _Optional[int] = ..., participants: _Optional[int] = ..., params_sha256: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., adopt: _Optional[bool] = ..., late: _Optional[bool] = ..., state: _Optional[_Union[StateHeader, _Mapping]] = ..., ticket: _Optional[bytes] = ..., dataplane_port: _Optional[int] = ...) -> None: ...
 
 class StateRequest(_message.Message):
     __slots__ = ("run_id", "rank", "round", "params_sha256")

@@ -44,6 +44,11 @@ class CoordinatorStub:
                 request_serializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.Chunk.SerializeToString,
                 response_deserializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.Exchange = channel.unary_stream(
+                '/diloco.grpc.v1.Coordinator/Exchange',
+                request_serializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.AverageHeader.SerializeToString,
+                response_deserializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.Chunk.FromString,
+                _registered_method=True)
         self.GetState = channel.unary_stream(
                 '/diloco.grpc.v1.Coordinator/GetState',
                 request_serializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.StateRequest.SerializeToString,
@@ -79,6 +84,15 @@ class CoordinatorServicer:
 
     def Average(self, request_iterator, context):
         """Send this round's payload; the answer streams the round's mean (or the state to adopt).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Exchange(self, request, context):
+        """Send this round's payload header only: the answer is a ticket for the data plane (the
+        payload and its mean travel there), or, like Average's, the round's mean (late) or the
+        state to adopt. UNIMPLEMENTED: the coordinator has no data plane (use Average).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +138,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'Average': grpc.stream_stream_rpc_method_handler(
                     servicer.Average,
                     request_deserializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.Chunk.FromString,
+                    response_serializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.Chunk.SerializeToString,
+            ),
+            'Exchange': grpc.unary_stream_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.AverageHeader.FromString,
                     response_serializer=diloco_dot_transports_dot_grpc_dot_coordinator__pb2.Chunk.SerializeToString,
             ),
             'GetState': grpc.unary_stream_rpc_method_handler(
@@ -200,6 +219,33 @@ class Coordinator:
             target,
             '/diloco.grpc.v1.Coordinator/Average',
             diloco_dot_transports_dot_grpc_dot_coordinator__pb2.Chunk.SerializeToString,
+            diloco_dot_transports_dot_grpc_dot_coordinator__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/diloco.grpc.v1.Coordinator/Exchange',
+            diloco_dot_transports_dot_grpc_dot_coordinator__pb2.AverageHeader.SerializeToString,
             diloco_dot_transports_dot_grpc_dot_coordinator__pb2.Chunk.FromString,
             options,
             channel_credentials,

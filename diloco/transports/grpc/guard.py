@@ -224,7 +224,8 @@ class StreamWatchdog:
 
 
 class CallLimits:
-    """Bounds on concurrent calls: per (method, rank), and per method in total."""
+    """Bounds on concurrent calls: per (method, rank), and per method in total. A method
+    named `Average@<lane>` is counted apart from `Average`, under `Average`'s bounds."""
 
     def __init__(self, per_rank: Mapping[str, int], total: Mapping[str, int]):
         self._per_rank = dict(per_rank)
@@ -240,8 +241,9 @@ class CallLimits:
         """Count one more call of `method` by `rank`; False (nothing counted) over a bound."""
         key = (method, rank)
         with self._lock:
-            over_rank = self._counts.get(key, 0) >= self._per_rank.get(method, 1 << 30)
-            over_total = self._totals.get(method, 0) >= self._total.get(method, 1 << 30)
+            bounds = method.partition("@")[0]
+            over_rank = self._counts.get(key, 0) >= self._per_rank.get(bounds, 1 << 30)
+            over_total = self._totals.get(method, 0) >= self._total.get(bounds, 1 << 30)
             if over_rank or over_total:
                 self.refused += 1
                 return False

@@ -17,9 +17,11 @@ from diloco.errors import ConfigError
 from diloco.transports.base import TransportSetup
 from diloco.transports.grpc.client import GrpcTransport
 from diloco.transports.grpc.coordinator import Coordinator
+from diloco.transports.grpc.lanes import session_file
 from diloco.transports.grpc.rounds import RoundRules
 from diloco.transports.grpc.security import read_token
 from diloco.transports.grpc.service import CoordinatorServer
+from diloco.transports.grpc.status_feed import attach_status, refused_calls
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ def read_fingerprint_file(path: Path) -> dict[str, str]:
 
 
 def start_coordinator(setup: TransportSetup, token: str) -> CoordinatorServer:
-    """Build the coordinator from the setup, restore its persisted state, start serving."""
+    """Build the coordinator from the setup, restore its persisted state, start serving (and
+    its status page with transport.grpc.status_listen, stopped with it)."""
     coordinator = Coordinator(
         round_rules(setup),
         setup.codec,
@@ -78,14 +81,17 @@ def start_coordinator(setup: TransportSetup, token: str) -> CoordinatorServer:
         pinned=pinned_fingerprint(setup),
         state_dir=coordinator_dir(setup.run_dir),
     )
-    return CoordinatorServer(coordinator, setup.config.grpc, token).start()
+    server = CoordinatorServer(coordinator, setup.config.grpc, token)
+    attach_status(server, setup, token, coordinator_dir(setup.run_dir))
+    return server.start()
 
 
 def build_grpc_transport(setup: TransportSetup) -> GrpcTransport:
-    """The island's transport; with grpc.serve, the coordinator starts in this process."""
+    """The island's transport; with grpc.serve, the coordinator starts in this process (with
+    its first lane: the island's other lanes get it in `setup.bootstrap`, and use it)."""
     settings = setup.config.grpc
     token = read_token(settings)
-    hosted = start_coordinator(setup, token) if settings.serve else None
+    hosted = start_coordinator(setup, token) if settings.serve and not setup.bootstrap else None
     rank = setup.ranks[0]
     transport = GrpcTransport(
         settings,
@@ -95,20 +101,22 @@ def build_grpc_transport(setup: TransportSetup) -> GrpcTransport:
         numel=setup.numel,
         rank=rank,
         num_islands=setup.config.islands,
-        session_file=setup.run_dir / f"island-{rank}" / "grpc-session",
+        session_file=session_file(setup.run_dir / f"island-{rank}", setup.lane),
+        lane=setup.lane,
     )
     if hosted is not None:
-        transport.on_close = lambda: linger_then_stop(hosted, settings.linger_s)
+        transport.visible_maddrs = (settings.address,)
+        transport.on_close = lambda: linger_then_stop(hosted, settings.linger_s, but=rank)
     return transport
 
 
-def linger_then_stop(server: CoordinatorServer, linger_s: float) -> None:
-    """Stay until every island has left (late ones still need the last mean) or `linger_s`
-    passed, then stop; answers still streaming get `linger_s` more to finish."""
-    coordinator = server.coordinator
+def linger_then_stop(server: CoordinatorServer, linger_s: float, but: int | None = None) -> None:
+    """Stay until every island (but `but`, the host, whose other lanes leave after this) has
+    left every lane (late ones still need the last mean) or `linger_s` passed, then stop;
+    answers still streaming get `linger_s` more to finish."""
     deadline = time.monotonic() + linger_s
     while time.monotonic() < deadline and not (
-        coordinator.finished() and coordinator.everyone_left()
+        server.finished() and server.lanes.everyone_left(but)
     ):
         time.sleep(0.2)
     server.stop(grace_s=linger_s)
@@ -126,11 +134,10 @@ def summary(server: CoordinatorServer, islands: int) -> Mapping[str, object]:
         "late_payloads": stats.late_payloads,
         "refused_payloads": stats.refused_payloads,
         "dropped_payloads": stats.dropped_payloads,
-        "refused_calls": (
-            server.refused_calls + server.service.refused_calls + server.service.limits.refused
-        ),
+        "refused_calls": refused_calls(server),
         "cancelled_streams": server.service.watchdog.cancelled,
         "adopted": stats.adopted,
         "params_sha256": coordinator.state_sha256(),
         "shared_parameters": coordinator.numel,
+        **({"lanes": lanes} if (lanes := server.lanes.summary()) else {}),
     }

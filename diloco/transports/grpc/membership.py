@@ -208,8 +208,10 @@ class Membership:
             self.members[rank].active = False
         return missing
 
-    def everyone_left(self) -> bool:
-        return bool(self.members) and all(m.left for m in self.members.values())
+    def everyone_left(self, but: int | None = None) -> bool:
+        """Every member (but `but`) has left; False while nobody joined."""
+        others = [m for rank, m in self.members.items() if rank != but]
+        return bool(self.members) and all(m.left for m in others)
 
     def _check_fingerprint(self, rank: int, fingerprint: Mapping[str, str]) -> None:
         reference = dict(self.pinned)

@@ -8,14 +8,18 @@ every join and leave, so it is its own small JSON file, written at once.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from diloco.checkpoint.atomic import write_atomic
 from diloco.transports.grpc.answers import CoordinatorStats
+from diloco.transports.grpc.closing import RoundCloser
 from diloco.transports.grpc.membership import Membership
-from diloco.transports.grpc.rounds import ClosedRound
+from diloco.transports.grpc.rounds import ClosedRound, OpenRound
 from diloco.transports.grpc.state_keeper import StateKeeper
+
+log = logging.getLogger(__name__)
 
 MEMBERSHIP_FILE = "membership.json"
 
@@ -63,3 +67,23 @@ def restore(
             first_arrival=now,
         )
     return closed, CoordinatorStats(**saved.get("stats", {}))
+
+
+def restore_rounds(
+    closer: RoundCloser, membership: Membership, now: float
+) -> CoordinatorStats | None:
+    """A restarted coordinator's rounds: `restore`d into `closer`, which opens the round after
+    the saved state's; the restored counters (None: nothing was saved)."""
+    keeper = closer.keeper
+    restored = restore(keeper, membership, now)
+    if restored is None:
+        return None
+    closer.last, closer.stats = restored
+    closer.open = OpenRound(keeper.state.round if keeper.state else 0)
+    log.warning(
+        "coordinator resumed from %s at round %d with islands %s",
+        keeper.state_dir,
+        closer.open.round,
+        sorted(membership.members),
+    )
+    return closer.stats

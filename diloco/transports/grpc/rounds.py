@@ -97,6 +97,8 @@ class OpenRound:
     offsets: list[float] = field(default_factory=list)
     """Arrival times after the first payload (the adaptive deadline learns from them)."""
     refused: int = 0
+    fixed: bool = False
+    """Its participants are fixed (data plane): no payload joins it any more."""
 
     def add(self, rank: int, contribution: Contribution) -> None:
         if self.first_arrival is None:
@@ -232,10 +234,11 @@ RELEASED = torch.empty(0, dtype=torch.uint8)
 
 
 class RoundHistory:
-    """The closed rounds' figures (the status page's), the means of the last `KEPT_MEANS`."""
+    """The closed rounds' figures (the status page's), the means of the last `kept_means`."""
 
-    def __init__(self, size: int = 200):
+    def __init__(self, size: int = 200, kept_means: int = KEPT_MEANS):
         self.rounds: collections.deque[ClosedRound] = collections.deque(maxlen=size)
+        self.kept_means = kept_means
 
     def __iter__(self) -> Iterator[ClosedRound]:
         return iter(self.rounds)
@@ -248,8 +251,8 @@ class RoundHistory:
         stats.dropped_payloads += closed.dropped
         stats.participants.append(closed.participants)
         self.rounds.append(closed)
-        if len(self.rounds) > KEPT_MEANS:  # figures are kept, not every mean
-            self.rounds[-KEPT_MEANS - 1].mean_payload = RELEASED
+        if len(self.rounds) > self.kept_means:  # figures are kept, not every mean
+            self.rounds[-self.kept_means - 1].mean_payload = RELEASED
 
     def mean_of(self, round: int) -> ClosedRound | None:
         """The closed `round` while its mean is held, else None."""

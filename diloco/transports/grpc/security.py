@@ -1,7 +1,8 @@
 """The grpc transport's security: a run token on every call, TLS (optionally mutual).
 
 The token authenticates sites that share a run; TLS keeps it and the payloads private on the
-wire. Every call after Join also carries the caller's rank and session (`call_metadata`). The
+wire. Every call after Join also carries the caller's rank and session (`call_metadata`), and
+every call of an island's other lanes names its lane (`x-diloco-lane`, grpc/lanes.py). The
 token is read from a file or an environment variable and never logged or written to outputs.
 A self-signed pair for a run (docs/transports.md):
 
@@ -26,6 +27,8 @@ from diloco.transports.grpc.config import GrpcTransportConfig
 TOKEN_METADATA_KEY = "authorization"
 RANK_METADATA_KEY = "x-diloco-rank"
 SESSION_METADATA_KEY = "x-diloco-session"
+LANE_METADATA_KEY = "x-diloco-lane"
+"""Absent (or empty) for the main lane."""
 # Everyone in a run shares one certificate name, whatever address they dial.
 TLS_TARGET_NAME = "localhost"
 
@@ -98,14 +101,19 @@ def channel_credentials(settings: GrpcTransportConfig) -> grpc.ChannelCredential
     )
 
 
-def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
-    return ((TOKEN_METADATA_KEY, f"Bearer {token}"),)
+def token_metadata(token: str, lane: str = "") -> tuple[tuple[str, str], ...]:
+    """What Join carries: the token, and the lane it joins (none for the main lane)."""
+    lane_entry = ((LANE_METADATA_KEY, lane),) if lane else ()
+    return ((TOKEN_METADATA_KEY, f"Bearer {token}"), *lane_entry)
 
 
-def call_metadata(token: str, rank: int, session: str) -> tuple[tuple[str, str], ...]:
-    """What every call but Join and Status carries: the token, the rank and its session."""
+def call_metadata(
+    token: str, rank: int, session: str, lane: str = ""
+) -> tuple[tuple[str, str], ...]:
+    """What every call but Join and Status carries: the token, the rank and its session (and
+    the lane, but for the main one)."""
     return (
-        *token_metadata(token),
+        *token_metadata(token, lane),
         (RANK_METADATA_KEY, str(rank)),
         (SESSION_METADATA_KEY, session),
     )

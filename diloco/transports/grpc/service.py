@@ -20,29 +20,24 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from contextlib import AbstractContextManager, contextmanager
-from typing import Any, NoReturn
+from contextlib import contextmanager
+from typing import Any
 
 import grpc
-import torch
 
 from diloco.transports.base import GroupMismatchError
 from diloco.transports.grpc import coordinator_pb2 as pb
 from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
+from diloco.transports.grpc.aborts import abort, end_if_cut, peer
 from diloco.transports.grpc.config import GrpcTransportConfig
-from diloco.transports.grpc.coordinator import Coordinator, NotAuthorized, RoundAnswer
-from diloco.transports.grpc.guard import (
-    MIN_BYTES_PER_S,
-    CallLimits,
-    StreamCut,
-    StreamWatch,
-    StreamWatchdog,
-    check_average_header,
-    check_metrics,
-    transfer_s,
-)
-from diloco.transports.grpc.rounds import NotReady, RefusedPayload
+from diloco.transports.grpc.coordinator import Coordinator, NotAuthorized
+from diloco.transports.grpc.dataplane_host import dataplane_for
+from diloco.transports.grpc.guard import CallLimits, StreamCut, StreamWatchdog
+from diloco.transports.grpc.lanes import InvalidLane, LaneLimit, LaneRegistry, check_lane
+from diloco.transports.grpc.payload_calls import PayloadCalls
+from diloco.transports.grpc.rounds import RefusedPayload
 from diloco.transports.grpc.security import (
+    LANE_METADATA_KEY,
     RANK_METADATA_KEY,
     SESSION_METADATA_KEY,
     TokenInterceptor,
@@ -50,9 +45,7 @@ from diloco.transports.grpc.security import (
 )
 from diloco.transports.grpc.state_keeper import CHUNK_BYTES, StateChanged
 from diloco.transports.grpc.wire import (
-    answer_parts,
     check_specs,
-    receive_bytes,
     receive_state,
     state_bytes,
     state_header,
@@ -75,14 +68,22 @@ _RANK = re.compile(r"[0-9]{1,9}")
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator, settings: GrpcTransportConfig):
         self.coordinator = coordinator
+        """The main lane's; each call is served by the coordinator of the lane it names."""
+        self.lanes = LaneRegistry(coordinator, settings.max_lanes)
         self.settings = settings
         self.idle_s = settings.stream_idle_s
         self.header_wait_s = min(HEADER_WAIT_S, settings.stream_idle_s)
         self.watchdog = StreamWatchdog()
+        self.payloads = PayloadCalls(self.watchdog, self.idle_s, self.header_wait_s)
         islands = coordinator.rules.islands
         self.limits = CallLimits(
-            per_rank={"Average": 2, "GetState": 2, "PutState": 1},
-            total={"Average": 4 * islands + 4, "GetState": islands + 4, "PutState": 2},
+            per_rank={"Average": 2, "Exchange": 2, "GetState": 2, "PutState": 1},
+            total={
+                "Average": 4 * islands + 4,
+                "Exchange": 4 * islands + 4,
+                "GetState": islands + 4,
+                "PutState": 2,
+            },
         )
         self.status_json: Callable[[], str] = lambda: "{}"
         self.refused_calls = 0
@@ -93,41 +94,56 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     # -- calls ------------------------------------------------------------------------------
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        try:
-            round, has_state, session = self.coordinator.join(
-                request.rank,
-                request.run_id,
-                dict(request.fingerprint),
-                request.session,
-                request.host,
+        lane = self._lane(context)
+
+        def join(coordinator: Coordinator) -> tuple[Coordinator, tuple[int, bool, str]]:
+            fingerprint = dict(request.fingerprint)
+            joined = coordinator.join(
+                request.rank, request.run_id, fingerprint, request.session, request.host
             )
+            return coordinator, joined
+
+        try:  # a lane opened by this Join is kept only if the Join succeeds
+            coordinator, (round, has_state, session) = self.lanes.join(lane, join)
         except GroupMismatchError as error:
+            if isinstance(error, LaneLimit):
+                self._count_refusal()
             log.warning(
-                "refused a join as island %d from %s: %s", request.rank, _peer(context), error
+                "refused a join as island %d from %s: %s", request.rank, peer(context), error
             )
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
         return pb.JoinReply(
             round=round,
             has_state=has_state,
-            islands_active=self.coordinator.active_islands(),
+            islands_active=coordinator.active_islands(),
             session=session,
         )
 
     def Average(
         self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
     ) -> Iterator[pb.Chunk]:
-        rank = self._authorize(context)
-        with self._held(context, "Average", rank):
-            answer = self._average(rank, request_iterator, context)
-            yield from self._send_answer(answer, context)
+        rank, coordinator = self._authorize(context)
+        with self._held(context, "Average", rank, coordinator.lane):
+            answer = self.payloads.average(coordinator, rank, request_iterator, context)
+            # Counted as it goes out: an island that has read its answer may end the call
+            # before the stream's end, and then nothing after the last chunk runs.
+            coordinator.status_feed.answer(rank, answer)
+            yield from self.payloads.send_answer(coordinator, answer, context)
+
+    def Exchange(
+        self, request: pb.AverageHeader, context: grpc.ServicerContext
+    ) -> Iterator[pb.Chunk]:
+        rank, coordinator = self._authorize(context)
+        with self._held(context, "Exchange", rank, coordinator.lane):
+            yield from self.payloads.exchange(coordinator, rank, request, context)
 
     def GetState(
         self, request: pb.StateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Chunk]:
-        rank = self._authorize(context)
+        rank, coordinator = self._authorize(context)
         self._check_own(context, "GetState", rank, request.rank, request.run_id)
-        with self._held(context, "GetState", rank):
-            found = self.coordinator.download()
+        with self._held(context, "GetState", rank, coordinator.lane):
+            found = coordinator.download()
             if found is None:
                 yield pb.Chunk(state=pb.StateHeader(has_state=False))
                 return
@@ -136,32 +152,32 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             yield pb.Chunk(state=state_header(state, sha, same=same))
             if same:
                 return
-            with self._moving(context, "GetState", state_nbytes(state)) as watch:
+            with self.payloads.moving(context, "GetState", state_nbytes(state)) as watch:
                 try:
                     for piece in data:
                         yield pb.Chunk(data=piece)
                         watch.touch(len(piece))
                 except StateChanged as error:
-                    _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
+                    abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
 
     def PutState(
         self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
     ) -> pb.PutStateReply:
-        rank = self._authorize(context)
-        with self._held(context, "PutState", rank):
-            if self.coordinator.has_state():
-                return pb.PutStateReply(accepted=False, round=self.coordinator.round)
-            expected = self.coordinator.expected_numel()
+        rank, coordinator = self._authorize(context)
+        with self._held(context, "PutState", rank, coordinator.lane):
+            if coordinator.has_state():
+                return pb.PutStateReply(accepted=False, round=coordinator.round)
+            expected = coordinator.expected_numel()
             with self.watchdog.watch(
                 context, "PutState", self.header_wait_s, self.header_wait_s
             ) as watch:
                 first = next(request_iterator, None)
-            _end_if_cut(context, watch)
+            end_if_cut(context, watch)
             if first is None or first.WhichOneof("kind") != "state":
-                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "PutState starts with a header")
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, "PutState starts with a header")
             header = first.state
             try:
-                if header.run_id != self.coordinator.rules.run_id:
+                if header.run_id != coordinator.rules.run_id:
                     raise RefusedPayload(f"PutState for another run_id {header.run_id[:64]!r}")
                 if header.rank != rank:
                     raise RefusedPayload(f"the header's rank {header.rank} is not the caller's")
@@ -171,20 +187,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                         f"the state has {header.numel} parameters, the group's model {expected}"
                     )
                 nbytes = state_bytes(check_specs(header))
-                with self._moving(context, "PutState", nbytes) as watch:
+                with self.payloads.moving(context, "PutState", nbytes) as watch:
                     state = receive_state(request_iterator, header, watch, grow=expected is None)
-                accepted = self.coordinator.seed(rank, state)
+                accepted = coordinator.seed(rank, state, owned=True)
             except StreamCut as error:
-                _abort(context, grpc.StatusCode.CANCELLED, f"the stream was cut: {error}")
+                abort(context, grpc.StatusCode.CANCELLED, f"the stream was cut: {error}")
             except (RefusedPayload, ValueError) as error:
-                self.coordinator.refuse(rank, str(error), what="state")
-                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"state refused: {error}")
-            return pb.PutStateReply(accepted=accepted, round=self.coordinator.round)
+                coordinator.refuse(rank, str(error), what="state")
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"state refused: {error}")
+            return pb.PutStateReply(accepted=accepted, round=coordinator.round)
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
-        rank = self._authorize(context)
+        rank, coordinator = self._authorize(context)
         self._check_own(context, "Leave", rank, request.rank, request.run_id)
-        self.coordinator.leave(rank)
+        coordinator.leave(rank)
         return pb.LeaveReply()
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
@@ -192,97 +208,35 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _average(
-        self, rank: int, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
-    ) -> RoundAnswer:
-        coordinator = self.coordinator
-        with self.watchdog.watch(
-            context, "Average", self.header_wait_s, self.header_wait_s
-        ) as watch:
-            first = next(request_iterator, None)
-        _end_if_cut(context, watch)
-        if first is None or first.WhichOneof("kind") != "average":
-            _abort(
-                context, grpc.StatusCode.INVALID_ARGUMENT, "an Average call starts with a header"
-            )
-        header = first.average
-        try:
-            if header.run_id != coordinator.rules.run_id:
-                raise RefusedPayload(f"run_id {header.run_id[:64]!r} is not this coordinator's")
-            if header.rank != rank:
-                raise RefusedPayload(f"the header's rank {header.rank} is not the caller's {rank}")
-            check_average_header(header, coordinator.rules, coordinator.round)
-            delta, received = self._receive_payload(header, request_iterator, context)
-            answer = coordinator.submit(
-                rank,
-                header.round,
-                header.weight,
-                header.params_sha256,
-                delta,
-                wait_s=2 * coordinator.rules.deadline_ceiling_s,
-            )
-        except StreamCut as error:
-            _abort(context, grpc.StatusCode.CANCELLED, f"the stream was cut: {error}")
-        except NotReady as error:
-            _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
-        except TimeoutError as error:
-            _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
-        except (RefusedPayload, ValueError) as error:
-            coordinator.refuse(rank, str(error))
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"payload refused: {error}")
-        coordinator.note_metrics(rank, check_metrics(header.metrics), received)
-        return answer
-
-    def _receive_payload(
-        self, header: pb.AverageHeader, request_iterator: Iterator[pb.Chunk], context: Any
-    ) -> tuple[torch.Tensor | None, int]:
-        """(the decoded payload of the open round, its bytes); None, 0 for another round (its
-        payload is never read)."""
-        coordinator = self.coordinator
-        if header.round != coordinator.round:
-            return None, 0
-        expected = coordinator.codec.payload_bytes(coordinator.numel) if coordinator.numel else 0
-        if header.payload_bytes != expected:
-            raise RefusedPayload(
-                f"the payload announces {header.payload_bytes} bytes; a "
-                f"{coordinator.codec.name} payload of {coordinator.numel} elements has {expected}"
-            )
-        with self._moving(context, "Average", expected) as watch:
-            payload = receive_bytes(request_iterator, expected, "payload", watch)
-        return coordinator.decode(payload), expected
-
-    def _send_answer(
-        self, answer: RoundAnswer, context: grpc.ServicerContext
-    ) -> Iterator[pb.Chunk]:
-        """The answer's header, then its bytes: the mean, or the state to adopt, read from the
-        keeper's one copy chunk by chunk (UNAVAILABLE if a round's step changes it meanwhile:
-        the island sends again)."""
-        head, data, nbytes = answer_parts(answer, self.coordinator.keeper.read_chunks)
-        with self._moving(context, "answer", nbytes) as watch:
-            yield head
-            try:
-                for chunk in data:
-                    yield chunk
-                    watch.touch(len(chunk.data))
-            except StateChanged as error:
-                _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
-
-    def _authorize(self, context: grpc.ServicerContext) -> int:
-        """The caller's rank, when its metadata holds the rank's session; else the call is
-        aborted (UNAUTHENTICATED) before anything of it is read."""
+    def _authorize(self, context: grpc.ServicerContext) -> tuple[int, Coordinator]:
+        """The caller's rank and its lane's coordinator, when its metadata holds the rank's
+        session in that lane; else the call is aborted (UNAUTHENTICATED; INVALID_ARGUMENT for
+        a malformed lane) before anything of it is read."""
         metadata = dict(context.invocation_metadata() or ())
         rank_text = str(metadata.get(RANK_METADATA_KEY, ""))
         session = str(metadata.get(SESSION_METADATA_KEY, ""))
-        if not _RANK.fullmatch(rank_text):
+        coordinator = self.lanes.get(self._lane(context))
+        if not _RANK.fullmatch(rank_text) or coordinator is None:
             self._count_refusal()
-            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "join first: no rank and session")
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, "join first: no rank and session")
         try:
-            self.coordinator.authorize(int(rank_text), session)
+            coordinator.authorize(int(rank_text), session)
         except NotAuthorized as error:
             self._count_refusal()
-            log.warning("refused a call from %s: %s", _peer(context), error)
-            _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(error))
-        return int(rank_text)
+            log.warning("refused a call from %s: %s", peer(context), error)
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, str(error))
+        return int(rank_text), coordinator
+
+    def _lane(self, context: grpc.ServicerContext) -> str:
+        """The lane the call names (metadata x-diloco-lane; "" for the main one)."""
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            return check_lane(str(metadata.get(LANE_METADATA_KEY, "")))
+        except InvalidLane as error:
+            self.lanes.count_invalid()
+            self._count_refusal()
+            log.warning("refused a call from %s: %s", peer(context), error)
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
     def _check_own(
         self, context: grpc.ServicerContext, method: str, rank: int, asked: int, run_id: str
@@ -297,7 +251,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 asked,
                 run_id[:64],
             )
-            _abort(
+            abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"island {rank} may call {method} for itself only, in its own run",
@@ -307,40 +261,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         with self._count_lock:
             self.refused_calls += 1
 
-    def _moving(
-        self, context: grpc.ServicerContext, what: str, nbytes: int
-    ) -> AbstractContextManager[StreamWatch]:
-        """The watch of a stream that moves `nbytes`: cut when idle, slower than the slowest
-        link given time for, or past the time its bytes take at that rate."""
-        total_s = transfer_s(nbytes, self.idle_s)
-        return self.watchdog.watch(context, what, self.idle_s, total_s, MIN_BYTES_PER_S)
-
     @contextmanager
-    def _held(self, context: grpc.ServicerContext, method: str, rank: int) -> Iterator[None]:
-        if not self.limits.try_acquire(method, rank):
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many {method} calls")
+    def _held(
+        self, context: grpc.ServicerContext, method: str, rank: int, lane: str
+    ) -> Iterator[None]:
+        """Count the call against the limits of its method in its lane."""
+        limited = f"{method}@{lane}" if lane else method
+        if not self.limits.try_acquire(limited, rank):
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many {method} calls")
         try:
             yield
         finally:
-            self.limits.release(method, rank)
-
-
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
-    context.abort(code, details)
-    raise AssertionError("abort raises")  # for the type checker
-
-
-def _end_if_cut(context: grpc.ServicerContext, watch: StreamWatch) -> None:
-    """End a call whose stream the watchdog cut (its read ended early) as CANCELLED."""
-    if watch.cut:
-        _abort(context, grpc.StatusCode.CANCELLED, "the stream was cut: idle or too slow")
-
-
-def _peer(context: grpc.ServicerContext) -> str:
-    try:
-        return repr(context.peer())
-    except Exception:
-        return "?"
+            self.limits.release(limited, rank)
 
 
 class CoordinatorServer:
@@ -350,7 +282,17 @@ class CoordinatorServer:
         self.coordinator = coordinator
         self.refused_calls = 0
         self.service = CoordinatorService(coordinator, settings)
-        workers = 64 + 8 * coordinator.rules.islands
+        self.lanes = self.service.lanes
+        self.dataplane = dataplane_for(settings, coordinator.rules, coordinator.codec, token)
+        """The data plane payloads travel on, or None (grpc/dataplane_host.py)."""
+        if self.dataplane is not None:
+            host = self.service.payloads.dataplane = self.dataplane
+            self.lanes.add_listener(
+                lambda lane, lane_coordinator: lane_coordinator.attach_exchanges(host)
+            )
+        islands = coordinator.rules.islands
+        # Each call waiting for its round holds a thread: 8 per island, 2 more in each lane.
+        workers = 64 + 8 * islands + 2 * islands * settings.max_lanes
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers),
             interceptors=[TokenInterceptor(token, self._on_refused)],
@@ -375,20 +317,28 @@ class CoordinatorServer:
         self._ticker = threading.Thread(target=self._tick, name="deadline", daemon=True)
 
     def start(self) -> CoordinatorServer:
+        if self.dataplane is not None:
+            self.dataplane.start()
         self._server.start()
         self._ticker.start()
         log.info("coordinator listening on port %d", self.port)
         return self
 
+    def finished(self) -> bool:
+        """Every lane that holds a state has closed its last round."""
+        return self.lanes.finished()
+
     def stop(self, grace_s: float = 1.0) -> None:
         self._stop.set()
-        self.coordinator.stop()
+        self.lanes.stop()
         self._server.stop(grace_s).wait()
+        if self.dataplane is not None:
+            self.dataplane.stop()
         self.service.watchdog.close()
 
     def _tick(self) -> None:
         while not self._stop.wait(0.2):
-            self.coordinator.tick()
+            self.lanes.tick()
 
     def _on_refused(self, method: Any) -> None:
         self.refused_calls += 1

@@ -23,6 +23,7 @@ import torch
 from diloco.checkpoint import list_checkpoints, newest_intact, save_checkpoint
 from diloco.codecs.base import Codec
 from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
+from diloco.transports.dataplane.codec_chunks import decode_view
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,10 @@ class StateKeeper:
     def numel(self) -> int:
         return 0 if self.state is None else self.state.anchor.numel()
 
-    def seed(self, state: SharedState, persist: dict[str, Any]) -> None:
-        """Take `state` (a copy) as the group's; `persist` goes into the saved file."""
-        self.state = state.copy()
+    def seed(self, state: SharedState, persist: dict[str, Any], *, owned: bool = False) -> None:
+        """Take `state` as the group's (a copy of it, unless `owned`: nothing else holds it, as
+        a state read from the wire); `persist` goes into the saved file."""
+        self.state = state if owned else state.copy()
         self.sha = params_sha256(self.state.anchor)
         self.generation += 1
         self._save(persist)
@@ -107,7 +109,8 @@ class StateKeeper:
         try:
             assert self.state is not None
             state = self.state
-            mean_N = self.codec.decode(mean_payload, state.anchor.numel())
+            # A view of a `none` mean's bytes: no fp32 copy (the payload is never written to).
+            mean_N = decode_view(self.codec, mean_payload, state.anchor.numel())
             outer_state = dict(state.outer_state)
             with self._lock:
                 self.optimizer.step_(state.anchor, mean_N, outer_state, state.round)

@@ -1,0 +1,61 @@
+"""An island's side of the data plane: its payload sent on the ticket the coordinator handed out,
+the round's mean read back on the same connection.
+
+The payload goes straight from its tensor's buffer (no copy in Python: dataplane/client.py) and
+the answer is read into one tensor allocated for it, whose values the island then uses as the
+mean without another copy where the codec allows (`codec_chunks.decode_view`). TLS uses the
+run's files as grpc does (transport.grpc.tls_ca, or tls_cert itself; with mutual_tls the
+island presents its certificate), plaintext only with transport.grpc.insecure; the host is the
+coordinator's (transport.grpc.address), the port the one each ticket comes with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diloco.codecs.base import empty
+from diloco.transports.dataplane.client import DataPlaneClient
+from diloco.transports.dataplane.tls import client_context
+from diloco.transports.grpc import coordinator_pb2 as pb
+from diloco.transports.grpc.config import GrpcTransportConfig
+
+_CPU = torch.device("cpu")
+
+
+class IslandDataPlane:
+    """Runs this island's exchanges with the coordinator of `settings.address`."""
+
+    def __init__(self, settings: GrpcTransportConfig):
+        tls = None
+        if settings.tls_cert:
+            mutual = settings.mutual_tls
+            tls = client_context(
+                settings.tls_ca or settings.tls_cert,
+                cert=settings.tls_cert if mutual else "",
+                key=settings.tls_key if mutual else "",
+            )
+        self.host = settings.address.rpartition(":")[0].strip("[]")
+        self.client = DataPlaneClient(
+            tls=tls,
+            insecure=tls is None and settings.insecure,
+            inactivity_timeout_s=settings.dataplane.inactivity_timeout_s,
+            socket_buffer_bytes=settings.dataplane.socket_buffer_bytes,
+        )
+
+    def exchange(
+        self, reply: pb.AverageReply, payload: torch.Tensor, answer_bytes: int, timeout_s: float
+    ) -> torch.Tensor:
+        """Send `payload` (contiguous uint8, CPU) on the reply's ticket; the mean's payload.
+
+        Raises:
+            DataPlaneError: the exchange did not complete (ask the coordinator again).
+        """
+        answer = empty(answer_bytes, torch.uint8, _CPU)
+        return self.client.exchange(
+            (self.host, int(reply.dataplane_port)),
+            bytes(reply.ticket),
+            payload,
+            answer_bytes=answer_bytes,
+            timeout_s=timeout_s,
+            answer_into=answer,
+        )
