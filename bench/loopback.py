@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from diloco.codecs import Codec, build_codec
 from diloco.aggregate import weighted_mean
+from diloco.codecs import Codec, build_codec
 from diloco.transports.torch_distributed import TorchDistributedTransport
 
 JOIN_S = 1200.0

@@ -69,7 +69,7 @@ def run_coordinator(config: IslandConfig) -> dict[str, Any]:
         flush=True,
     )
     try:
-        while not server.coordinator.finished():
+        while not server.finished():  # every lane that holds a state
             time.sleep(0.5)
         linger_then_stop(server, config.transport.grpc.linger_s)
     except BaseException:

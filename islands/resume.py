@@ -49,14 +49,7 @@ def resume(runtime: Runtime) -> int:
         _load(runtime, state, checkpoints, round)
     else:
         _start_afresh(runtime)
-    start = _catch_up_with_group(runtime)
-    starts = runtime.island_ranks.gather(start)
-    if len(set(starts)) > 1:
-        raise RuntimeError(
-            f"the island's ranks would start at different rounds {starts} (their shards' "
-            "groups disagree): restart the island"
-        )
-    return start
+    return _catch_up_with_group(runtime)
 
 
 def _refuse_old_format(checkpoints: Path) -> None:
@@ -145,7 +138,7 @@ def _catch_up_with_group(runtime: Runtime) -> int:
 
     A restarted island resumes its own inner state from its checkpoint, a new one starts
     afresh; either way the anchor and outer state are the group's, and it joins at the
-    group's next round.
+    group's next round. The ranks of an island agree first (`_agreed_start`).
     """
     if runtime.hosted[0].outer is None:
         return runtime.hosted[0].round  # streaming: the group resumes together (local, torch)
@@ -153,11 +146,45 @@ def _catch_up_with_group(runtime: Runtime) -> int:
     transport = lead.transport
     if not isinstance(transport, SharedStateSource):
         return lead.round
-    group_state = transport.shared_state(lead.shared_state())
-    if group_state is not None:
+    deadline = time.monotonic() + _AGREE_S
+    while True:
+        group_state = transport.shared_state(lead.shared_state())
+        offered = (lead.round, group_state.round if group_state is not None else lead.round)
+        offers = runtime.island_ranks.gather(offered)
+        start = _agreed_start(offers)
+        if start is not None or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)  # a lane may be closing the round the others have closed
+    if start is None:
+        raise RuntimeError(
+            f"the island's ranks cannot start at one round {offered} (their shards' groups "
+            "disagree by more than a round): restart the island"
+        )
+    if group_state is not None and group_state.round == start:
         log.info("joining the group at round %d with its shared state", group_state.round)
         for island in runtime.hosted:
             island.blocking.adopt(group_state)
         if runtime.island_ranks.writes_outputs:
             runtime.metrics.truncate_after(group_state.round)
-    return lead.round
+    return start
+
+
+# How long the ranks of a restarted island wait for their shards' groups to agree.
+_AGREE_S = 60.0
+
+
+def _agreed_start(offers: list[tuple[int, int]]) -> int | None:
+    """The round an island's ranks start at, from each rank's (own round, its group's round).
+
+    Rank r's shard group may be a round ahead of the others: the island died after some of
+    its ranks had sent their payload of a round and others had not, and the groups that
+    got one closed it. The island starts at the lowest round any rank can reach; a rank whose
+    group is past it keeps its own state of that round and sends the round again (the
+    group answers with the round it closed). None: no round every rank can start at.
+    """
+    groups = {group for _, group in offers}
+    if len(groups) == 1:
+        return groups.pop()  # the groups agree: every rank takes their state (or its own)
+    start = min(max(own, group) for own, group in offers)
+    feasible = all(max(own, group) == start or own == start for own, group in offers)
+    return start if feasible else None

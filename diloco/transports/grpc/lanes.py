@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from diloco.transports.base import GroupMismatchError
+from diloco.transports.base import GroupMismatchError, check_fingerprints
 from diloco.transports.grpc.coordinator import PARAMETERS_KEY, Coordinator
 
 log = logging.getLogger(__name__)
@@ -113,16 +113,26 @@ class LaneRegistry:
         with self._lock:
             return self._lanes.get(lane)
 
-    def join(self, lane: str, join: Callable[[Coordinator], T]) -> T:
+    def join(
+        self,
+        lane: str,
+        join: Callable[[Coordinator], T],
+        fingerprint: Mapping[str, str] | None = None,
+    ) -> T:
         """`join(coordinator of lane)`; a lane not seen yet is created for it, and kept only
         if the join succeeds (a refused Join leaves nothing behind).
 
         Raises:
             InvalidLane: a name that does not match LANE_NAME.
             LaneLimit: a new lane past max_lanes.
+            GroupMismatchError: `fingerprint` differs from the run's (what every lane's first
+                island presented, `parameters` aside): e.g. a site of one rank in the main lane
+                and a site of two in lanes shard-0 and shard-1 would each wait for the other.
         """
         check_lane(lane)
         with self._lock:
+            if fingerprint is not None:
+                self._check_run_fingerprint(fingerprint)
             existing = self.get(lane)
             if existing is not None:
                 return join(existing)
@@ -138,6 +148,15 @@ class LaneRegistry:
             self._add(lane, created)
             log.info("lane %r opened", lane)
             return answer
+
+    def _check_run_fingerprint(self, fingerprint: Mapping[str, str]) -> None:
+        """Every lane of a run holds islands of one fingerprint; the first pinned one is the
+        run's (a lane's `parameters` is its own slice's size, not compared)."""
+        for _, coordinator in self.items():
+            group = coordinator.membership.fingerprint
+            if group is not None:
+                check_fingerprints([lane_pinned(group), lane_pinned(fingerprint)])
+                return
 
     def add_listener(self, listener: Callable[[str, Coordinator], None]) -> None:
         """Call `listener(lane, coordinator)` for every lane, the main one included: those

@@ -104,7 +104,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return coordinator, joined
 
         try:  # a lane opened by this Join is kept only if the Join succeeds
-            coordinator, (round, has_state, session) = self.lanes.join(lane, join)
+            coordinator, (round, has_state, session) = self.lanes.join(
+                lane, join, dict(request.fingerprint)
+            )
         except GroupMismatchError as error:
             if isinstance(error, LaneLimit):
                 self._count_refusal()
