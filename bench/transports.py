@@ -4,9 +4,13 @@ For each size, codec and island count, in one run, with N island processes (one 
 each) and the server side in this process:
 
 - grpc: `GrpcTransport.average` of an encoded pseudo-gradient, through a real coordinator
-  (TLS off: loopback; the token on), timed on each island from a shared barrier to its answer;
-  the round's time is the slowest island's. It includes the coordinator decoding every payload,
-  averaging in fp32, re-encoding and streaming the mean back, and the island decoding it.
+  (`Coordinator` + `CoordinatorServer` on port 0; TLS off unless --tls: loopback; the token
+  on), timed on each island from a shared barrier to its answer; the round's time is the
+  slowest island's. With the data plane (the default path): the header on grpc, the payload
+  on a ticketed TCP stream, the weighted mean computed chunk by chunk as the streams arrive,
+  encoded once and sent back on each stream, the island decoding it. With --paths grpc-stream
+  too: the same round with the payload on the grpc stream (transport.grpc.dataplane.enabled
+  false: the coordinator decodes every payload, averages in fp32, re-encodes, streams back).
 - raw TCP: the same bytes moved the same way with bare sockets: every island sends its payload
   to one server, which answers each with as many bytes once it holds all of them. This is the
   wire's limit for this pattern (no framing, no compute).
@@ -16,7 +20,7 @@ each) and the server side in this process:
 Median over `--reps` rounds after one warm-up round.
 
     python bench/transports.py [--sizes 25e6 124e6] [--islands 2 4] [--codecs none int8]
-                               [--reps 3]
+                               [--reps 3] [--paths dataplane grpc-stream] [--tls]
 
 With `--netem DEV` the caller has shaped the link (see docs/results/transports.md).
 """
@@ -24,12 +28,16 @@ With `--netem DEV` the caller has shaped the link (see docs/results/transports.m
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import statistics
+import subprocess
+import tempfile
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -39,41 +47,46 @@ import torch.multiprocessing as mp
 
 from diloco.codecs import build_codec
 from diloco.outer.nesterov import nesterov_step_
-from diloco.outer.sync import params_sha256
-from diloco.transports.base import SharedState
-from diloco.transports.grpc import CoordinatorServer, GrpcTransport, RoundBook, RoundRules
+from diloco.outer.optimizers import SgdOuter
+from diloco.shared_state import SharedState, params_sha256
+from diloco.transports.dataplane.config import DataPlaneConfig
+from diloco.transports.grpc import Coordinator, CoordinatorServer, GrpcTransport, RoundRules
 from diloco.transports.grpc import coordinator_pb2 as pb
 from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
 from diloco.transports.grpc.config import GrpcTransportConfig
-from diloco.transports.grpc.service import CHANNEL_OPTIONS, chunks_of, receive_bytes
+from diloco.transports.grpc.service import CHANNEL_OPTIONS
+from diloco.transports.grpc.wire import chunks_of, receive_bytes
 
 TOKEN = "bench-token-0123456789abcdef"
 HOST = "127.0.0.1"
 JOIN_S = 1800.0
+PATHS = ("dataplane", "grpc-stream")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+def grpc_settings(address: str, path: str, tls: tuple[str, str] | None) -> GrpcTransportConfig:
+    """The transport.grpc section of the bench's islands and coordinator."""
+    dataplane = DataPlaneConfig(enabled=path == "dataplane")
+    if tls is None:
+        return GrpcTransportConfig(address=address, insecure=True, dataplane=dataplane)
+    cert, key = tls
+    return GrpcTransportConfig(address=address, tls_cert=cert, tls_key=key, dataplane=dataplane)
 
 
 # --- grpc -------------------------------------------------------------------------------------
 
 
 def _grpc_island(
-    rank: int, n: int, numel: int, codec_name: str, address: str, rounds: int, barrier: Any,
-    results: Any,
+    rank: int, n: int, numel: int, codec_name: str, settings: GrpcTransportConfig, rounds: int,
+    barrier: Any, results: Any,
 ) -> None:  # fmt: skip
     torch.set_num_threads(1)
     codec = build_codec(codec_name)
-    settings = GrpcTransportConfig(address=address, insecure=True)
     transport = GrpcTransport(
         settings, run_id="bench", token=TOKEN, codec=codec, numel=numel, rank=rank, num_islands=n
     )
     transport.join([], {"model": "bench"})
     anchor, momentum = torch.zeros(numel), torch.zeros(numel)
-    transport.shared_state(SharedState(0, anchor, momentum))
+    transport.shared_state(SharedState(0, anchor, {"momentum": momentum}))
     payload = codec.encode(torch.randn(numel, generator=torch.Generator().manual_seed(rank)) * 1e-3)
     times = []
     for round in range(rounds):
@@ -88,18 +101,25 @@ def _grpc_island(
     results.put((rank, times, payload.numel(), result.bytes_received))
 
 
-def measure_grpc(numel: int, codec_name: str, n: int, rounds: int) -> tuple[list[float], int]:
-    address = f"{HOST}:{_free_port()}"
+def measure_grpc(
+    numel: int,
+    codec_name: str,
+    n: int,
+    rounds: int,
+    path: str = "dataplane",
+    tls: tuple[str, str] | None = None,
+) -> tuple[list[float], int]:
     rules = RoundRules(
-        run_id="bench", rounds=rounds, islands=n, min_islands=n, lr=0.7, momentum=0.9,
-        nesterov=True, deadline_floor_s=600, deadline_ceiling_s=600,
+        run_id="bench", rounds=rounds, islands=n, min_islands=n, deadline_floor_s=600,
+        deadline_ceiling_s=600,
     )  # fmt: skip
-    book = RoundBook(rules, build_codec(codec_name), {}, state_dir=None)
-    server = CoordinatorServer(book, GrpcTransportConfig(address=address, insecure=True), TOKEN)
-    server.start()
+    outer = SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
+    coordinator = Coordinator(rules, build_codec(codec_name), outer, pinned={}, state_dir=None)
+    server = CoordinatorServer(coordinator, grpc_settings(f"{HOST}:0", path, tls), TOKEN).start()
+    settings = grpc_settings(f"{HOST}:{server.port}", path, tls)
     try:
         per_island = _run_islands(
-            _grpc_island, n, (n, numel, codec_name, address, rounds), with_barrier=True
+            _grpc_island, n, (n, numel, codec_name, settings, rounds), with_barrier=True
         )
     finally:
         server.stop(0)
@@ -273,6 +293,9 @@ def main() -> None:
     parser.add_argument("--islands", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--codecs", nargs="+", default=["none", "int8"])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=["dataplane"])
+    parser.add_argument("--tls", action="store_true", help="TLS on grpc and the data plane")
+    parser.add_argument("--no-gloo", action="store_true", help="skip the gloo all_reduce")
     parser.add_argument(
         "--bare-grpc",
         action="store_true",
@@ -283,27 +306,60 @@ def main() -> None:
     if args.bare_grpc:
         print_bare_grpc(args.sizes, args.islands, args.codecs, rounds)
         return
-    print(f"# one round's average on loopback; {os.cpu_count()} cores; median of {args.reps}")
-    print()
+    with tempfile.TemporaryDirectory() as folder:
+        tls = _self_signed_pair(Path(folder)) if args.tls else None
+        _print_table(args, rounds, tls)
+
+
+def _print_table(args: argparse.Namespace, rounds: int, tls: tuple[str, str] | None) -> None:
+    wire = "TLS" if tls else "plaintext"
     print(
-        "| elements | islands | codec | payload MB | grpc s | raw TCP s | grpc / TCP "
-        "| gloo fp32 all_reduce s | grpc / gloo |"
+        f"# one round's average on loopback ({wire}); {os.cpu_count()} cores; median of {args.reps}"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print()
+    heads = [f"grpc {path} s | {path} / TCP" for path in args.paths]
+    print(
+        "| elements | islands | codec | payload MB | raw TCP s | "
+        + " | ".join(heads)
+        + " | gloo fp32 all_reduce s | "
+        + f"{args.paths[0]} / gloo |"
+    )
+    print("| --- " * (7 + 2 * len(args.paths)) + "|")
     for size in args.sizes:
         numel = int(size)
         for n in args.islands:
-            gloo_s = _median_after_warmup(measure_gloo(numel, n, rounds))
+            gloo_s = (
+                math.nan if args.no_gloo else _median_after_warmup(measure_gloo(numel, n, rounds))
+            )
             for codec_name in args.codecs:
-                grpc_times, payload_bytes = measure_grpc(numel, codec_name, n, rounds)
-                grpc_s = _median_after_warmup(grpc_times)
+                cells, first_s = [], math.nan
+                for path in args.paths:
+                    times, payload_bytes = measure_grpc(numel, codec_name, n, rounds, path, tls)
+                    grpc_s = _median_after_warmup(times)
+                    first_s = grpc_s if math.isnan(first_s) else first_s
+                    cells.append(grpc_s)
                 tcp_s = _median_after_warmup(measure_raw_tcp(payload_bytes, n, rounds))
+                ratios = " | ".join(f"{t:.3f} | {t / tcp_s:.2f}x" for t in cells)
                 print(
                     f"| {numel / 1e6:.0f}M | {n} | {codec_name} | {payload_bytes / 1e6:.1f} "
-                    f"| {grpc_s:.3f} | {tcp_s:.3f} | {grpc_s / tcp_s:.2f}x | {gloo_s:.3f} "
-                    f"| {grpc_s / gloo_s:.2f}x |",
+                    f"| {tcp_s:.3f} | {ratios} | {gloo_s:.3f} | {first_s / gloo_s:.2f}x |",
                     flush=True,
                 )
+
+
+def _self_signed_pair(folder: Path) -> tuple[str, str]:
+    cert, key = folder / "run.crt", folder / "run.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "1", "-subj", "/CN=diloco",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return str(cert), str(key)
 
 
 def print_bare_grpc(sizes: list[float], islands: list[int], codecs: list[str], rounds: int) -> None:

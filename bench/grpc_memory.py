@@ -1,0 +1,189 @@
+"""Peak memory of a grpc run relative to its payload: 2 islands and a coordinator, a model of
+64M fp32 parameters (256 MiB), codec none, on loopback.
+
+Each island is a process that holds what an island holds: the model's parameters and their
+gradients (a loss that touches every parameter: dense gradients, as a transformer's), AdamW
+and its two moments, and `OuterSync` (the anchor; the pseudo-gradient, its payload and the
+mean during a sync) over a `GrpcTransport`. The coordinator is a `CoordinatorServer` in a
+process of its own, persisting its state every round as a real one does (its folder in a
+temporary directory). Per process: the resident set after imports and setup (the baseline:
+torch, grpc, the server, no model yet), then the peak (Linux VmHWM, reset after the
+baseline) over `--rounds` rounds of one inner step each; the table gives the peak over the
+payload, the whole process's and above its baseline. One row per path: the data plane
+(transport.grpc.dataplane, the default) and the grpc stream (dataplane.enabled=false: the
+path every payload took before the data plane).
+
+    python bench/grpc_memory.py [--numel 64e6] [--rounds 3] [--paths dataplane grpc-stream]
+                                [--no-persist]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from diloco.codecs import build_codec
+from diloco.outer.optimizers import SgdOuter
+from diloco.outer.sync import OuterHyperparams, OuterSync
+from diloco.transports.dataplane.config import DataPlaneConfig
+from diloco.transports.grpc import Coordinator, CoordinatorServer, GrpcTransport, RoundRules
+from diloco.transports.grpc.config import GrpcTransportConfig
+
+TOKEN = "bench-memory-token-0123456789"
+PATHS = ("dataplane", "grpc-stream")
+ISLANDS = 2
+MIB = 1 << 20
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def _reset_peak() -> None:
+    """Start VmHWM again from the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
+def _settings(address: str, path: str) -> GrpcTransportConfig:
+    dataplane = DataPlaneConfig(enabled=path == "dataplane")
+    return GrpcTransportConfig(address=address, insecure=True, retry_s=600, dataplane=dataplane)
+
+
+class Wide(torch.nn.Module):
+    """`numel` parameters in one tensor; the loss touches each (a dense gradient) through a
+    sum, so no activation of the parameters' size exists."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(numel))
+
+    def forward(self, scale: torch.Tensor) -> torch.Tensor:
+        return (self.table.sum() * scale - 1.0).square()
+
+
+def _coordinator(
+    numel: int, rounds: int, path: str, folder: str | None, out: Any, done: Any
+) -> None:
+    torch.set_num_threads(1)
+    rules = RoundRules(run_id="memory", rounds=rounds, islands=ISLANDS, min_islands=ISLANDS)
+    outer = SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
+    state_dir = None if folder is None else Path(folder) / "coordinator"
+    coordinator = Coordinator(rules, build_codec("none"), outer, pinned={}, state_dir=state_dir)
+    server = CoordinatorServer(coordinator, _settings("127.0.0.1:0", path), TOKEN).start()
+    baseline = _status_kb("VmRSS")
+    _reset_peak()
+    out.put(("port", server.port))
+    done.wait()
+    coordinator.flush()
+    out.put(("coordinator", baseline, _status_kb("VmHWM")))
+    server.stop(0)
+
+
+def _island(rank: int, numel: int, rounds: int, path: str, port: int, out: Any) -> None:
+    torch.set_num_threads(1)
+    codec = build_codec("none")
+    transport = GrpcTransport(
+        _settings(f"127.0.0.1:{port}", path),
+        run_id="memory",
+        token=TOKEN,
+        codec=codec,
+        numel=numel,
+        rank=rank,
+        num_islands=ISLANDS,
+    )
+    baseline = _status_kb("VmRSS")
+    _reset_peak()
+    model = Wide(numel)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    outer = SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
+    sync = OuterSync(model.parameters(), transport, codec, outer, OuterHyperparams(inner_steps=1))
+    transport.join([], {"model": "wide", "parameters": str(numel)})  # as an island's
+    transport.shared_state(sync.shared_state())
+    for _ in range(rounds):
+        loss = model(torch.tensor(1e-6 * (rank + 1)))
+        loss.backward()
+        adamw.step()
+        adamw.zero_grad(set_to_none=False)  # kept, as the inner loop keeps its buffers
+        sync.sync(100.0)
+    out.put((f"island {rank}", baseline, _status_kb("VmHWM")))
+    transport.close()
+
+
+def measure(numel: int, rounds: int, path: str, persist: bool) -> dict[str, tuple[int, int]]:
+    """process -> (baseline kB, peak kB); `persist`: the coordinator saves its state."""
+    context = mp.get_context("spawn")
+    out, done = context.Queue(), context.Event()
+    with tempfile.TemporaryDirectory() as folder:
+        coordinator = context.Process(
+            target=_coordinator,
+            args=(numel, rounds, path, folder if persist else None, out, done),
+        )
+        coordinator.start()
+        kind, port = out.get(timeout=600)
+        assert kind == "port"
+        islands = [
+            context.Process(target=_island, args=(rank, numel, rounds, path, port, out))
+            for rank in range(ISLANDS)
+        ]
+        for island in islands:
+            island.start()
+        figures = {}
+        for _ in islands:
+            name, baseline, peak = out.get(timeout=3600)
+            figures[name] = (baseline, peak)
+        done.set()
+        name, baseline, peak = out.get(timeout=600)
+        figures[name] = (baseline, peak)
+        for process in [*islands, coordinator]:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--numel", type=float, default=64e6)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument(
+        "--no-persist", action="store_true", help="the coordinator keeps its state in memory only"
+    )
+    args = parser.parse_args()
+    numel = int(args.numel)
+    payload_mib = build_codec("none").payload_bytes(numel) / MIB
+    print(
+        f"# peak RSS of {ISLANDS} islands and a coordinator, {numel / 1e6:.0f}M fp32 parameters, "
+        f"codec none (payload {payload_mib:.0f} MiB), {args.rounds} rounds; loopback"
+    )
+    print()
+    print(
+        "| path | process | baseline MiB | peak MiB | peak / payload | "
+        "(peak - baseline) / payload |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for path in args.paths:
+        started = time.perf_counter()
+        figures = measure(numel, args.rounds, path, not args.no_persist)
+        for name, (baseline, peak) in sorted(figures.items()):
+            print(
+                f"| {path} | {name} | {baseline / 1024:.0f} | {peak / 1024:.0f} "
+                f"| {peak / 1024 / payload_mib:.2f}x "
+                f"| {(peak - baseline) / 1024 / payload_mib:.2f}x |",
+                flush=True,
+            )
+        print(f"<!-- {path}: {time.perf_counter() - started:.0f} s -->", flush=True)
+
+
+if __name__ == "__main__":
+    main()
