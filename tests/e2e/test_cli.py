@@ -351,3 +351,38 @@ def test_a_multi_line_runtime_error_is_one_line(
         "diloco-island: RuntimeError: CUDA out of memory. […2 more lines] "
         "(run with --debug for the traceback)"
     ]
+
+
+# --- regime advice (issue 15) ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [
+        # 4 islands of 32 tokens a step, H = 5, no warm phase
+        (["transport.islands=4", "outer.inner_steps=5"], True),
+        # a warm phase of 2 one-step rounds: 2 of 7 steps
+        (
+            [
+                "transport.islands=4",
+                "outer.inner_steps=5",
+                "outer.rounds=3",
+                "outer.warmup_rounds=2",
+            ],
+            False,
+        ),
+        (["outer.inner_steps=5"], False),  # one island: nothing to trail
+    ],
+)
+def test_the_cli_warns_once_where_the_regime_map_saw_diloco_trail(
+    config_file: Path, overrides: list[str], warned: bool
+) -> None:
+    result = run_cli(["--config", str(config_file), *TINY, "outer.rounds=1", *overrides], 50)
+    assert result.returncode == 0, result.describe()
+    lines = [line for line in result.stderr.splitlines() if "regime:" in line]
+    if not warned:
+        assert lines == [], result.describe()
+        return
+    assert len(lines) == 1, result.describe()
+    assert "outer.warmup_rounds" in lines[0] and "data.batch_size" in lines[0]
