@@ -101,7 +101,7 @@ class OuterConfig:
     eager: bool = False
     """Eager updates (Kale et al. 2025): at a sync point, merge at once an estimate of the
     shared fragment built from this island's fresh pseudo-gradient and the others' last ones,
-    and correct it when the mean arrives (docs/architecture.md, "Streaming"). Needs overlap."""
+    and correct it when the mean arrives (docs/streaming.md). Needs overlap."""
 
     def __post_init__(self) -> None:
         require(self.rounds >= 1, "outer.rounds", ">= 1", self.rounds)
