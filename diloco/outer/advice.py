@@ -21,9 +21,11 @@ import math
 # parameters, inner lr from {1x, 2x}, DDP-equivalent = one process with k x the batch).
 SMALL_STEP_TOKENS = 4096
 """Below this many tokens per island step, DiLoCo with H > 1 and no warm phase trailed the
-DDP-equivalent by more than 5 % (k = 4: 512 tokens, H = 50, 400 steps: +18.2 %, run
-a0-paper; 2,048 tokens, H = 20, 200 steps: +7.6 %, run z-d20-mw2); at 4,096 tokens, H = 20,
-100 steps it was between -1.8 % and +2.5 % (runs y-d20-*)."""
+DDP-equivalent by more than 5 %: the map (128-1,024 tokens, k = 2 and 4, H = 10 and 50, 100
+steps, the paper's 0.7 / 0.9: +6.5 to +14.5 %, worse than one island alone in every cell),
+512 tokens (k = 4, H = 50, 400 steps: +18.2 %, run a0-paper) and 2,048 tokens (k = 4, H = 20,
+200 steps: +7.6 %, run z-d20-mw2); at 4,096 tokens (k = 4, H = 20, 100 steps) it was between
+-1.8 % and +2.5 % (runs y-d20-*)."""
 MIN_WARM_SHARE = 0.25
 """The share of inner steps in the synchronous warm phase that took the small-step gap from
 +18.2 % to +10.9 % (a quarter, run a1-w100) and +8.0 % (a half, run x-d50-w200-mw2); k = 4,
@@ -32,7 +34,8 @@ H1_MIN_LR_PER_SQRT_K = 0.75
 """At H = 1 without momentum, an outer lr below this share of sqrt(k) leaves the mean of the
 islands' AdamW updates short (issue 15's table, k = 4, 1,024 tokens: lr 1 +6.6 %, lr 2 = sqrt(4)
 -1.3 %). With the paper's momentum 0.9 at H = 1 the map's cells were its worst (128 tokens: k = 2
-+25.3 %, k = 4 +17.9 %, runs b8-k2-h1-paper-lr1, b8-k4-h1-paper-lr1)."""
++25.3 %, k = 4 +17.9 %; 1,024 tokens: +40.3 % and +38.1 %; runs b8-k*-h1-paper-lr1,
+b64-k*-h1-paper-lr1)."""
 
 
 def regime_warning(
@@ -71,7 +74,7 @@ def regime_warning(
     suggested = math.ceil(MIN_WARM_SHARE * total_steps)
     return (
         f"regime: {islands} islands stepping on {tokens_per_step:,} tokens with H = "
-        f"{inner_steps} trailed the DDP-equivalent by 8-18 % in docs/results/regime.md; "
+        f"{inner_steps} trailed the DDP-equivalent by 6-18 % in docs/results/regime.md; "
         f"set outer.warmup_rounds to about {suggested} (a quarter of the steps) or raise "
         f"data.batch_size to {math.ceil(SMALL_STEP_TOKENS / tokens_per_step)}x"
     )
