@@ -140,8 +140,12 @@ def _catch_up_with_group(runtime: Runtime) -> int:
     afresh; either way the anchor and outer state are the group's, and it joins at the
     group's next round. The ranks of an island agree first (`_agreed_start`).
     """
-    if runtime.hosted[0].outer is None:
-        return runtime.hosted[0].round  # streaming: the group resumes together (local, torch)
+    if runtime.hosted[0].outer is None:  # streaming: each fragment's lane, on its own
+        for island in runtime.hosted:
+            assert island.stream is not None
+            if island.stream.seed_groups():
+                log.info("joined the fragments' groups with their shared state")
+        return runtime.hosted[0].round
     lead = runtime.hosted[0].blocking
     transport = lead.transport
     if not isinstance(transport, SharedStateSource):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +40,13 @@ from diloco.errors import TrainingDiverged
 from diloco.outer.error_feedback import compensate, new_residual
 from diloco.outer.fragments import syncs_at
 from diloco.outer.pseudo_gradient import copy_flat_into_, flatten_params
+from diloco.outer.stream_state import (
+    Fragment,
+    InFlight,
+    fragment_state,
+    in_flight_state,
+    load_fragment,
+)
 from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
 from diloco.transports.base import AverageResult, SharedStateSource, Transport
 
@@ -53,37 +60,6 @@ class StreamPlan:
     eager: bool = False
     error_feedback: bool = False
     error_feedback_decay: float = 1.0
-
-
-@dataclass
-class Fragment:
-    """One fragment's part of the shared state on this island."""
-
-    index: int
-    params: list[torch.Tensor]
-    transport: Transport
-    anchor_N: torch.Tensor
-    outer_state: dict[str, torch.Tensor]
-    residual_N: torch.Tensor | None
-    syncs: int = 0
-    """Exchanges completed: the transport's round of the next one."""
-    tokens_mark: float = 0.0
-    """The island's cumulative tokens at this fragment's last sync point."""
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    last: tuple[torch.Tensor, torch.Tensor, int] | None = None
-    """(mean, this island's delta, participants) of the last exchange: what eager reuses."""
-
-
-@dataclass
-class InFlight:
-    fragment: int
-    merge_step: int
-    delta_N: torch.Tensor
-    future: Future[AverageResult] | None = None
-    result: AverageResult | None = None
-    estimate_N: torch.Tensor | None = None
-    """Eager: the shared fragment estimated at the sync point."""
 
 
 @dataclass
@@ -320,15 +296,15 @@ class StreamingSync:
             "tokens": self.tokens,
             "round": self.round,
             "step": self.step,
-            "fragments": [_fragment_state(f) for f in self.fragments],
-            "in_flight": [_in_flight_state(p) for p in self.in_flight.values()],
+            "fragments": [fragment_state(f) for f in self.fragments],
+            "in_flight": [in_flight_state(p) for p in self.in_flight.values()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tokens = float(state["tokens"])
         self.round, self.step = int(state["round"]), int(state["step"])
         for fragment, saved in zip(self.fragments, state["fragments"], strict=True):
-            _load_fragment(fragment, saved)
+            load_fragment(fragment, saved)
         self.in_flight = {}
         for saved in state["in_flight"]:
             result = AverageResult(
@@ -344,57 +320,31 @@ class StreamingSync:
                 estimate,
             )
 
+    def seed_groups(self) -> bool:
+        """Give each fragment's exchange group its first state, or take the group's: called
+        once when the run starts or resumes, as a blocking island's `shared_state` is.
+
+        A transport that keeps a shared state per lane (grpc: one coordinator lane per
+        fragment) holds none until an island seeds it. A fragment whose exchange was in
+        flight at the checkpoint expects the group one round ahead (that exchange closed it;
+        its saved result is merged at its step); a group anywhere else wins, as it does for a
+        blocking island, and the stale exchange is dropped. Returns whether any fragment
+        adopted the group's state.
+        """
+        adopted = False
+        for fragment in self.fragments:
+            transport = fragment.transport
+            if not isinstance(transport, SharedStateSource):
+                continue
+            local = SharedState(fragment.syncs, fragment.anchor_N, fragment.outer_state)
+            group = transport.shared_state(local)
+            pending = fragment.index in self.in_flight
+            if group is None or (pending and group.round == fragment.syncs + 1):
+                continue
+            self.in_flight.pop(fragment.index, None)
+            self._adopt(fragment, group)
+            adopted = True
+        return adopted
+
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
-
-
-def _fragment_state(fragment: Fragment) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "anchor": fragment.anchor_N.cpu(),
-        "outer_state": {k: v.cpu() for k, v in fragment.outer_state.items()},
-        "syncs": fragment.syncs,
-        "tokens_mark": fragment.tokens_mark,
-        "bytes": [fragment.bytes_sent, fragment.bytes_received],
-        "params": flatten_params(fragment.params).cpu(),
-    }
-    if fragment.residual_N is not None:
-        state["residual"] = fragment.residual_N.cpu()
-    if fragment.last is not None:
-        mean, delta, participants = fragment.last
-        state["last"] = {"mean": mean.cpu(), "delta": delta.cpu(), "participants": participants}
-    return state
-
-
-def _load_fragment(fragment: Fragment, saved: dict[str, Any]) -> None:
-    device = fragment.anchor_N.device
-    fragment.anchor_N.copy_(saved["anchor"])
-    fragment.outer_state.clear()
-    fragment.outer_state.update({k: v.to(device).clone() for k, v in saved["outer_state"].items()})
-    fragment.syncs = int(saved["syncs"])
-    fragment.tokens_mark = float(saved["tokens_mark"])
-    fragment.bytes_sent, fragment.bytes_received = (int(b) for b in saved["bytes"])
-    if fragment.residual_N is not None and "residual" in saved:
-        fragment.residual_N.copy_(saved["residual"])
-    last = saved.get("last")
-    fragment.last = (
-        None
-        if last is None
-        else (last["mean"].to(device), last["delta"].to(device), int(last["participants"]))
-    )
-    copy_flat_into_(fragment.params, saved["params"].to(device))
-
-
-def _in_flight_state(pending: InFlight) -> dict[str, Any]:
-    assert pending.result is not None
-    state: dict[str, Any] = {
-        "fragment": pending.fragment,
-        "merge_step": pending.merge_step,
-        "delta": pending.delta_N.cpu(),
-        "mean": pending.result.mean.cpu(),
-        "participants": pending.result.participants,
-        "bytes_sent": pending.result.bytes_sent,
-        "bytes_received": pending.result.bytes_received,
-    }
-    if pending.estimate_N is not None:
-        state["estimate"] = pending.estimate_N.cpu()
-    return state
