@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from diloco.outer.advice import (
+    AGREEING_STEP_TOKENS,
     H1_MIN_LR_PER_SQRT_K,
     MIN_WARM_SHARE,
     SMALL_STEP_TOKENS,
@@ -19,7 +20,14 @@ def test_the_demo_regime_is_warned_about_and_names_the_warm_phase() -> None:
     line = regime_warning(**DEMO)  # type: ignore[arg-type]
     assert line is not None and "\n" not in line
     assert "outer.warmup_rounds to about 100" in line  # a quarter of 8 x 50 steps
-    assert "data.batch_size" in line and "docs/results/regime.md" in line
+    assert "data.batch_size 4x" in line and "docs/results/regime.md" in line
+    assert "outer.warmup_lr 1" in line  # 1,024 tokens: the islands' steps agree enough
+
+
+def test_the_warm_lr_is_sqrt_k_on_small_steps() -> None:
+    line = regime_warning(**{**DEMO, "tokens_per_step": 512})  # type: ignore[arg-type]
+    assert line is not None and "outer.warmup_lr 2," in line and "data.batch_size 8x" in line
+    assert AGREEING_STEP_TOKENS > 512
 
 
 def test_large_steps_or_a_long_enough_warm_phase_are_not_warned_about() -> None:
