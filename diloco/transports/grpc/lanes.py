@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from diloco.transports.base import GroupMismatchError, check_fingerprints
+from diloco.transports.base import GroupMismatchError
 from diloco.transports.grpc.coordinator import PARAMETERS_KEY, Coordinator
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class LaneRegistry:
         check_lane(lane)
         with self._lock:
             if fingerprint is not None:
-                self._check_run_fingerprint(fingerprint)
+                self._check_run_fingerprint(lane, fingerprint)
             existing = self.get(lane)
             if existing is not None:
                 return join(existing)
@@ -149,13 +149,36 @@ class LaneRegistry:
             log.info("lane %r opened", lane)
             return answer
 
-    def _check_run_fingerprint(self, fingerprint: Mapping[str, str]) -> None:
+    def _check_run_fingerprint(self, lane: str, fingerprint: Mapping[str, str]) -> None:
         """Every lane of a run holds islands of one fingerprint; the first pinned one is the
-        run's (a lane's `parameters` is its own slice's size, not compared)."""
-        for _, coordinator in self.items():
+        run's (a lane's `parameters` is its own slice's size, not compared). When that is
+        `lane` itself, its own join checks (membership.py)."""
+        for name, coordinator in self.items():
             group = coordinator.membership.fingerprint
+            if group is not None and name == lane:
+                return
             if group is not None:
-                check_fingerprints([lane_pinned(group), lane_pinned(fingerprint)])
+                ours, theirs = lane_pinned(group), lane_pinned(fingerprint)
+                keys = sorted(set(ours) | set(theirs))
+                differing = [key for key in keys if ours.get(key) != theirs.get(key)]
+                if differing:
+                    # The refusal names keys only, never the run's values (issue 12).
+                    names = ", ".join(
+                        k[:64] if k.isprintable() else repr(k[:40]) for k in differing
+                    )
+                    log.error(
+                        "refused a join to lane %r: its fingerprint differs from the run's: %s",
+                        lane,
+                        "; ".join(
+                            f"{k[:64]!r}: run {str(ours.get(k))[:64]!r}, "
+                            f"island {str(theirs.get(k))[:64]!r}"
+                            for k in differing
+                        ),
+                    )
+                    raise GroupMismatchError(
+                        f"the island differs from the run's islands and cannot join; "
+                        f"differing keys: {names}"
+                    )
                 return
 
     def add_listener(self, listener: Callable[[str, Coordinator], None]) -> None:
