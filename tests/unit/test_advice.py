@@ -17,7 +17,7 @@ DEMO = dict(tokens_per_step=1024, inner_steps=50, islands=4, rounds=8)
 
 
 def test_the_demo_regime_is_warned_about_and_names_the_warm_phase() -> None:
-    line = regime_warning(**DEMO)  # type: ignore[arg-type]
+    line = regime_warning(**DEMO)
     assert line is not None and "\n" not in line
     assert "outer.warmup_rounds to about 100" in line  # a quarter of 8 x 50 steps
     assert "data.batch_size 4x" in line and "docs/results/regime.md" in line
@@ -25,23 +25,23 @@ def test_the_demo_regime_is_warned_about_and_names_the_warm_phase() -> None:
 
 
 def test_the_warm_lr_is_sqrt_k_on_small_steps() -> None:
-    line = regime_warning(**{**DEMO, "tokens_per_step": 512})  # type: ignore[arg-type]
+    line = regime_warning(**{**DEMO, "tokens_per_step": 512})
     assert line is not None and "outer.warmup_lr 2," in line and "data.batch_size 8x" in line
     assert AGREEING_STEP_TOKENS > 512
 
 
 def test_large_steps_or_a_long_enough_warm_phase_are_not_warned_about() -> None:
-    assert regime_warning(**{**DEMO, "tokens_per_step": SMALL_STEP_TOKENS}) is None  # type: ignore[arg-type]
+    assert regime_warning(**{**DEMO, "tokens_per_step": SMALL_STEP_TOKENS}) is None
     # 100 warm rounds of one step, then 6 rounds of 50: a quarter of 400 steps.
     warm = {**DEMO, "rounds": 106, "warmup_rounds": 100}
-    assert regime_warning(**warm) is None  # type: ignore[arg-type]
+    assert regime_warning(**warm) is None
     short = {**DEMO, "rounds": 106 - 1, "warmup_rounds": 99}
     assert MIN_WARM_SHARE > 99 / (99 + 6 * 50)
-    assert regime_warning(**short) is not None  # type: ignore[arg-type]
+    assert regime_warning(**short) is not None
 
 
 def test_one_island_has_no_ddp_to_trail() -> None:
-    assert regime_warning(**{**DEMO, "islands": 1}) is None  # type: ignore[arg-type]
+    assert regime_warning(**{**DEMO, "islands": 1}) is None
 
 
 @pytest.mark.parametrize(
