@@ -25,15 +25,6 @@ from harness import (
     start_cli,
 )
 
-from diloco.outer.streaming import StreamingSync
-
-# The streaming loop must give each fragment's lane its first state (a grpc lane's coordinator
-# holds none until an island seeds it): StreamingSync.seed_groups, called when a run starts.
-pytestmark = pytest.mark.skipif(
-    not hasattr(StreamingSync, "seed_groups"),
-    reason="the streaming loop does not seed each lane's state yet (StreamingSync.seed_groups)",
-)
-
 TOKEN = "e2e-stream-token-0123456789"
 STREAM = (
     "outer.fragments=2",
