@@ -30,10 +30,11 @@ MIN_WARM_SHARE = 0.25
 """The share of inner steps in the synchronous warm phase that took the small-step gap from
 +18.2 % to +10.9 % (a quarter, run a1-w100) and +8.0 % (a half, run x-d50-w200-mw2); k = 4,
 H = 50, 512 tokens per step, 400 steps."""
-AGREEING_STEP_TOKENS = 1024
-"""From this many tokens per island step the warm phase's lr sqrt(k) overshot at k = 4 and 1.0
-was better (H = 10: +12.6 % -> +5.7 %, H = 50: +9.8 % -> +2.1 %; runs b64-k4-h*-tuned-lr1,
-hyp-b64-k4-h*-wlr1); below it sqrt(k) was used throughout (map 128-256 tokens, a1-w100)."""
+WARM_LR_LOW = 1.0
+"""The low end of the warm phase's lr (the high end: sqrt(k)): sqrt(k) was the better on the demo's 8 x 128-token steps (k = 4:
+2.0798 against 2.1311 at 1.0, runs demo-warm, demo-warm-lr1), 1.0 on 64 x 16-token steps
+(k = 4, H = 10 / 50: +5.7 / +2.1 % against +12.6 / +9.8 % at sqrt(k); runs hyp-b64-k4-h*-wlr1,
+b64-k4-h*-tuned-lr1): the map cannot tell which from the tokens per step alone."""
 H1_MIN_LR_PER_SQRT_K = 0.75
 """At H = 1 without momentum, an outer lr below this share of sqrt(k) leaves the mean of the
 islands' AdamW updates short (issue 15's table, k = 4, 1,024 tokens: lr 1 +6.6 %, lr 2 = sqrt(4)
@@ -76,12 +77,12 @@ def regime_warning(
     if tokens_per_step >= SMALL_STEP_TOKENS or warm_share >= MIN_WARM_SHARE:
         return None
     suggested = math.ceil(MIN_WARM_SHARE * total_steps)
-    warm_lr = 1.0 if tokens_per_step >= AGREEING_STEP_TOKENS else math.sqrt(islands)
     return (
         f"regime: {islands} islands stepping on {tokens_per_step:,} tokens with H = "
         f"{inner_steps} trailed the DDP-equivalent by 6-18 % in docs/results/regime.md; "
         f"set outer.warmup_rounds to about {suggested} (a quarter of the steps) with "
-        f"outer.warmup_lr {warm_lr:.2g}, or raise data.batch_size "
+        f"outer.warmup_lr between {WARM_LR_LOW:g} and {math.sqrt(islands):.2g}, "
+        f"or raise data.batch_size "
         f"{math.ceil(SMALL_STEP_TOKENS / tokens_per_step)}x"
     )
 

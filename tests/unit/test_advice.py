@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from diloco.outer.advice import (
-    AGREEING_STEP_TOKENS,
     H1_MIN_LR_PER_SQRT_K,
     MIN_WARM_SHARE,
     SMALL_STEP_TOKENS,
@@ -21,13 +20,13 @@ def test_the_demo_regime_is_warned_about_and_names_the_warm_phase() -> None:
     assert line is not None and "\n" not in line
     assert "outer.warmup_rounds to about 100" in line  # a quarter of 8 x 50 steps
     assert "data.batch_size 4x" in line and "docs/results/regime.md" in line
-    assert "outer.warmup_lr 1" in line  # 1,024 tokens: the islands' steps agree enough
+    assert "outer.warmup_lr between 1 and 2," in line  # sqrt(4)
 
 
-def test_the_warm_lr_is_sqrt_k_on_small_steps() -> None:
-    line = regime_warning(**{**DEMO, "tokens_per_step": 512})
-    assert line is not None and "outer.warmup_lr 2," in line and "data.batch_size 8x" in line
-    assert AGREEING_STEP_TOKENS > 512
+def test_the_batch_factor_reaches_the_large_step_threshold() -> None:
+    line = regime_warning(**{**DEMO, "tokens_per_step": 512, "islands": 2})
+    assert line is not None and "data.batch_size 8x" in line
+    assert "outer.warmup_lr between 1 and 1.4," in line
 
 
 def test_large_steps_or_a_long_enough_warm_phase_are_not_warned_about() -> None:
