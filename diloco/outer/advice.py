@@ -31,10 +31,11 @@ MIN_WARM_SHARE = 0.25
 +18.2 % to +10.9 % (a quarter, run a1-w100) and +8.0 % (a half, run x-d50-w200-mw2); k = 4,
 H = 50, 512 tokens per step, 400 steps."""
 WARM_LR_LOW = 1.0
-"""The low end of the warm phase's lr (the high end: sqrt(k)): sqrt(k) was the better on the demo's 8 x 128-token steps (k = 4:
-2.0798 against 2.1311 at 1.0, runs demo-warm, demo-warm-lr1), 1.0 on 64 x 16-token steps
-(k = 4, H = 10 / 50: +5.7 / +2.1 % against +12.6 / +9.8 % at sqrt(k); runs hyp-b64-k4-h*-wlr1,
-b64-k4-h*-tuned-lr1): the map cannot tell which from the tokens per step alone."""
+"""The low end of the warm phase's lr (the high end: sqrt(k)). sqrt(k) was the better on the
+demo's 8 x 128-token steps (k = 4: 2.0798 against 2.1311 at 1.0, runs demo-warm and
+demo-warm-lr1), 1.0 on 64 x 16-token steps (k = 4, H = 10 / 50: +5.7 / +2.1 % against
++12.6 / +9.8 % at sqrt(k); runs hyp-b64-k4-h*-wlr1, b64-k4-h*-tuned-lr1): the map cannot tell
+which from the tokens per step alone."""
 H1_MIN_LR_PER_SQRT_K = 0.75
 """At H = 1 without momentum, an outer lr below this share of sqrt(k) leaves the mean of the
 islands' AdamW updates short (issue 15's table, k = 4, 1,024 tokens: lr 1 +6.6 %, lr 2 = sqrt(4)
