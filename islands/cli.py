@@ -164,6 +164,9 @@ def _format_summary(summary: dict[str, Any]) -> str:
         f"  params_sha256   {summary['params_sha256'][:16]}…",
         f"  outputs         {summary['run_dir']}/ (metrics.jsonl, summary.json, checkpoints/)",
     ]
+    advice = summary.get("regime_advice")
+    if advice:  # what the regime costs, where the map saw DiLoCo trail DDP
+        lines.append(f"  {advice}")
     return "\n".join(lines)
 
 

@@ -35,7 +35,6 @@ from diloco.metrics.wandb_log import WandbLogger
 from diloco.models.build import build_model
 from diloco.models.flops import train_flops_per_token
 from diloco.models.weights import load_weights_
-from diloco.outer.advice import regime_warning
 from diloco.outer.config import build_outer_optimizer
 from diloco.outer.pseudo_gradient import flatten_params
 from diloco.outer.sync import OuterHyperparams, OuterSync
@@ -55,6 +54,7 @@ from islands.ranks import (
     shard_lane,
     start_island_ranks,
 )
+from islands.regime import regime_advice
 from islands.replicas import Replica, build_replica, streamed_shard
 from islands.resume import resume
 from islands.runtime import RunEvents, Runtime
@@ -92,7 +92,9 @@ def run_island(
                 config.run.wandb, runtime.out_dir, to_container(config)
             )
             # Once, when the run is about to train (a config error stays one line).
-            _warn_regime(config, runtime.island_ranks.count)
+            advice = regime_advice(config, runtime.island_ranks.count)
+            if advice is not None:
+                log.warning("%s", advice)
         if config.outer.streaming:
             run_streaming(runtime, events)
         else:
@@ -132,29 +134,6 @@ def build_runtime(
     except BaseException:
         island_ranks.close()
         raise
-
-
-def _warn_regime(config: IslandConfig, ranks_per_island: int) -> None:
-    """One line where the regime map (docs/results/regime.md) saw DiLoCo trail DDP badly."""
-    outer = config.outer
-    if outer.optimizer != "sgd":  # the map measured the SGD / Nesterov outer step only
-        return
-    advice = regime_warning(
-        tokens_per_step=(
-            config.data.batch_size
-            * config.data.seq_len
-            * config.inner.grad_accum
-            * ranks_per_island
-        ),
-        inner_steps=outer.inner_steps,
-        islands=config.transport.islands,
-        rounds=outer.rounds,
-        warmup_rounds=outer.warmup_rounds,
-        outer_lr=outer.lr,
-        outer_momentum=outer.momentum,
-    )
-    if advice is not None:
-        log.warning("%s", advice)
 
 
 def _build(

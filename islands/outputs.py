@@ -21,6 +21,7 @@ from diloco.metrics.jsonl import read_metrics, to_strict_json
 from diloco.outer.sync import SyncResult
 from diloco.transports.base import ring_allreduce_bytes
 from islands.hosted import RoundWork
+from islands.regime import regime_advice
 from islands.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def write_summary(runtime: Runtime) -> dict[str, Any]:
         "inner_tokens_per_s": round(group_tokens / compute_s, 1) if compute_s > 0 else None,
         "params_sha256": params_sha256,
         "island_ranks": ranks.count,
+        "regime_advice": regime_advice(runtime.config, ranks.count),
         "device": str(runtime.device),
         "run_dir": str(runtime.out_dir),
         "config": to_container(runtime.config),

@@ -381,8 +381,12 @@ def test_the_cli_warns_once_where_the_regime_map_saw_diloco_trail(
     result = run_cli(["--config", str(config_file), *TINY, "outer.rounds=1", *overrides], 50)
     assert result.returncode == 0, result.describe()
     lines = [line for line in result.stderr.splitlines() if "regime:" in line]
+    advice = summary(config_file.parent / "run")["regime_advice"]
     if not warned:
-        assert lines == [], result.describe()
+        assert lines == [] and advice is None, result.describe()
         return
     assert len(lines) == 1, result.describe()
     assert "outer.warmup_rounds" in lines[0] and "data.batch_size" in lines[0]
+    # summary.json keeps it, and the printed summary ends with it
+    assert isinstance(advice, str) and advice in lines[0]
+    assert result.stdout.strip().splitlines()[-1].strip() == advice
