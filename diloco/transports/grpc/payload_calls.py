@@ -21,7 +21,7 @@ import torch
 
 from diloco.transports.dataplane.framing import DataPlaneError
 from diloco.transports.grpc import coordinator_pb2 as pb
-from diloco.transports.grpc.aborts import abort, end_if_cut
+from diloco.transports.grpc.aborts import abort, first_chunk
 from diloco.transports.grpc.coordinator import Coordinator, RoundAnswer
 from diloco.transports.grpc.dataplane_host import DataPlaneHost
 from diloco.transports.grpc.exchanges import RefusedOnDataPlane, TicketAnswer
@@ -101,13 +101,9 @@ class PayloadCalls:
         context: grpc.ServicerContext,
     ) -> RoundAnswer:
         """Read an Average call's header and payload; the coordinator's answer."""
-        with self.watchdog.watch(
-            context, "Average", self.header_wait_s, self.header_wait_s
-        ) as watch:
-            first = next(request_iterator, None)
-        end_if_cut(context, watch)
-        if first is None or first.WhichOneof("kind") != "average":
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "an Average call starts with a header")
+        first = first_chunk(
+            self.watchdog, context, request_iterator, "Average", self.header_wait_s, "average"
+        )
         header = first.average
         try:
             check_header_of(coordinator, header, rank)

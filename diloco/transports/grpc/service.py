@@ -28,7 +28,7 @@ import grpc
 from diloco.transports.base import GroupMismatchError
 from diloco.transports.grpc import coordinator_pb2 as pb
 from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
-from diloco.transports.grpc.aborts import abort, end_if_cut, peer
+from diloco.transports.grpc.aborts import abort, first_chunk, peer
 from diloco.transports.grpc.config import GrpcTransportConfig
 from diloco.transports.grpc.coordinator import Coordinator, NotAuthorized
 from diloco.transports.grpc.dataplane_host import dataplane_for
@@ -170,13 +170,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if coordinator.has_state():
                 return pb.PutStateReply(accepted=False, round=coordinator.round)
             expected = coordinator.expected_numel()
-            with self.watchdog.watch(
-                context, "PutState", self.header_wait_s, self.header_wait_s
-            ) as watch:
-                first = next(request_iterator, None)
-            end_if_cut(context, watch)
-            if first is None or first.WhichOneof("kind") != "state":
-                abort(context, grpc.StatusCode.INVALID_ARGUMENT, "PutState starts with a header")
+            first = first_chunk(
+                self.watchdog, context, request_iterator, "PutState", self.header_wait_s, "state"
+            )
             header = first.state
             try:
                 if header.run_id != coordinator.rules.run_id:
