@@ -15,6 +15,11 @@ islands x (payload + mean) / bandwidth.
 
     sudo python bench/shaped_link.py [--mbit 100] [--delay-ms 25] [--codecs none int8]
                                      [--islands 2] [--rounds 4]
+
+`--streaming P TAU` instead compares, for each codec in the same run, blocking DiLoCo with
+Streaming DiLoCo (`outer.fragments=P outer.overlap_steps=TAU`) at `--inner-steps` H: the
+islands' compute utilization (inner-step time over the round's wall time, median over rounds
+after the first) and the peak bytes one sync event puts on the link.
 """
 
 from __future__ import annotations
@@ -72,18 +77,27 @@ def remove_link() -> None:
         sh("ip", "netns", "del", ns, check=False)
 
 
-def run_group(codec: str, islands: int, rounds: int, work: Path) -> list[float]:
+def run_group(
+    codec: str,
+    islands: int,
+    rounds: int,
+    work: Path,
+    extra: tuple[str, ...] = (),
+    inner_steps: int = 2,
+    name: str = "",
+) -> tuple[list[float], float, float]:
     """Coordinator + islands for `rounds` rounds; the islands' sync_s of each round after the
     first (the first includes joining and the state download)."""
+    name = name or codec
     cli = str(Path(sys.executable).parent / "diloco-island")
     common = [
         "--config", "configs/demo.yaml", *MODEL,
         "data.batch_size=1", "data.seq_len=32", "eval.batches=1", "eval.every=0",
         "run.progress=none", "run.device=cpu", "run.threads=1", "run.checkpoint_every=0",
-        f"run.dir={work / codec}", f"outer.rounds={rounds}", "outer.inner_steps=2",
+        f"run.dir={work / name}", f"outer.rounds={rounds}", f"outer.inner_steps={inner_steps}",
         f"outer.codec={codec}", "transport.kind=grpc", f"transport.islands={islands}",
         f"transport.grpc.address={COORD_IP}:50051", "transport.grpc.insecure=true",
-        "transport.grpc.deadline_floor_s=300",
+        "transport.grpc.deadline_floor_s=300", *extra,
     ]  # fmt: skip
     env = {**os.environ, "DILOCO_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
     coordinator = subprocess.Popen(
@@ -110,13 +124,44 @@ def run_group(codec: str, islands: int, rounds: int, work: Path) -> list[float]:
             raise RuntimeError(f"a process failed:\n{stderr}")
     sync = []
     for rank in range(islands):
-        rows = (work / codec / f"island-{rank}" / "metrics.jsonl").read_text().splitlines()
-        sync.append([json.loads(row)["sync_s"] for row in rows])
-    summary = json.loads((work / codec / "island-0" / "summary.json").read_text())
+        rows = (work / name / f"island-{rank}" / "metrics.jsonl").read_text().splitlines()
+        sync.append([_waited_share(json.loads(row)) for row in rows] if extra else
+                    [json.loads(row)["sync_s"] for row in rows])  # fmt: skip
+    summary = json.loads((work / name / "island-0" / "summary.json").read_text())
     payload = summary["bytes_sent"] / rounds
     mean = summary["bytes_received"] / rounds
     print(f"  {codec}: {summary['shared_parameters']:,} parameters, {payload / 1e6:.1f} MB")
     return [max(per_round) for per_round in zip(*sync, strict=True)][1:], payload, mean
+
+
+def _waited_share(row: dict[str, float]) -> float:
+    """1 - compute utilization of a round: streaming rows carry it, blocking ones have the
+    inner phase (compute_s) and the sync (sync_s)."""
+    if "compute_utilization" in row:
+        return 1.0 - float(row["compute_utilization"])
+    return float(row["sync_s"]) / (float(row["compute_s"]) + float(row["sync_s"]))
+
+
+def compare_streaming(args: argparse.Namespace, work: Path) -> None:
+    """Blocking against streaming, each codec, in the same run: utilization and peak bytes."""
+    fragments, overlap = args.streaming
+    stream = ("outer.fragments=" + str(fragments), "outer.overlap_steps=" + str(overlap),
+              "outer.mix=0.5", "outer.warmup_rounds=0")  # fmt: skip
+    rows = []
+    for codec in args.codecs:
+        for variant, extra in (("blocking", ("outer.warmup_rounds=0",)), ("streaming", stream)):
+            waited, payload, _ = run_group(
+                codec, args.islands, args.rounds, work, extra, args.inner_steps,
+                name=f"{codec}-{variant}",
+            )  # fmt: skip
+            peak = payload / (fragments if variant == "streaming" else 1)
+            rows.append((codec, variant, 1.0 - statistics.median(waited), peak))
+    print()
+    print("| codec | sync | H | compute utilization (median) | peak MB per sync event |")
+    print("| --- | --- | --- | --- | --- |")
+    for codec, variant, utilization, peak in rows:
+        label = variant if variant == "blocking" else f"P = {fragments}, tau = {overlap}"
+        print(f"| {codec} | {label} | {args.inner_steps} | {utilization:.1%} | {peak / 1e6:.1f} |")
 
 
 def main() -> None:
@@ -126,6 +171,8 @@ def main() -> None:
     parser.add_argument("--codecs", nargs="+", default=["none", "int8"])
     parser.add_argument("--islands", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--streaming", type=int, nargs=2, metavar=("P", "TAU"))
+    parser.add_argument("--inner-steps", type=int, default=2, help="H")
     args = parser.parse_args()
     if shutil.which("tc") is None or os.geteuid() != 0:
         sys.exit("needs root and iproute2 (ip, tc)")
@@ -135,6 +182,9 @@ def main() -> None:
     print(f"# grpc over a shaped link ({shape}; netem delay {'on' if delayed else 'unavailable'})")
     rows = []
     try:
+        if args.streaming:
+            compare_streaming(args, work)
+            return
         for codec in args.codecs:
             sync, payload, mean = run_group(codec, args.islands, args.rounds, work)
             predicted = args.islands * (payload + mean) * 8 / (args.mbit * 1e6)
