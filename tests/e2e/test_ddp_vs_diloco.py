@@ -29,6 +29,7 @@ def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_tiny_comparison_writes_consistent_outputs(tmp_path: Path) -> None:
     args = ["--islands", "2", "--inner-steps", str(H), "--rounds", str(ROUNDS), "--codec", "int8"]

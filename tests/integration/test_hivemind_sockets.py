@@ -112,6 +112,7 @@ def test_a_closed_island_leaves_no_socket_behind(tmp_path: Path) -> None:
     assert not dir_left
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_killed_islands_sockets_are_removed_when_the_next_one_starts(tmp_path: Path) -> None:
     report = tmp_path / "victim.txt"

@@ -60,6 +60,7 @@ def test_reference_never_changes_and_metrics_report_selection(tmp_path: Path) ->
     assert 0 <= last["selected_noisy_fraction"] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_torch_transport_selects_what_the_local_transport_selects(tmp_path: Path) -> None:
     """Each island selects locally from its own seeded stream: two gloo processes and two
