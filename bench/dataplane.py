@@ -32,7 +32,6 @@ import os
 import re
 import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -57,6 +56,7 @@ from diloco.transports.dataplane.tickets import (
     new_ticket,
 )
 from diloco.transports.dataplane.tls import client_context, server_context
+from diloco.transports.grpc.security import self_signed_pair
 
 TOKEN = "bench-token-0123456789abcdef"
 RUN = "bench-dataplane"
@@ -333,21 +333,6 @@ def _median(times: list[float]) -> float:
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
-def _self_signed_pair(directory: Path) -> tuple[str, str]:
-    cert, key = directory / "run.crt", directory / "run.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-days", "1", "-subj", "/CN=diloco",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return str(cert), str(key)
-
-
 def _row(numel: int, n: int, codec_name: str, args: argparse.Namespace, pem: Any) -> str:
     rounds = args.reps + 1
     settings = DataPlaneConfig(
@@ -401,7 +386,8 @@ def main() -> None:
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as directory:
-        pem = _self_signed_pair(Path(directory))
+        cert, key = self_signed_pair(Path(directory))
+        pem = (str(cert), str(key))
         for size in args.sizes:
             for n in args.islands:
                 for codec_name in args.codecs:

@@ -32,7 +32,6 @@ import math
 import os
 import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -54,6 +53,7 @@ from diloco.transports.grpc import Coordinator, CoordinatorServer, GrpcTransport
 from diloco.transports.grpc import coordinator_pb2 as pb
 from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
 from diloco.transports.grpc.config import GrpcTransportConfig
+from diloco.transports.grpc.security import self_signed_pair
 from diloco.transports.grpc.service import CHANNEL_OPTIONS
 from diloco.transports.grpc.wire import chunks_of, receive_bytes
 
@@ -307,7 +307,8 @@ def main() -> None:
         print_bare_grpc(args.sizes, args.islands, args.codecs, rounds)
         return
     with tempfile.TemporaryDirectory() as folder:
-        tls = _self_signed_pair(Path(folder)) if args.tls else None
+        pair = self_signed_pair(Path(folder)) if args.tls else None
+        tls = (str(pair[0]), str(pair[1])) if pair is not None else None
         _print_table(args, rounds, tls)
 
 
@@ -345,21 +346,6 @@ def _print_table(args: argparse.Namespace, rounds: int, tls: tuple[str, str] | N
                     f"| {tcp_s:.3f} | {ratios} | {gloo_s:.3f} | {first_s / gloo_s:.2f}x |",
                     flush=True,
                 )
-
-
-def _self_signed_pair(folder: Path) -> tuple[str, str]:
-    cert, key = folder / "run.crt", folder / "run.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-days", "1", "-subj", "/CN=diloco",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return str(cert), str(key)
 
 
 def print_bare_grpc(sizes: list[float], islands: list[int], codecs: list[str], rounds: int) -> None:

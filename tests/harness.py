@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from diloco.metrics import read_metrics
+from diloco.transports.grpc.security import self_signed_pair as self_signed_pair  # for the tests
 
 # A model and data small enough that a round costs milliseconds on one CPU thread. One thread:
 # on this 2-core machine shared with other jobs, torch's default of 2 intra-op threads makes
@@ -285,22 +286,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def self_signed_pair(directory: Path) -> tuple[Path, Path]:
-    """(certificate, key) made with the one-liner of docs/transports.md."""
-    cert, key = directory / "run.crt", directory / "run.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-days", "1", "-subj", "/CN=diloco",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 # --- fault injection ----------------------------------------------------------------------------

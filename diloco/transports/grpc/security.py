@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,23 @@ LANE_METADATA_KEY = "x-diloco-lane"
 """Absent (or empty) for the main lane."""
 # Everyone in a run shares one certificate name, whatever address they dial.
 TLS_TARGET_NAME = "localhost"
+
+
+def self_signed_pair(directory: Path, days: int = 1) -> tuple[Path, Path]:
+    """(run.crt, run.key) in `directory`, made with the one-liner above (tests, benches and a
+    first try on loopback; a real run's pair is made once and copied to every site)."""
+    cert, key = directory / "run.crt", directory / "run.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", str(days), "-subj", "/CN=diloco",
+            "-addext", f"subjectAltName=DNS:{TLS_TARGET_NAME},IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 def read_token(settings: GrpcTransportConfig) -> str:
