@@ -475,8 +475,12 @@ class Group:
 @pytest.fixture(
     scope="module",
     params=[
-        # hivemind groups take a minute or two to form: make test-all runs them
-        pytest.param((kind, n), marks=[pytest.mark.slow] if kind == "hivemind" else [])
+        # hivemind groups take a minute or two to form, and the 3-island groups of the kinds
+        # that spawn processes cost half a minute each: make test-all runs them
+        pytest.param(
+            (kind, n),
+            marks=[pytest.mark.slow] if kind == "hivemind" or (n == 3 and kind != "local") else [],
+        )
         for kind in KINDS
         for n in (2, 3)
     ],

@@ -141,6 +141,7 @@ def test_short_run_lowers_val_loss_and_writes_the_output_contract(
 RESUMABLE = [*LEARN, "outer.rounds=6", "outer.inner_steps=25", "run.checkpoint_every=1"]
 
 
+@pytest.mark.slow  # resume bit-exact also runs in tests/e2e/test_streaming_resume.py
 @pytest.mark.timeout(120)
 def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(
     config_file: Path, tmp_path: Path

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# make test-all: a CNN trained to a lower loss (tests/e2e/test_plugin_examples.py
+# runs module:factory in make test).
+pytestmark = pytest.mark.slow
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_model"
 
 

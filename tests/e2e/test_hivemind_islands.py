@@ -27,6 +27,10 @@ from harness import (  # noqa: E402
     wait_for_rows,
 )
 
+# make test-all: hivemind processes take a minute to form groups
+# (tests/integration/test_hivemind_average.py runs in make test).
+pytestmark = pytest.mark.slow
+
 
 class Group:
     """The command lines of one hivemind run of `islands` islands."""

@@ -19,6 +19,10 @@ from harness import (
     start_cli,
 )
 
+# make test-all: adam and module:factory through the CLI on every
+# transport (the conformance suite checks an injected Adam in make test).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 PLUGINS = ROOT / "examples" / "plugins"
 TOKEN = "e2e-outer-token-0123456789abcdef"

@@ -14,6 +14,9 @@ from harness import TINY
 from diloco.codecs import build_codec
 from diloco.transports import ring_allreduce_bytes
 
+# make test-all: a sweep of several runs.
+pytestmark = pytest.mark.slow
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sweep.py"
 STEPS = 10
 

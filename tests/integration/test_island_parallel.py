@@ -312,6 +312,7 @@ def _mesh_rank(port: int, world_rank: int) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # four processes; tests/e2e/test_island_ranks.py runs a 2 x 2 world in make test
 def test_mesh_of_two_islands_of_two_ranks() -> None:
     """World rank w is rank w % 2 of island w // 2; its island group is {2i, 2i+1} and its
     shard group {r, 2 + r}; an all-reduce over each sums exactly those ranks."""
