@@ -113,6 +113,7 @@ def test_three_islands_and_a_coordinator_agree_every_round(
     assert summary["refused_payloads"] == summary["late_payloads"] == 0
 
 
+@pytest.mark.slow  # with test_killed_island_restarts_from_its_checkpoint_and_matches (3 islands)
 @pytest.mark.timeout(120)
 def test_killed_island_resumes_its_checkpoint_and_rejoins(
     tmp_path: Path, tls_pair: tuple[Path, Path]

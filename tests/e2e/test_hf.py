@@ -85,7 +85,10 @@ def config(tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    "model", [LLAMA, pytest.param(GPT2, marks=pytest.mark.slow)], ids=["llama", "gpt2"]
+    # make test runs the HF path through the export round trip; both learners: make test-all
+    "model",
+    [pytest.param(LLAMA, marks=pytest.mark.slow), pytest.param(GPT2, marks=pytest.mark.slow)],
+    ids=["llama", "gpt2"],
 )
 def test_a_tiny_hf_model_learns_on_two_islands_and_resumes_bit_exactly(
     model: tuple[str, ...], corpus: dict[str, Path], config: str, tmp_path: Path
