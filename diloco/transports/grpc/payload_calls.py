@@ -13,7 +13,7 @@ late, or the state to adopt) streams back on grpc from one copy.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import grpc
@@ -59,7 +59,7 @@ class PayloadCalls:
         """An Exchange call: a ticket for the data plane, or the answer of `send_answer`."""
         if coordinator.exchanges is None:
             abort(context, grpc.StatusCode.UNIMPLEMENTED, "no data plane here: use Average")
-        try:
+        with _refusals_end_the_call(coordinator, rank, context):
             check_header_of(coordinator, header, rank)
             if header.round == coordinator.round:
                 expected_payload_bytes(coordinator, header)
@@ -70,13 +70,6 @@ class PayloadCalls:
                 header.params_sha256,
                 wait_s=2 * coordinator.rules.deadline_ceiling_s,
             )
-        except (NotReady, TimeoutError) as error:
-            abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
-        except RefusedOnDataPlane as error:  # counted when its exchange refused it
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"payload refused: {error}")
-        except (RefusedPayload, ValueError) as error:
-            coordinator.refuse(rank, str(error))
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"payload refused: {error}")
         ticketed = isinstance(answer, TicketAnswer)
         received = header.payload_bytes if ticketed else 0
         coordinator.note_metrics(rank, check_metrics(header.metrics), received)
@@ -106,30 +99,26 @@ class PayloadCalls:
         )
         header = first.average
         try:
-            check_header_of(coordinator, header, rank)
-            payload, delta = self._receive_payload(coordinator, header, request_iterator, context)
-            received = 0 if payload is None else payload.numel()
-            if coordinator.exchanges is not None and payload is not None:
-                del delta  # checked; the exchange decodes the payload again, chunk by chunk
-                answer = self._exchange_in_process(coordinator, rank, header, payload)
-            else:
-                answer = coordinator.submit(
-                    rank,
-                    header.round,
-                    header.weight,
-                    header.params_sha256,
-                    delta,
-                    wait_s=2 * coordinator.rules.deadline_ceiling_s,
+            with _refusals_end_the_call(coordinator, rank, context):
+                check_header_of(coordinator, header, rank)
+                payload, delta = self._receive_payload(
+                    coordinator, header, request_iterator, context
                 )
+                received = 0 if payload is None else payload.numel()
+                if coordinator.exchanges is not None and payload is not None:
+                    del delta  # checked; the exchange decodes the payload again, chunk by chunk
+                    answer = self._exchange_in_process(coordinator, rank, header, payload)
+                else:
+                    answer = coordinator.submit(
+                        rank,
+                        header.round,
+                        header.weight,
+                        header.params_sha256,
+                        delta,
+                        wait_s=2 * coordinator.rules.deadline_ceiling_s,
+                    )
         except StreamCut as error:
             abort(context, grpc.StatusCode.CANCELLED, f"the stream was cut: {error}")
-        except (NotReady, TimeoutError) as error:
-            abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
-        except RefusedOnDataPlane as error:  # counted when its exchange refused it
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"payload refused: {error}")
-        except (RefusedPayload, ValueError) as error:
-            coordinator.refuse(rank, str(error))
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"payload refused: {error}")
         coordinator.note_metrics(rank, check_metrics(header.metrics), received)
         return answer
 
@@ -214,3 +203,20 @@ def expected_payload_bytes(coordinator: Coordinator, header: pb.AverageHeader) -
             f"{coordinator.codec.name} payload of {numel} elements has {expected}"
         )
     return expected
+
+
+@contextmanager
+def _refusals_end_the_call(
+    coordinator: Coordinator, rank: int, context: grpc.ServicerContext
+) -> Iterator[None]:
+    """What a payload call's refusals answer: not ready or timed out (UNAVAILABLE, the island
+    retries), refused (INVALID_ARGUMENT, counted here unless its exchange counted it)."""
+    try:
+        yield
+    except (NotReady, TimeoutError) as error:
+        abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
+    except RefusedOnDataPlane as error:  # counted when its exchange refused it
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"payload refused: {error}")
+    except (RefusedPayload, ValueError) as error:
+        coordinator.refuse(rank, str(error))
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"payload refused: {error}")
