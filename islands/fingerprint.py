@@ -65,7 +65,10 @@ def optimizer_settings(config: IslandConfig) -> str:
         rule = f"{outer.optimizer}: {args}"
     schedule = outer.schedule()
     if schedule == type(schedule)(
-        rounds=outer.rounds, inner_steps=outer.inner_steps, lr=outer.lr, momentum=outer.momentum
+        rounds=outer.rounds,
+        inner_steps=outer.inner_steps,
+        lr=outer.step_lr,
+        momentum=outer.step_momentum,
     ):
         return rule  # the defaults: no schedule to compare
     return f"{rule}; schedule {schedule}"

@@ -21,6 +21,6 @@ def regime_advice(config: IslandConfig, ranks_per_island: int) -> str | None:
         islands=config.transport.islands,
         rounds=outer.rounds,
         warmup_rounds=outer.warmup_rounds,
-        outer_lr=outer.lr,
-        outer_momentum=outer.momentum,
+        outer_lr=outer.step_lr,
+        outer_momentum=outer.step_momentum,
     )

@@ -110,6 +110,9 @@ def _one_line(doc: str) -> str:
 
 
 def _type_name(kind: Any) -> str:
+    optional = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    if type(None) in typing.get_args(kind) and len(optional) == 1:
+        return f"{_type_name(optional[0])} or null"
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         return " \\| ".join(f"`{member.value}`" for member in kind)
     if typing.get_origin(kind) is dict:
@@ -123,6 +126,8 @@ def _default(item: dataclasses.Field[Any]) -> str:
         value = item.default_factory()
     if isinstance(value, enum.Enum):
         value = value.value
+    if value is None:
+        return "unset (see description)"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     if isinstance(value, str):

@@ -47,6 +47,7 @@ class IslandConfig:
     """How many processes (GPUs) one island is, and how they share its inner loop."""
 
     def __post_init__(self) -> None:
+        self.outer.adopt_island_count(self.transport.islands)
         if self.run.device is Device.cpu and self.transport.torch.backend is TorchBackend.nccl:
             raise ConfigError("transport.torch.backend nccl needs run.device cuda or auto")
 

@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from diloco.shared_state import OuterOptimizer
 
 
+# The outer step's settings when outer.lr, outer.momentum and outer.nesterov are left unset:
+# the DiLoCo paper's best with several islands; with one island (and sgd) plain training, since
+# the paper's outer step made one island worse than plain AdamW on every budget measured here
+# (docs/results/regime.md, "One island").
+STEP_DEFAULTS: dict[str, float | bool] = {"lr": 0.7, "momentum": 0.9, "nesterov": True}
+ONE_ISLAND_STEP: dict[str, float | bool] = {"lr": 1.0, "momentum": 0.0, "nesterov": False}
+
+
 class OuterLrSchedule(enum.Enum):
     constant = "constant"
     cosine = "cosine"
@@ -35,16 +43,20 @@ class OuterConfig:
     adam (outer.betas, outer.eps), or module:factory, called as factory(params,
     **outer.optimizer_args) with params a one-element list holding the flat anchor (its .grad
     is the averaged pseudo-gradient), returning any torch.optim.Optimizer."""
-    lr: float = 0.7
-    """Outer learning rate (the paper's best: 0.7); sgd and adam."""
+    lr: float | None = None
+    """Outer learning rate; sgd and adam. Unset (null): the paper's best, 0.7, with several
+    islands; 1.0 with one island and sgd (see outer.momentum)."""
     lr_schedule: OuterLrSchedule = OuterLrSchedule.constant
     """constant (the paper: decaying the outer lr gave nothing) or cosine: from outer.lr down to
     outer.lr * outer.min_lr_ratio over the rounds after the warm phase (a factory optimizer's
     own lr is scaled the same way)."""
     min_lr_ratio: float = 0.0
     """cosine: where the outer lr ends, as a share of outer.lr, in [0, 1]."""
-    momentum: float = 0.9
-    """Outer momentum mu in [0, 1) (the paper's best: 0.9); sgd."""
+    momentum: float | None = None
+    """Outer momentum mu in [0, 1); sgd. Unset (null): the paper's best, 0.9, with several
+    islands; 0 with one island, where outer.lr 1 and no momentum make the outer step plain
+    training: one island with the paper's 0.7 / Nesterov 0.9 trained 4.6 % worse than plain
+    AdamW at 400 steps (docs/results/regime.md)."""
     momentum_warmup_rounds: int = 0
     """sgd: the outer momentum ramps linearly from 0 to outer.momentum over this many rounds
     after the warm phase (0: full momentum from the first round)."""
@@ -56,8 +68,9 @@ class OuterConfig:
     warmup_lr: float = 1.0
     """The outer lr of a warm-phase round (sqrt(transport.islands) tracked the k-times-batch run
     best in docs/results/regime.md)."""
-    nesterov: bool = True
-    """Nesterov momentum for the outer SGD step (false: heavy-ball momentum); sgd."""
+    nesterov: bool | None = None
+    """Nesterov momentum for the outer SGD step (false: heavy-ball momentum); sgd. Unset (null):
+    true with several islands, false with one."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam's (beta1, beta2), each in [0, 1); adam."""
     eps: float = 1e-8
@@ -113,9 +126,14 @@ class OuterConfig:
             f"{known} or module:factory",
             self.optimizer,
         )
-        require(self.lr > 0, "outer.lr", "> 0", self.lr)
+        self.unset_step_keys: tuple[str, ...] = tuple(
+            key for key in STEP_DEFAULTS if getattr(self, key) is None
+        )
+        # Settled by adopt_island_count (IslandConfig knows the island count); never here:
+        # omegaconf builds its schema from a default instance, which must keep them unset.
+        require(self.step_lr > 0, "outer.lr", "> 0", self.lr)
         require(0 <= self.min_lr_ratio <= 1, "outer.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
-        require(0 <= self.momentum < 1, "outer.momentum", "in [0, 1)", self.momentum)
+        require(0 <= self.step_momentum < 1, "outer.momentum", "in [0, 1)", self.momentum)
         require(
             self.momentum_warmup_rounds >= 0,
             "outer.momentum_warmup_rounds",
@@ -170,6 +188,34 @@ class OuterConfig:
                 f"{self.fragments}, overlap_steps={self.overlap_steps}"
             )
 
+    def adopt_island_count(self, islands: int) -> None:
+        """Settle the unset outer.lr, outer.momentum and outer.nesterov for `islands` islands:
+        one island with sgd gets ONE_ISLAND_STEP (plain training), several keep the paper's."""
+        one_island = islands == 1 and self.optimizer == "sgd"
+        self._fill_step_defaults(ONE_ISLAND_STEP if one_island else STEP_DEFAULTS)
+
+    def _fill_step_defaults(self, values: dict[str, float | bool]) -> None:
+        for key in self.unset_step_keys:
+            setattr(self, key, values[key])
+
+    @property
+    def step_lr(self) -> float:
+        """outer.lr, or its several-islands default while unset."""
+        value = STEP_DEFAULTS["lr"] if self.lr is None else self.lr
+        return float(value)
+
+    @property
+    def step_momentum(self) -> float:
+        """outer.momentum, settled."""
+        value = STEP_DEFAULTS["momentum"] if self.momentum is None else self.momentum
+        return float(value)
+
+    @property
+    def step_nesterov(self) -> bool:
+        """outer.nesterov, settled."""
+        value = STEP_DEFAULTS["nesterov"] if self.nesterov is None else self.nesterov
+        return bool(value)
+
     @property
     def streaming(self) -> bool:
         """Fragments or overlap: the streaming outer loop (P = 1, tau = 0 is the blocking one)."""
@@ -195,7 +241,11 @@ class OuterConfig:
             unread.append("warmup_lr")
         if self.overlap_steps == 0:
             unread += ["mix", "eager"]
-        ignored += [f"outer.{key}" for key in unread if getattr(self, key) != getattr(default, key)]
+        ignored += [
+            f"outer.{key}"
+            for key in unread
+            if key not in self.unset_step_keys and getattr(self, key) != getattr(default, key)
+        ]
         return ignored
 
     def schedule(self) -> OuterSchedule:
@@ -207,10 +257,10 @@ class OuterConfig:
             inner_steps=self.inner_steps,
             warmup_rounds=self.warmup_rounds,
             warmup_lr=self.warmup_lr,
-            lr=self.lr,
+            lr=self.step_lr,
             lr_schedule=self.lr_schedule.value,
             min_lr_ratio=self.min_lr_ratio,
-            momentum=self.momentum,
+            momentum=self.step_momentum,
             momentum_warmup_rounds=self.momentum_warmup_rounds,
         )
 
@@ -219,9 +269,9 @@ def _sgd(config: OuterConfig) -> OuterOptimizer:
     from diloco.outer.optimizers import SgdOuter
 
     return SgdOuter(
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
+        lr=config.step_lr,
+        momentum=config.step_momentum,
+        nesterov=config.step_nesterov,
         schedule=config.schedule(),
     )
 
@@ -229,7 +279,9 @@ def _sgd(config: OuterConfig) -> OuterOptimizer:
 def _adam(config: OuterConfig) -> OuterOptimizer:
     from diloco.outer.optimizers import adam_outer
 
-    return adam_outer(lr=config.lr, betas=config.betas, eps=config.eps, schedule=config.schedule())
+    return adam_outer(
+        lr=config.step_lr, betas=config.betas, eps=config.eps, schedule=config.schedule()
+    )
 
 
 OUTER_OPTIMIZERS: dict[str, Callable[[OuterConfig], OuterOptimizer]] = {

@@ -391,3 +391,22 @@ def test_the_cli_warns_once_where_the_regime_map_saw_diloco_trail(
     # summary.json keeps it, and the printed summary ends with it
     assert isinstance(advice, str) and advice in lines[0]
     assert result.stdout.strip().splitlines()[-1].strip() == advice
+
+
+@pytest.mark.timeout(90)
+def test_one_island_with_the_default_outer_step_trains_exactly_as_plain_adamw(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """outer.lr, outer.momentum and outer.nesterov left unset give one island plain training:
+    the same parameters, bit for bit, as the plain-AdamW settings spelled out (issue 15)."""
+    common = [*TINY, "transport.islands=1", "outer.rounds=2", "outer.inner_steps=5"]
+    plain = ["outer.lr=1", "outer.momentum=0", "outer.nesterov=false"]
+    hashes = []
+    for name, extra in (("defaults", []), ("plain", plain), ("paper", ["outer.lr=0.7"])):
+        out = tmp_path / name
+        result = run_cli(["--config", str(config_file), *common, *extra, f"run.dir={out}"])
+        assert result.returncode == 0, result.describe()
+        hashes.append(summary(out)["params_sha256"])
+    assert hashes[0] == hashes[1]
+    # outer.lr=0.7 set by hand is kept (momentum and nesterov still follow the island count)
+    assert hashes[2] != hashes[0]

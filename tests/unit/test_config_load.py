@@ -264,7 +264,7 @@ def test_overrides_beat_the_yaml(tmp_path: Path) -> None:
     assert config.outer.lr == 0.25
     assert config.run.seed == 7
     assert config.outer.inner_steps == 20  # from the YAML
-    assert config.outer.momentum == 0.9  # from the schema
+    assert config.outer.momentum == 0.0  # unset: the schema's rule for one island
 
 
 def test_last_override_wins() -> None:

@@ -15,7 +15,7 @@ from diloco.config import load_config, schema
 from diloco.config.docs import all_field_docs, config_markdown, field_docs, iter_fields, main
 from diloco.config.run import Device
 from diloco.config.schema import IslandConfig
-from diloco.transports.config import TransportKind
+from diloco.transports.config import TransportConfig, TransportKind
 
 ROOT = Path(__file__).resolve().parents[2]
 YAML_FILES = sorted(
@@ -264,8 +264,9 @@ def test_public_contract_enum_values() -> None:
     assert [k.value for k in TransportKind] == ["local", "torch", "grpc", "hivemind"]
 
 
-def test_outer_defaults_are_the_papers() -> None:
-    outer = IslandConfig().outer
+def test_outer_defaults_are_the_papers_with_several_islands() -> None:
+    """(One island: plain training, tests/unit/test_outer_step_defaults.py.)"""
+    outer = IslandConfig(transport=TransportConfig(islands=4)).outer
     assert outer.lr == 0.7
     assert outer.momentum == 0.9
     assert outer.nesterov is True
