@@ -9,7 +9,9 @@ process of its own, persisting its state every round as a real one does (its fol
 temporary directory). Per process: the resident set after imports and setup (the baseline:
 torch, grpc, the server, no model yet), then the peak (Linux VmHWM, reset after the
 baseline) over `--rounds` rounds of one inner step each; the table gives the peak over the
-payload, the whole process's and above its baseline. One row per path: the data plane
+payload, the whole process's and above its baseline, and for an island the peaks of its two
+phases apart (VmHWM reset before each): the training step (AdamW's own temporaries
+included) and the sync (what the outer step and the transport add). One row per path: the data plane
 (transport.grpc.dataplane, the default) and the grpc stream (dataplane.enabled=false: the
 path every payload took before the data plane).
 
@@ -85,7 +87,7 @@ def _coordinator(
     out.put(("port", server.port))
     done.wait()
     coordinator.flush()
-    out.put(("coordinator", baseline, _status_kb("VmHWM")))
+    out.put(("coordinator", baseline, _status_kb("VmHWM"), None, None))
     server.stop(0)
 
 
@@ -109,18 +111,28 @@ def _island(rank: int, numel: int, rounds: int, path: str, port: int, out: Any) 
     sync = OuterSync(model.parameters(), transport, codec, outer, OuterHyperparams(inner_steps=1))
     transport.join([], {"model": "wide", "parameters": str(numel)})  # as an island's
     transport.shared_state(sync.shared_state())
-    for _ in range(rounds):
+    setup_peak, train_peak, sync_peak = _status_kb("VmHWM"), 0, 0
+    for _ in range(rounds):  # each phase's own peak: VmHWM reset before it
+        _reset_peak()
         loss = model(torch.tensor(1e-6 * (rank + 1)))
         loss.backward()
         adamw.step()
-        adamw.zero_grad(set_to_none=False)  # kept, as the inner loop keeps its buffers
+        adamw.zero_grad(set_to_none=True)  # as the inner loop does (diloco/inner/trainer.py)
+        train_peak = max(train_peak, _status_kb("VmHWM"))
+        _reset_peak()
         sync.sync(100.0)
-    out.put((f"island {rank}", baseline, _status_kb("VmHWM")))
+        sync_peak = max(sync_peak, _status_kb("VmHWM"))
+    peak = max(setup_peak, train_peak, sync_peak)
+    out.put((f"island {rank}", baseline, peak, train_peak, sync_peak))
     transport.close()
 
 
-def measure(numel: int, rounds: int, path: str, persist: bool) -> dict[str, tuple[int, int]]:
-    """process -> (baseline kB, peak kB); `persist`: the coordinator saves its state."""
+Figures = tuple[int, int, int | None, int | None]
+"""(baseline, peak, peak of the training steps, peak of the syncs), kB; None: not an island."""
+
+
+def measure(numel: int, rounds: int, path: str, persist: bool) -> dict[str, Figures]:
+    """process -> its figures; `persist`: the coordinator saves its state."""
     context = mp.get_context("spawn")
     out, done = context.Queue(), context.Event()
     with tempfile.TemporaryDirectory() as folder:
@@ -139,11 +151,11 @@ def measure(numel: int, rounds: int, path: str, persist: bool) -> dict[str, tupl
             island.start()
         figures = {}
         for _ in islands:
-            name, baseline, peak = out.get(timeout=3600)
-            figures[name] = (baseline, peak)
+            name, *numbers = out.get(timeout=3600)
+            figures[name] = tuple(numbers)
         done.set()
-        name, baseline, peak = out.get(timeout=600)
-        figures[name] = (baseline, peak)
+        name, *numbers = out.get(timeout=600)
+        figures[name] = tuple(numbers)
         for process in [*islands, coordinator]:
             process.join(timeout=60)
             if process.is_alive():
@@ -169,17 +181,22 @@ def main() -> None:
     print()
     print(
         "| path | process | baseline MiB | peak MiB | peak / payload | "
-        "(peak - baseline) / payload |"
+        "(peak - baseline) / payload | training step: above baseline / payload | "
+        "sync: above baseline / payload |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for path in args.paths:
         started = time.perf_counter()
         figures = measure(numel, args.rounds, path, not args.no_persist)
-        for name, (baseline, peak) in sorted(figures.items()):
+        for name, (baseline, peak, train_peak, sync_peak) in sorted(figures.items()):
+            phases = [
+                "—" if kb is None else f"{(kb - baseline) / 1024 / payload_mib:.2f}x"
+                for kb in (train_peak, sync_peak)
+            ]
             print(
                 f"| {path} | {name} | {baseline / 1024:.0f} | {peak / 1024:.0f} "
                 f"| {peak / 1024 / payload_mib:.2f}x "
-                f"| {(peak - baseline) / 1024 / payload_mib:.2f}x |",
+                f"| {(peak - baseline) / 1024 / payload_mib:.2f}x | {' | '.join(phases)} |",
                 flush=True,
             )
         print(f"<!-- {path}: {time.perf_counter() - started:.0f} s -->", flush=True)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import torch
 
+STEP_CHUNK = 1 << 20
+"""Elements of the Nesterov update formed at once (4 MiB of fp32); a multiple of any SIMD width."""
+
 
 @torch.no_grad()
 def nesterov_step_(
@@ -28,6 +31,15 @@ def nesterov_step_(
         anchor_N.add_(mean_delta_N, alpha=-lr)
         return
     momentum_N.mul_(mu).add_(mean_delta_N)
-    # Same operation order as torch.optim.SGD, so the two agree bit for bit.
-    update_N = mean_delta_N.add(momentum_N, alpha=mu) if nesterov else momentum_N
-    anchor_N.add_(update_N, alpha=-lr)
+    if not nesterov:
+        anchor_N.add_(momentum_N, alpha=-lr)
+        return
+    # Same operations as torch.optim.SGD, so the two agree bit for bit; the update vector is
+    # formed a chunk at a time, so the step allocates STEP_CHUNK values, not a vector of N (a
+    # model's size of memory on a coordinator that holds only the state, issue 14). Each element
+    # goes through the same elementwise kernels either way, and chunks start at multiples of
+    # STEP_CHUNK, so vectorised and scalar tails fall on the same elements as unchunked.
+    for start in range(0, anchor_N.numel(), STEP_CHUNK):
+        end = min(start + STEP_CHUNK, anchor_N.numel())
+        update = mean_delta_N[start:end].add(momentum_N[start:end], alpha=mu)
+        anchor_N[start:end].add_(update, alpha=-lr)

@@ -38,6 +38,10 @@ class ParamShard(Protocol):
         """Make the island's parameters hold `anchor_N` (this rank's shard of the anchor)."""
         ...
 
+    def pseudo_gradient(self, anchor_N: torch.Tensor) -> torch.Tensor:
+        """A new flat vector: `anchor_N` minus this rank's shard of the current parameters."""
+        ...
+
     def island_sha256(self, shard_sha256: str) -> str:
         """The hash of the island's whole anchor from every rank's shard hash (a collective
         when the island has several ranks)."""
@@ -62,6 +66,23 @@ class WholeParams:
     def write_(self, anchor_N: torch.Tensor) -> None:
         copy_flat_into_(self.params, anchor_N)
 
+    @torch.no_grad()
+    def pseudo_gradient(self, anchor_N: torch.Tensor) -> torch.Tensor:
+        # Each parameter is subtracted straight into its slice of the result: no flat copy of
+        # the parameters first (a model's size of memory at every sync, issue 14).
+        delta_N = torch.empty_like(anchor_N)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            torch.sub(
+                anchor_N[offset : offset + n], p.reshape(-1), out=delta_N[offset : offset + n]
+            )
+            offset += n
+        assert offset == anchor_N.numel(), (
+            f"anchor has {anchor_N.numel()} elements, params {offset}"
+        )
+        return delta_N
+
     def island_sha256(self, shard_sha256: str) -> str:
         return combine_shard_hashes(shard_sha256, self.group)
 
@@ -79,6 +100,9 @@ class SlicedParams:
     def read(self) -> torch.Tensor:
         start, end = self.bounds[self.rank]
         return flatten_params(self.params)[start:end].clone()
+
+    def pseudo_gradient(self, anchor_N: torch.Tensor) -> torch.Tensor:
+        return anchor_N - self.read()
 
     def write_(self, anchor_N: torch.Tensor) -> None:
         size = max(end - start for start, end in self.bounds)

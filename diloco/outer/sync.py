@@ -23,7 +23,6 @@ import torch
 from diloco.codecs.base import Codec, all_finite
 from diloco.errors import TrainingDiverged
 from diloco.outer.error_feedback import compensate, new_residual
-from diloco.outer.pseudo_gradient import pseudo_gradient
 from diloco.outer.shards import ParamShard, WholeParams
 from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
 from diloco.transports.base import SharedStateSource, Transport
@@ -119,18 +118,16 @@ class OuterSync:
                 not finite (nothing is sent, and the caller writes no checkpoint of them).
         """
         start = time.perf_counter()
-        delta_N = pseudo_gradient(self.anchor_N, self.shard.read())
+        delta_N = self.shard.pseudo_gradient(self.anchor_N)
         if not all_finite(delta_N):
             raise TrainingDiverged(
                 f"round {self.round}: this island's parameters are not finite after its inner "
                 "steps (the training diverged): lower inner.lr or outer.lr"
             )
-        if self.residual_N is None:
-            payload = self.codec.encode(delta_N)
-        else:
-            target_N = compensate(delta_N, self.residual_N, self.hyper.error_feedback_decay)
-            payload = self.codec.encode(target_N)
-            self.residual_N = new_residual(target_N, self.codec.decode(payload, self.numel))
+        payload = self._encode(delta_N)
+        # The pseudo-gradient is in the payload now: freed before the mean arrives, so a sync
+        # holds one model-sized buffer besides the training state while it waits (issue 14).
+        del delta_N
         # Only transports that keep the group's state check the hash: no hashing otherwise.
         sha = self.params_sha256() if isinstance(self.transport, SharedStateSource) else None
         result = self.transport.average(payload, weight=tokens, round=self.round, params_sha256=sha)
@@ -164,6 +161,16 @@ class OuterSync:
             adopted=result.adopt is not None,
             params_sha256=self.shard.island_sha256(self.params_sha256()),
         )
+
+    def _encode(self, delta_N: torch.Tensor) -> torch.Tensor:
+        """The payload of `delta_N`, with this island's residual added and renewed when it
+        keeps one (error feedback)."""
+        if self.residual_N is None:
+            return self.codec.encode(delta_N)
+        target_N = compensate(delta_N, self.residual_N, self.hyper.error_feedback_decay)
+        payload = self.codec.encode(target_N)
+        self.residual_N = new_residual(target_N, self.codec.decode(payload, self.numel))
+        return payload
 
     def params_sha256(self) -> str:
         """sha256 of this rank's shard of the shared parameters (of all of them on a one-rank

@@ -139,3 +139,24 @@ def test_golden_trajectory() -> None:
         torch.testing.assert_close(
             torch.tensor(got[name]), torch.tensor(golden[name]), rtol=1e-6, atol=1e-7
         )
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_step_over_several_chunks_matches_torch_sgd_bit_for_bit(threads: int) -> None:
+    """Past STEP_CHUNK elements the update is formed chunk by chunk (no N-sized temporary);
+    every element still comes out as torch.optim.SGD's, whatever the thread count."""
+    from diloco.outer.nesterov import STEP_CHUNK
+
+    numel = 2 * STEP_CHUNK + 12_345  # a ragged last chunk
+    gen = torch.Generator().manual_seed(3)
+    anchor = torch.randn(numel, generator=gen)
+    deltas = [torch.randn(numel, generator=gen) * 0.1 for _ in range(3)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours, _ = _our_trajectory(anchor, deltas, lr=0.7, mu=0.9, nesterov=True)
+        reference = _sgd_trajectory(anchor, deltas, lr=0.7, mu=0.9, nesterov=True)
+    finally:
+        torch.set_num_threads(before)
+    for step, (got, want) in enumerate(zip(ours, reference, strict=True)):
+        assert torch.equal(got, want), f"step {step} differs from torch.optim.SGD"

@@ -98,6 +98,8 @@ class Coordinator:
         self.status_feed = StatusFeed()  # a no-op until status_feed.attach_status
         self.started = time.time()
         self._cond = threading.Condition()
+        # Held by the one PutState receiving a state (islands that start at once all offer one).
+        self.seeding = threading.Lock()
         self.closer = RoundCloser(
             rules,
             codec,

@@ -190,6 +190,10 @@ class ExchangeControl:
         last = self.closer.last
         if last is not None:  # one mean held at a time (module docstring)
             last.mean_payload = RELEASED
+        # Every participant of the last exchange got its answer (it sent a header since): the
+        # host forgets that exchange now, and with it the last reference to its mean, before
+        # this round's mean is allocated (else the coordinator held two means at once).
+        self.host.poll()
         self._dropped = 0
         weights = {rank: c.weight for rank, c in sorted(opened.pending.items())}
         self._open(opened.round, 0, weights)

@@ -166,7 +166,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext
     ) -> pb.PutStateReply:
         rank, coordinator = self._authorize(context)
-        with self._held(context, "PutState", rank, coordinator.lane):
+        with self._held(context, "PutState", rank, coordinator.lane), self._seeding(coordinator):
+            # One state is received at a time; the others wait here, unread, and are then told
+            # the group has one (their islands fetch it).
             if coordinator.has_state():
                 return pb.PutStateReply(accepted=False, round=coordinator.round)
             expected = coordinator.expected_numel()
@@ -205,6 +207,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.StatusReply(json=self.status_json())
 
     # -- helpers ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _seeding(self, coordinator: Coordinator) -> Iterator[None]:
+        """Hold `coordinator.seeding` while a state is received; a call that cannot take it
+        within a stream's idle time goes on without it (and is refused if a state arrived)."""
+        held = coordinator.seeding.acquire(timeout=self.idle_s)
+        try:
+            yield
+        finally:
+            if held:
+                coordinator.seeding.release()
 
     def _authorize(self, context: grpc.ServicerContext) -> tuple[int, Coordinator]:
         """The caller's rank and its lane's coordinator, when its metadata holds the rank's
