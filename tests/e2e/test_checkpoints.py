@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,29 @@ pytestmark = pytest.mark.timeout(240)
 ROUNDS = ("outer.rounds=3", "outer.inner_steps=2", "run.keep_checkpoints=2")
 
 
+CONFIG = "transport: {kind: local, islands: 2}\n"
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> str:
     path = tmp_path / "island.yaml"
-    path.write_text("transport: {kind: local, islands: 2}\n")
+    path.write_text(CONFIG)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished 3-round run, trained once for the tests that only damage or move it."""
+    folder = tmp_path_factory.mktemp("finished")
+    (folder / "island.yaml").write_text(CONFIG)
+    assert_ok(run(str(folder / "island.yaml"), folder / "run"))
+    return folder / "run"
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
 
 
 def run(config: str, run_dir: Path, *extra: str) -> CliResult:
@@ -72,9 +91,10 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     assert hashes(damaged) == hashes(straight)
 
 
-def test_no_intact_checkpoint_is_exit_2_naming_the_folder(config: str, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    assert_ok(run(config, run_dir))
+def test_no_intact_checkpoint_is_exit_2_naming_the_folder(
+    config: str, tmp_path: Path, finished_run: Path
+) -> None:
+    run_dir = copy_of(finished_run, tmp_path)
     for path in (run_dir / "checkpoints").glob("*.safetensors"):
         path.write_bytes(b"\x00" * 64)
     result = run(config, run_dir, "outer.rounds=4")
@@ -83,10 +103,11 @@ def test_no_intact_checkpoint_is_exit_2_naming_the_folder(config: str, tmp_path:
     assert "no intact checkpoint in" in line and str(run_dir / "checkpoints") in line
 
 
-def test_resume_false_moves_an_earlier_run_aside(config: str, tmp_path: Path) -> None:
+def test_resume_false_moves_an_earlier_run_aside(
+    config: str, tmp_path: Path, finished_run: Path
+) -> None:
     """run.resume=false starts at round 0 and keeps what was there, moved to previous-*/."""
-    run_dir = tmp_path / "run"
-    assert_ok(run(config, run_dir))
+    run_dir = copy_of(finished_run, tmp_path)
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     first_rows = metrics_rows(run_dir)
     result = run(config, run_dir, "run.resume=false", "outer.rounds=1")

@@ -62,41 +62,41 @@ def _assert_same_losses(a: Path, b: Path, rel: float) -> None:
             assert row_a["train_loss"] == pytest.approx(row_b["train_loss"], rel=rel)
 
 
-def test_ddp_and_fsdp_islands_train_like_one_rank_islands_with_the_whole_batch(
-    tmp_path: Path,
+# DDP runs in make test; FSDP2, the same check with another launch of 4 ranks (about 30 s on
+# 2 cores), in make test-all (its shards: tests/integration/test_island_parallel.py).
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_multi_rank_islands_train_like_one_rank_islands_with_the_whole_batch(
+    tmp_path: Path, parallel: str
 ) -> None:
-    one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"
+    one, run_dir = tmp_path / "one", tmp_path / parallel
     assert_ok(run_torchrun(2, [*TORCH, f"run.dir={one}", "data.batch_size=8"], RUN_S))
-    for run_dir, parallel in ((ddp, "ddp"), (fsdp, "fsdp")):
-        # `torchrun ... diloco-island ...` as the README writes it, from the repository root.
-        result = run_torchrun(
-            4, [*TORCH, f"run.dir={run_dir}", "data.batch_size=4", f"island.parallel={parallel}"],
-            RUN_S, cwd=ROOT, as_script=parallel == "ddp",
-        )  # fmt: skip
-        assert_ok(result)
-        # One summary per island, printed by its rank 0 only.
-        assert result.stdout.count("params_sha256") == 2, result.stdout
-    _assert_same_losses(ddp, one, rel=1e-4)
-    _assert_same_losses(fsdp, ddp, rel=1e-4)
-    for run_dir in (ddp, fsdp):
-        # Every island ends on the same shared parameters; rank 0 alone writes the outputs.
-        assert _summary(run_dir, 0)["params_sha256"] == _summary(run_dir, 1)["params_sha256"]
-        assert _summary(run_dir, 0)["island_ranks"] == 2
-        assert not list(run_dir.glob("island-*/rank-*"))
-        for island in (0, 1):
-            for row, alone in zip(_rows(run_dir, island), _rows(one, island), strict=True):
-                per_rank = row["bytes_sent_per_rank"]
-                assert len(per_rank) == 2 and sum(per_rank) == row["bytes_sent"]
-                for sent in per_rank:  # each rank sends its half of the one-rank payload
-                    assert abs(sent - alone["bytes_sent"] / 2) <= HEADER_BYTES * row["round"]
-            assert (run_dir / f"island-{island}" / "checkpoints" / "rank-1").is_dir()
+    # `torchrun ... diloco-island ...` as the README writes it, from the repository root.
+    result = run_torchrun(
+        4, [*TORCH, f"run.dir={run_dir}", "data.batch_size=4", f"island.parallel={parallel}"],
+        RUN_S, cwd=ROOT, as_script=parallel == "ddp",
+    )  # fmt: skip
+    assert_ok(result)
+    # One summary per island, printed by its rank 0 only.
+    assert result.stdout.count("params_sha256") == 2, result.stdout
+    # (FSDP2 was checked against DDP at 1e-4 before: twice that against the one-rank run.)
+    _assert_same_losses(run_dir, one, rel=1e-4 if parallel == "ddp" else 2e-4)
+    # Every island ends on the same shared parameters; rank 0 alone writes the outputs.
+    assert _summary(run_dir, 0)["params_sha256"] == _summary(run_dir, 1)["params_sha256"]
+    assert _summary(run_dir, 0)["island_ranks"] == 2
+    assert not list(run_dir.glob("island-*/rank-*"))
+    for island in (0, 1):
+        for row, alone in zip(_rows(run_dir, island), _rows(one, island), strict=True):
+            per_rank = row["bytes_sent_per_rank"]
+            assert len(per_rank) == 2 and sum(per_rank) == row["bytes_sent"]
+            for sent in per_rank:  # each rank sends its half of the one-rank payload
+                assert abs(sent - alone["bytes_sent"] / 2) <= HEADER_BYTES * row["round"]
+        assert (run_dir / f"island-{island}" / "checkpoints" / "rank-1").is_dir()
     # What `diloco-island export` reads: the ranks' shards stitched into the island's vector.
     shapes = [p.shape for p in _tiny_model().parameters()]
     _, whole = _newest_anchor(one / "island-0" / "checkpoints", shapes)
-    for run_dir in (ddp, fsdp):
-        round, stitched = _newest_anchor(run_dir / "island-0" / "checkpoints", shapes)
-        assert round == 3
-        assert torch.allclose(stitched, whole, atol=1e-4)
+    round, stitched = _newest_anchor(run_dir / "island-0" / "checkpoints", shapes)
+    assert round == 3
+    assert torch.allclose(stitched, whole, atol=1e-4)
 
 
 def test_gradient_accumulation_matches_the_bigger_batch(tmp_path: Path) -> None:
