@@ -86,7 +86,9 @@ class ChunkCodec(Protocol):
 
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         """Write the encoding of elements [start, start + len(x_n)) into `payload` (the whole
-        payload buffer); ValueError for values the codec refuses (non-finite)."""
+        payload buffer). `x_n` is finite: the caller checked (the accumulator does, once per
+        chunk, to blame a participant), so a codec need not pass over it again; ValueError for
+        values the codec cannot hold (beyond fp16's range)."""
         ...
 
     def verbatim_view(self, payload: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
@@ -216,7 +218,6 @@ class _CastChunks:
         return scratch_n
 
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
-        flat_fp32(x_n, self.name)  # refuses non-finite values, as the codec's encode does
         begin = HEADER_BYTES + self.itemsize * start
         wire_n = payload[begin : begin + self.itemsize * x_n.numel()].view(self.dtype)
         if wire_n.data_ptr() != x_n.data_ptr():
