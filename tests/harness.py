@@ -243,6 +243,16 @@ def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(run_dir / "metrics.jsonl")
 
 
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Block until `condition()` holds; AssertionError after `timeout_s`. For what another
+    thread finishes after the call a test made has returned (a server's counters: the island
+    holds its answer before the server counts the exchange)."""
+    limit = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < limit, "condition not met in time"
+        time.sleep(0.02)
+
+
 def wait_for_rows(run_dir: Path, rows: int, timeout_s: float) -> None:
     """Block until run_dir/metrics.jsonl holds `rows` rows; AssertionError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from harness import self_signed_pair
+from harness import self_signed_pair, wait_for
 
 from diloco.aggregate import weighted_mean
 from diloco.codecs import build_codec
@@ -159,13 +159,6 @@ def _exchange_all(
     )
 
 
-def _wait_for(condition: Callable[[], bool], timeout_s: float = 20) -> None:
-    limit = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < limit, "condition not met in time"
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize(
     ("tls", "codec_name", "count"), [(True, "int8", 3), (False, "none", 2), (True, "none", 2)]
 )
@@ -185,7 +178,8 @@ def test_every_island_gets_the_encoded_weighted_mean(
     outcome = exchange.outcome(0)
     assert outcome is not None and outcome.mean_payload is not None
     assert torch.equal(outcome.mean_payload, expected)
-    assert server.exchanges_completed == count and server.refusals() == {}
+    wait_for(lambda: server.exchanges_completed == count)  # counted after the answer's send
+    assert server.refusals() == {}
 
 
 def test_the_answer_can_land_in_the_payload_buffer(
@@ -221,7 +215,7 @@ def test_mutual_tls_refuses_an_island_without_a_certificate(
             answer_bytes=payloads[0].numel(),
             timeout_s=10,
         )
-    _wait_for(lambda: server.refusals().get("tls", 0) == 1)
+    wait_for(lambda: server.refusals().get("tls", 0) == 1)
     # Ticket 0 was never presented (the handshake failed first): the group still completes.
     answers = _exchange_all(
         _client(pem, with_cert=True), server, tickets, dict(enumerate(payloads))
@@ -244,7 +238,7 @@ def test_plaintext_against_tls_and_tls_against_plaintext_are_refused(
             answer_bytes=payload.numel(),
             timeout_s=10,
         )
-    _wait_for(lambda: tls_server.refusals().get("tls", 0) == 1)
+    wait_for(lambda: tls_server.refusals().get("tls", 0) == 1)
     plain_server = start_server(tls=False)
     _, tickets = _group(plain_server, codec, {0: 1.0})
     with pytest.raises(DataPlaneError):
@@ -255,7 +249,7 @@ def test_plaintext_against_tls_and_tls_against_plaintext_are_refused(
             answer_bytes=payload.numel(),
             timeout_s=10,
         )
-    _wait_for(lambda: plain_server.refusals().get("hello-bad-magic", 0) == 1)
+    wait_for(lambda: plain_server.refusals().get("hello-bad-magic", 0) == 1)
 
 
 def test_an_insecure_server_or_client_must_be_asked_for() -> None:
@@ -300,7 +294,7 @@ def test_wrong_tickets_are_refused_with_a_reason(
             client.exchange(
                 server.address, raw, payload, answer_bytes=payload.numel(), timeout_s=10
             )
-        _wait_for(lambda reason=reason: server.refusals().get(reason, 0) == 1)
+        wait_for(lambda reason=reason: server.refusals().get(reason, 0) == 1)
 
 
 def test_a_used_ticket_is_refused_as_a_replay(
@@ -406,12 +400,12 @@ def test_a_connection_flood_beyond_the_limits_is_refused_at_accept(
     server, codec = start_server(settings, tls=False), build_codec("none")
     flood = [_raw_connect(server) for _ in range(12)]
     try:
-        _wait_for(lambda: server.refusals().get("max-pending", 0) == 8)
+        wait_for(lambda: server.refusals().get("max-pending", 0) == 8)
     finally:
         for sock in flood:
             sock.close()
     # The four admitted ones close before their hello; then real islands get in again.
-    _wait_for(
+    wait_for(
         lambda: (
             server.refusals().get("hello-broken", 0) + server.refusals().get("hello-timeout", 0)
             == 4
@@ -440,18 +434,18 @@ def test_the_total_limit_counts_exchanges_in_progress(
         daemon=True,
     )
     first.start()  # admitted, then waits in the group for island 1
-    _wait_for(lambda: server._per_island[0] == 1)
+    wait_for(lambda: server._per_island[0] == 1)
     with _raw_connect(server):  # the second slot, idle
-        _wait_for(lambda: server._pending == 1)
+        wait_for(lambda: server._pending == 1)
         with _raw_connect(server) as extra:
             assert extra.recv(1) == b""  # closed at accept
         assert server.refusals() == {"max-connections": 1}
-    _wait_for(lambda: server._open == 1)
+    wait_for(lambda: server._open == 1)
     client.exchange(
         server.address, tickets[1].to_bytes(), payloads[1], answer_bytes=size, timeout_s=30
     )
     first.join(timeout=30)
-    assert server.exchanges_completed == 2
+    wait_for(lambda: server.exchanges_completed == 2)  # counted after the answer's send
 
 
 def test_one_island_cannot_hold_more_than_its_share_of_connections(
@@ -472,7 +466,7 @@ def test_one_island_cannot_hold_more_than_its_share_of_connections(
         daemon=True,
     )
     first.start()  # waits in the group for island 1
-    _wait_for(lambda: server._per_island[0] == 1)
+    wait_for(lambda: server._per_island[0] == 1)
     with pytest.raises(ExchangeRefused, match="island 0 already runs 1 exchanges"):
         client.exchange(
             server.address, second[0].to_bytes(), payloads[0], answer_bytes=size, timeout_s=10

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from harness import self_signed_pair
+from harness import self_signed_pair, wait_for
 
 from diloco.codecs import build_codec
 from diloco.codecs.base import HEADER_BYTES
@@ -204,13 +204,6 @@ def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, out
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    limit = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < limit, "condition not met in time"
-        time.sleep(0.02)
 
 
 def test_forged_and_altered_tickets_are_refused_and_the_round_closes(group: Group) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from harness import run_threads, self_signed_pair
+from harness import run_threads, self_signed_pair, wait_for
 
 from diloco.aggregate import weighted_mean
 from diloco.codecs import build_codec
@@ -174,7 +174,9 @@ def test_the_data_plane_and_the_grpc_stream_give_the_same_bits(
             assert running.coordinator.state_sha256() == params_sha256(anchor)
             host = running.server.dataplane
             if dataplane:
-                assert host is not None and host.server.exchanges_completed == 6
+                assert host is not None
+                server = host.server  # counts an exchange once its answer is sent:
+                wait_for(lambda: server.exchanges_completed == 6)  # noqa: B023 (waited here)
             else:
                 assert host is None
             seen[dataplane] = (means[0], running.coordinator.state_sha256())
