@@ -35,6 +35,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,9 @@ def measure_grpc(
     settings = grpc_settings(f"{HOST}:{server.port}", path, tls)
     try:
         per_island = _run_islands(
-            _grpc_island, n, (n, numel, codec_name, settings, rounds), with_barrier=True
-        )
+            _grpc_island, n, (n, numel, codec_name, settings, rounds), with_barrier=True,
+            between_rounds=coordinator.flush, rounds=rounds,
+        )  # fmt: skip
     finally:
         server.stop(0)
     payload_bytes = per_island[0][1]
@@ -260,10 +262,29 @@ def measure_gloo(numel: int, n: int, rounds: int) -> list[float]:
 # --- running islands --------------------------------------------------------------------------
 
 
-def _run_islands(target: Any, n: int, args: tuple[Any, ...], with_barrier: bool) -> list[Any]:
+def _run_islands(
+    target: Any,
+    n: int,
+    args: tuple[Any, ...],
+    with_barrier: bool,
+    between_rounds: Callable[[], None] | None = None,
+    rounds: int = 0,
+) -> list[Any]:
+    """Run `target` in n island processes; with `between_rounds`, this process joins each
+    round's barrier too, once `between_rounds()` returned (the coordinator's work left from the
+    previous round, which a real run hides behind H inner steps, stays out of the next one's
+    time)."""
     context = mp.get_context("spawn")
     results = context.Queue()
-    barrier = context.Barrier(n)
+    barrier = context.Barrier(n + (between_rounds is not None))
+    if between_rounds is not None:
+
+        def settle_each_round() -> None:
+            for _ in range(rounds):
+                between_rounds()
+                barrier.wait()
+
+        threading.Thread(target=settle_each_round, daemon=True).start()
     processes = [
         context.Process(target=target, args=(rank, *args, barrier, results)) for rank in range(n)
     ]
