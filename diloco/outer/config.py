@@ -201,20 +201,21 @@ class OuterConfig:
     @property
     def step_lr(self) -> float:
         """outer.lr, or its several-islands default while unset."""
-        value = STEP_DEFAULTS["lr"] if self.lr is None else self.lr
-        return float(value)
+        return float(self._settled("lr"))
 
     @property
     def step_momentum(self) -> float:
-        """outer.momentum, settled."""
-        value = STEP_DEFAULTS["momentum"] if self.momentum is None else self.momentum
-        return float(value)
+        """outer.momentum, or its several-islands default while unset."""
+        return float(self._settled("momentum"))
 
     @property
     def step_nesterov(self) -> bool:
-        """outer.nesterov, settled."""
-        value = STEP_DEFAULTS["nesterov"] if self.nesterov is None else self.nesterov
-        return bool(value)
+        """outer.nesterov, or its several-islands default while unset."""
+        return bool(self._settled("nesterov"))
+
+    def _settled(self, key: str) -> float | bool:
+        value: float | bool | None = getattr(self, key)
+        return STEP_DEFAULTS[key] if value is None else value
 
     @property
     def streaming(self) -> bool:
