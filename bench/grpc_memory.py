@@ -37,6 +37,7 @@ from diloco.outer.sync import OuterHyperparams, OuterSync
 from diloco.transports.dataplane.config import DataPlaneConfig
 from diloco.transports.grpc import Coordinator, CoordinatorServer, GrpcTransport, RoundRules
 from diloco.transports.grpc.config import GrpcTransportConfig
+from diloco.transports.grpc.os_memory import return_freed_buffers_to_the_os
 
 TOKEN = "bench-memory-token-0123456789"
 PATHS = ("dataplane", "grpc-stream")
@@ -74,9 +75,17 @@ class Wide(torch.nn.Module):
 
 
 def _coordinator(
-    numel: int, rounds: int, path: str, folder: str | None, out: Any, done: Any
+    numel: int,
+    rounds: int,
+    path: str,
+    folder: str | None,
+    keep_malloc_defaults: bool,
+    out: Any,
+    done: Any,
 ) -> None:
     torch.set_num_threads(1)
+    if not keep_malloc_defaults:
+        return_freed_buffers_to_the_os()  # as `diloco-island` does in a coordinator process
     rules = RoundRules(run_id="memory", rounds=rounds, islands=ISLANDS, min_islands=ISLANDS)
     outer = SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
     state_dir = None if folder is None else Path(folder) / "coordinator"
@@ -131,14 +140,17 @@ Figures = tuple[int, int, int | None, int | None]
 """(baseline, peak, peak of the training steps, peak of the syncs), kB; None: not an island."""
 
 
-def measure(numel: int, rounds: int, path: str, persist: bool) -> dict[str, Figures]:
-    """process -> its figures; `persist`: the coordinator saves its state."""
+def measure(
+    numel: int, rounds: int, path: str, persist: bool, malloc_defaults: bool = False
+) -> dict[str, Figures]:
+    """process -> its figures; `persist`: the coordinator saves its state; `malloc_defaults`:
+    the coordinator keeps glibc's dynamic mmap threshold (diloco/transports/grpc/os_memory.py)."""
     context = mp.get_context("spawn")
     out, done = context.Queue(), context.Event()
     with tempfile.TemporaryDirectory() as folder:
         coordinator = context.Process(
             target=_coordinator,
-            args=(numel, rounds, path, folder if persist else None, out, done),
+            args=(numel, rounds, path, folder if persist else None, malloc_defaults, out, done),
         )
         coordinator.start()
         kind, port = out.get(timeout=600)
@@ -171,6 +183,11 @@ def main() -> None:
     parser.add_argument(
         "--no-persist", action="store_true", help="the coordinator keeps its state in memory only"
     )
+    parser.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="the coordinator keeps glibc's dynamic mmap threshold (what it did before)",
+    )
     args = parser.parse_args()
     numel = int(args.numel)
     payload_mib = build_codec("none").payload_bytes(numel) / MIB
@@ -187,7 +204,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for path in args.paths:
         started = time.perf_counter()
-        figures = measure(numel, args.rounds, path, not args.no_persist)
+        figures = measure(numel, args.rounds, path, not args.no_persist, args.malloc_defaults)
         for name, (baseline, peak, train_peak, sync_peak) in sorted(figures.items()):
             phases = [
                 "—" if kb is None else f"{(kb - baseline) / 1024 / payload_mib:.2f}x"

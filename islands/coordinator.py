@@ -28,6 +28,7 @@ from diloco.transports.grpc.hosting import (
     start_coordinator,
     summary,
 )
+from diloco.transports.grpc.os_memory import return_freed_buffers_to_the_os
 from diloco.transports.grpc.security import read_token
 from islands.fingerprint import group_settings
 
@@ -46,6 +47,7 @@ def run_coordinator(config: IslandConfig) -> dict[str, Any]:
 
     Returns the summary, also written to <run.dir>/coordinator/summary.json.
     """
+    return_freed_buffers_to_the_os()  # a long-running server: see os_memory.py
     outer = config.outer
     setup = TransportSetup(
         config=config.transport,

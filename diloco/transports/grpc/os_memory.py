@@ -1,0 +1,47 @@
+"""A long-running coordinator gives freed model-sized buffers back to the operating system.
+
+glibc's malloc serves a request of at least its mmap threshold with a mapping of its own, which
+`free` unmaps at once; smaller ones come from heaps that keep what is freed for reuse. The
+threshold is dynamic: each time a mapped block is freed it rises to that block's size (up to
+32 MiB), so after the first rounds every buffer up to 32 MiB (the data plane's chunk buffers,
+grpc's messages, a small model's means) lands in heaps that one thread per stream fragments and
+never trims. Measured with `bench/grpc_memory.py` (docs/results/streaming.md, "Memory"): a
+coordinator's RSS above its baseline was 14.6x its payload at 8M parameters and 3.6x at 64M,
+against 3.9x and 3.2x with the threshold fixed at 1 MiB.
+
+Only the standalone coordinator sets it: an island's inner loop allocates many tensors above
+1 MiB every step, and torch's CPU allocator keeps no cache of its own, so there each one would
+be a new mapping and its page faults.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's <malloc.h>
+MMAP_THRESHOLD_BYTES = 1 << 20
+"""Blocks from this size up are mapped on their own and unmapped when freed."""
+
+
+def return_freed_buffers_to_the_os(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fix malloc's mmap threshold at `threshold_bytes` for this process (glibc on Linux).
+
+    Returns:
+        Whether it was set; False elsewhere (another libc or system: nothing changes).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    done = bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+    if not done:
+        log.debug("mallopt(M_MMAP_THRESHOLD) was refused: freed buffers may stay in the heap")
+    return done
