@@ -22,7 +22,7 @@ the payload size. An island's share includes the answer buffer (1x: the mean it 
 Median over `--reps` rounds after one warm-up round.
 
     python bench/dataplane.py [--sizes 25e6 124e6] [--islands 2 4] [--codecs none int8]
-                              [--reps 3] [--chunk-bytes 4194304] [--socket-buffer-bytes 4194304]
+                              [--reps 3] [--chunk-bytes 4194304] [--socket-buffer-bytes 0]
 """
 
 from __future__ import annotations
@@ -368,7 +368,7 @@ def main() -> None:
     parser.add_argument("--codecs", nargs="+", default=["none", "int8"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--chunk-bytes", type=int, default=4 << 20)
-    parser.add_argument("--socket-buffer-bytes", type=int, default=4 << 20)
+    parser.add_argument("--socket-buffer-bytes", type=int, default=0)
     parser.add_argument(
         "--coordinator-threads", type=int, default=0, help="torch threads (0: torch's default)"
     )

@@ -96,6 +96,7 @@ def _grpc_island(
         start = time.perf_counter()
         result = transport.average(payload, 1.0, round, sha)
         times.append(time.perf_counter() - start)
+        barrier.wait()  # every island has its mean: the coordinator settles its outer step
         assert result.participants == n and result.adopt is None
         nesterov_step_(anchor, result.mean, momentum, lr=0.7, mu=0.9)
     transport.close()
@@ -270,10 +271,10 @@ def _run_islands(
     between_rounds: Callable[[], None] | None = None,
     rounds: int = 0,
 ) -> list[Any]:
-    """Run `target` in n island processes; with `between_rounds`, this process joins each
-    round's barrier too, once `between_rounds()` returned (the coordinator's work left from the
-    previous round, which a real run hides behind H inner steps, stays out of the next one's
-    time)."""
+    """Run `target` in n island processes; with `between_rounds`, this process joins the
+    barrier the islands pass at each round's start and end too, and runs `between_rounds()`
+    between the two (the coordinator's work left from a round, which a real run hides behind
+    H inner steps, stays out of the next one's time)."""
     context = mp.get_context("spawn")
     results = context.Queue()
     barrier = context.Barrier(n + (between_rounds is not None))
@@ -281,8 +282,9 @@ def _run_islands(
 
         def settle_each_round() -> None:
             for _ in range(rounds):
+                barrier.wait()  # the round starts
+                barrier.wait()  # every island has its answer
                 between_rounds()
-                barrier.wait()
 
         threading.Thread(target=settle_each_round, daemon=True).start()
     processes = [

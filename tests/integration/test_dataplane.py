@@ -179,6 +179,7 @@ def test_every_island_gets_the_encoded_weighted_mean(
     assert outcome is not None and outcome.mean_payload is not None
     assert torch.equal(outcome.mean_payload, expected)
     wait_for(lambda: server.exchanges_completed == count)  # counted after the answer's send
+    assert exchange.answers_sent(10.0)  # the server told the sink (the outer step waits)
     assert server.refusals() == {}
 
 

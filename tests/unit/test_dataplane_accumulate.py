@@ -20,12 +20,14 @@ from diloco.transports.dataplane.accumulate import (
     LockstepAccumulator,
     ParticipantFailed,
 )
-from diloco.transports.dataplane.codec_chunks import chunk_codec
+from diloco.transports.dataplane.codec_chunks import chunk_codec, decodes_finite
 from diloco.transports.dataplane.framing import ExchangeAborted, ExchangeRefused, StreamError
 from diloco.transports.dataplane.lockstep import LockstepExchange
 from diloco.transports.dataplane.tickets import Ticket, TicketFields
 
 pytestmark = pytest.mark.timeout(30)
+
+FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class MemoryReader:
@@ -214,6 +216,41 @@ def test_a_non_finite_value_is_traced_to_its_participant(bad: float) -> None:
     assert caught.value.reason == "refused"
 
 
+@pytest.mark.parametrize(
+    ("codec_name", "proves"),
+    [("int8", True), ("fp4", True), ("topk", True), ("fp8", False), ("none", False)],
+)
+def test_a_prefix_proves_finite_values_only_where_it_can(codec_name: str, proves: bool) -> None:
+    codec, numel = build_codec(codec_name), 3000
+    payload = _payloads(codec, numel, 1, seed=14)[0]
+    chunked = chunk_codec(codec, numel)
+    assert chunked.finite_by_prefix(payload[: chunked.prefix_bytes]) is proves
+    assert decodes_finite(codec, payload, numel)
+
+
+def test_a_scale_too_large_for_every_code_falls_back_to_decoding() -> None:
+    """A hostile int8 payload: code -128 (the encoder writes -127..127) times a scale with
+    127 x scale finite but 128 x scale not."""
+    codec, numel = build_codec("int8"), 3000
+    payload = _payloads(codec, numel, 1, seed=15)[0]
+    chunked = chunk_codec(codec, numel)
+    payload[HEADER_BYTES : HEADER_BYTES + 4].view(torch.float32)[0] = FP32_MAX / 127.5
+    prefix = payload[: chunked.prefix_bytes]
+    assert not chunked.finite_by_prefix(prefix)
+    assert decodes_finite(codec, payload, numel)  # codes -127..127: still finite
+    payload[chunked.prefix_bytes] = 128  # the first code: -128 as int8
+    assert not decodes_finite(codec, payload, numel)
+
+
+def test_a_topk_payload_with_a_nan_value_is_not_finite() -> None:
+    codec, numel = build_codec("topk"), 3000
+    payload = _payloads(codec, numel, 1, seed=16)[0]
+    chunked = chunk_codec(codec, numel)
+    payload[HEADER_BYTES : HEADER_BYTES + 2].view(torch.float16)[0] = float("nan")
+    assert not chunked.finite_by_prefix(payload[: chunked.prefix_bytes])
+    assert not decodes_finite(codec, payload, numel)
+
+
 def test_a_topk_index_beyond_its_block_is_refused() -> None:
     codec, numel = build_codec("topk", block_size=16), 160
     payloads = _payloads(codec, numel, 2, seed=8)
@@ -293,6 +330,33 @@ def test_every_participant_gets_the_encoded_mean() -> None:
         assert isinstance(answers[rank], torch.Tensor) and torch.equal(answers[rank], expected)  # type: ignore[arg-type]
     outcome = exchange.outcome(0)
     assert outcome is not None and outcome.failure is None
+
+
+def test_answers_are_sent_once_every_participant_is_answered() -> None:
+    """What the coordinator's outer step waits for (grpc/state_keeper.py)."""
+    codec, numel, weights = build_codec("none"), 100, {0: 1.0, 1: 1.0}
+    payloads = _payloads(codec, numel, 2, seed=13)
+    exchange = LockstepExchange(LockstepAccumulator(codec, numel), weights, deadline=1e18)
+    assert not exchange.answers_sent(0.0)
+    _connect_all(exchange, {rank: MemoryReader(payloads[rank]) for rank in weights}, 420)
+    assert not exchange.answers_sent(0.05)  # the mean exists; nobody was answered yet
+    exchange.answered(_ticket(1, 420))
+    assert not exchange.answers_sent(0.0)
+    later = threading.Timer(0.05, exchange.answered, args=(_ticket(0, 420),))
+    later.start()
+    assert exchange.answers_sent(10.0)  # woken by the last answer, not by the timeout
+    later.join()
+
+
+def test_a_failed_exchange_has_no_answers_to_wait_for() -> None:
+    codec, numel = build_codec("none"), 100
+    exchange = LockstepExchange(LockstepAccumulator(codec, numel), {0: 1.0}, deadline=1e18)
+    exchange.abort("the coordinator stops")
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(exchange.answers_sent(600.0)))
+    waiter.start()
+    waiter.join(timeout=10)  # at once, not after 600 s: no mean will ever be sent
+    assert got == [False]
 
 
 def test_a_participant_that_never_connects_aborts_the_exchange_at_the_deadline() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from harness import wait_for
 
 from diloco.aggregate import weighted_mean
 from diloco.codecs import Codec, build_codec
@@ -23,6 +24,7 @@ from diloco.outer.optimizers import SgdOuter
 from diloco.shared_state import SharedState, params_sha256
 from diloco.transports.dataplane.accumulate import Contribution as Stream
 from diloco.transports.dataplane.accumulate import LockstepAccumulator
+from diloco.transports.grpc import state_keeper
 from diloco.transports.grpc.coordinator import Coordinator, RoundAnswer
 from diloco.transports.grpc.dataplane_host import MemoryReader
 from diloco.transports.grpc.exchanges import (
@@ -32,6 +34,7 @@ from diloco.transports.grpc.exchanges import (
     TicketAnswer,
 )
 from diloco.transports.grpc.rounds import RoundRules
+from diloco.transports.grpc.state_keeper import ANSWERS_FIRST_S, AnswersSent
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -76,7 +79,9 @@ class FakeHost:
     def spec(self) -> GroupSpec:
         return self.groups[-1][0]
 
-    def finish(self, payloads: dict[int, torch.Tensor]) -> torch.Tensor:
+    def finish(
+        self, payloads: dict[int, torch.Tensor], answers_sent: AnswersSent | None = None
+    ) -> torch.Tensor:
         """End the latest exchange with the lockstep mean of the participants' payloads."""
         spec, codec, on_end = self.groups[-1]
         accumulator = LockstepAccumulator(codec, spec.numel, chunk_bytes=1024, prefetch=False)
@@ -85,7 +90,7 @@ class FakeHost:
             for rank, weight in spec.weights.items()
         ]
         mean = accumulator.encoded_mean(streams)
-        on_end(spec, GroupEnd(mean))
+        on_end(spec, GroupEnd(mean, answers_sent=answers_sent))
         return mean
 
     def fail(self, failed: tuple[int, ...], reason: str) -> None:
@@ -189,6 +194,55 @@ def test_a_round_fixes_its_participants_then_closes_with_the_exchanges_mean() ->
     nesterov_step_(anchor, expected, momentum, lr=0.7, mu=0.9)
     assert coordinator.state_sha256() == params_sha256(anchor)
     assert coordinator.last_closed is not None and coordinator.last_closed.ranks == (0, 1, 2)
+
+
+def close_round_zero(coordinator: Coordinator, host: FakeHost, answers_sent: AnswersSent) -> str:
+    """Round 0 exchanged by every island; the state's hash before its outer step."""
+    headers = Headers(coordinator)
+    for rank in range(3):
+        headers.start(rank)
+    headers.join()
+    before = coordinator.state_sha256()
+    host.finish(payloads(coordinator.codec, [0, 1, 2]), answers_sent)
+    assert coordinator.round == 1
+    return before
+
+
+def never_sent(timeout_s: float) -> bool:
+    time.sleep(timeout_s)
+    return False
+
+
+def test_the_outer_step_waits_for_the_answers_to_leave() -> None:
+    coordinator, host, _ = make_group()
+    sent = threading.Event()
+    before = close_round_zero(coordinator, host, lambda timeout_s: sent.wait(timeout_s))
+    time.sleep(0.3)
+    assert coordinator.keeper.sha == before  # the answers are still on their way
+    sent.set()
+    wait_for(lambda: coordinator.keeper.sha != before)
+
+
+def test_a_caller_that_needs_the_state_does_not_wait_for_the_answers() -> None:
+    coordinator, host, _ = make_group()
+    before = close_round_zero(
+        coordinator, host, lambda timeout_s: threading.Event().wait(timeout_s)
+    )
+    started = time.monotonic()
+    after = coordinator.state_sha256()  # settles: the step runs now, answers sent or not
+    assert after != before
+    assert time.monotonic() - started < ANSWERS_FIRST_S
+
+
+def test_answers_that_never_leave_delay_the_outer_step_a_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(state_keeper, "ANSWERS_FIRST_S", 0.2)
+    coordinator, host, _ = make_group()
+    before = close_round_zero(
+        coordinator, host, lambda timeout_s: threading.Event().wait(timeout_s)
+    )
+    wait_for(lambda: coordinator.keeper.sha != before)  # nobody settled: the limit passed
 
 
 def test_a_failed_participant_is_dropped_and_gets_the_mean_late() -> None:

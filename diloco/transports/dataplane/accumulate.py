@@ -28,7 +28,8 @@ nothing is emitted for a chunk that did not complete, and the caller retries the
 without that participant on new tickets):
 - a header, scale or index that is not the expected codec's: reason "refused";
 - a non-finite decoded value: reason "refused" (found on the accumulated chunk, then traced
-  to its participant by decoding that chunk of each again);
+  to its participant by decoding that chunk of each again; int8, fp4 and topk payloads whose
+  prefixes prove every value finite skip that pass, `ChunkCodec.finite_by_prefix`);
 - a stream that stalls, breaks, passes its deadline, or overruns its size: the stream's reason.
 
 Shape suffixes: `_n` elements of one chunk, `_N` of the whole vector.
@@ -107,7 +108,12 @@ class LockstepAccumulator:
         def emit(start: int, acc_n: torch.Tensor) -> None:
             chunked.encode_chunk(acc_n, payload, start)
 
-        self._run(contributions, emit, lambda a, b: chunked.verbatim_view(payload, a, b))
+        self._run(
+            contributions,
+            emit,
+            lambda a, b: chunked.verbatim_view(payload, a, b),
+            encode_refuses_overflow=True,
+        )
         return payload
 
     def mean_into(self, contributions: Sequence[Contribution], out_N: torch.Tensor) -> None:
@@ -129,9 +135,16 @@ class LockstepAccumulator:
         contributions: Sequence[Contribution],
         emit: Callable[[int, torch.Tensor], None],
         target: Callable[[int, int], torch.Tensor | None],
+        *,
+        encode_refuses_overflow: bool = False,
     ) -> None:
         alphas = mean_alphas(contributions)
         prefixes = [self._read_prefix(c) for c in contributions]
+        # Where every prefix proves its values finite, a non-finite mean can only be their
+        # sum's overflow, which `emit` refuses (ChunkCodec.encode_chunk): no pass to check.
+        check_each_chunk = not (
+            encode_refuses_overflow and all(map(self.chunked.finite_by_prefix, prefixes))
+        )
         width = self.chunk_elements
         starts = range(0, self.numel, width)
         sizes = [self._section_bytes(a, min(a + width, self.numel)) for a in starts]
@@ -157,7 +170,7 @@ class LockstepAccumulator:
                     if i == 0:
                         acc_n.zero_()
                     acc_n.add_(values_n, alpha=alphas[i])
-                if not all_finite(acc_n):
+                if check_each_chunk and not all_finite(acc_n):
                     self._blame_non_finite(contributions, prefixes, wire, start, scratch_n)
                 for stream in streams:
                     stream.release()

@@ -53,7 +53,7 @@ class DataPlaneClient:
         tls: ssl.SSLContext | None,
         insecure: bool = False,
         inactivity_timeout_s: float = 60.0,
-        socket_buffer_bytes: int = 4 << 20,
+        socket_buffer_bytes: int = 0,
         server_name: str = TLS_SERVER_NAME,
     ):
         """

@@ -53,6 +53,7 @@ from diloco.codecs.fp8 import Fp8Codec, fp8_decode, fp8_encode
 from diloco.codecs.int8 import Int8Codec, int8_decode, int8_encode
 from diloco.codecs.topk import TopKCodec, topk_decode, topk_encode, topk_sizes
 
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 _CHECK_ELEMENTS = 1 << 20
 """Elements `decodes_finite` decodes at a time."""
 # The header layout of diloco/codecs/base.py, parsed only to explain a mismatch.
@@ -77,6 +78,13 @@ class ChunkCodec(Protocol):
         """Raise PayloadError unless the prefix is this codec's for `numel` elements."""
         ...
 
+    def finite_by_prefix(self, prefix: torch.Tensor) -> bool:
+        """Whether a checked prefix alone proves that every element decodes to a finite value
+        (int8 / fp4: every code's magnitude times the largest scale stays within fp32; topk:
+        the kept values are finite); False where only the section can tell (none, fp16,
+        bf16, and fp8, whose codes include NaN). Reading only the prefix costs O(N / B)."""
+        ...
+
     def decode_chunk(
         self, prefix: torch.Tensor, section: torch.Tensor, start: int, scratch_n: torch.Tensor
     ) -> torch.Tensor:
@@ -86,9 +94,11 @@ class ChunkCodec(Protocol):
 
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         """Write the encoding of elements [start, start + len(x_n)) into `payload` (the whole
-        payload buffer). `x_n` is finite: the caller checked (the accumulator does, once per
-        chunk, to blame a participant), so a codec need not pass over it again; ValueError for
-        values the codec cannot hold (beyond fp16's range)."""
+        payload buffer). ValueError for values the codec cannot hold (beyond fp16's range).
+        The accumulator checks `x_n` is finite before (to blame a participant), except where
+        every contribution's prefix proved its values finite (`finite_by_prefix`): then only
+        an overflow of their sum can put an inf in `x_n`, and every codec whose prefix can
+        prove it (int8, fp4, topk) refuses an inf with ValueError."""
         ...
 
     def verbatim_view(self, payload: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
@@ -156,6 +166,8 @@ def decodes_finite(codec: Codec, payload: torch.Tensor, numel: int) -> bool:
     scratch_n = empty(min(step, numel), torch.float32, payload.device)
     try:
         chunked.check_prefix(prefix)
+        if chunked.finite_by_prefix(prefix):
+            return True
         for start in range(0, numel, step):
             stop = min(start + step, numel)
             begin = chunked.prefix_bytes + chunked.section_offset(start)
@@ -208,6 +220,9 @@ class _CastChunks:
     def check_prefix(self, prefix: torch.Tensor) -> None:
         _check_header(prefix, self.header, self.name)
 
+    def finite_by_prefix(self, prefix: torch.Tensor) -> bool:
+        return False
+
     def decode_chunk(
         self, prefix: torch.Tensor, section: torch.Tensor, start: int, scratch_n: torch.Tensor
     ) -> torch.Tensor:
@@ -256,6 +271,15 @@ class _BlockChunks:
     def check_prefix(self, prefix: torch.Tensor) -> None:
         _check_header(prefix, self.header, self.name)
         scales_from_body(prefix[HEADER_BYTES:], self.nb, self.name)
+
+    def finite_by_prefix(self, prefix: torch.Tensor) -> bool:
+        if isinstance(self.codec, Fp8Codec) or self.nb == 0:
+            return self.nb == 0
+        # A value is one product code x scale, rounded once in fp32 (both decoders): below
+        # fp32's largest finite value exactly, it rounds to at most that value.
+        largest = 128.0 if isinstance(self.codec, Int8Codec) else max(self.codec.fmt.magnitudes)
+        scale_nb = scales_from_body(prefix[HEADER_BYTES:], self.nb, self.name)
+        return float(scale_nb.cpu().numpy().max()) * largest <= _FP32_MAX
 
     def _scales(self, buffer: torch.Tensor, start: int, count: int) -> torch.Tensor:
         b0, b1 = start // self.block, num_blocks(start + count, self.block)
@@ -333,6 +357,10 @@ class _TopKChunks:
 
     def check_prefix(self, prefix: torch.Tensor) -> None:
         _check_header(prefix, self.header, self.name)
+
+    def finite_by_prefix(self, prefix: torch.Tensor) -> bool:
+        # Every decoded value is a kept fp16 value or zero.
+        return all_finite(self._values(prefix, 0, self.numel))
 
     def _values(self, buffer: torch.Tensor, start: int, count: int) -> torch.Tensor:
         k0, k1 = self._kept_before(start), self._kept_before(start + count)

@@ -5,9 +5,10 @@ headers are in: its participants and their weights. It issues one ticket per par
 registers each with the data-plane server and this sink. Each participant's connection calls
 `on_payload`; the last one to arrive runs the accumulator over every participant's stream in
 rank order (diloco/transports/dataplane/accumulate.py), and every connection then answers
-with the same encoded mean. If any participant fails, or one never connects before the
-deadline, every connection answers ABORTED and `outcome()` says who failed: the control plane
-then issues a new attempt without that island (the others resend).
+with the same encoded mean and tells the sink once it is sent (`answered`; the coordinator's
+outer step waits for that: `answers_sent`). If any participant fails, or one never connects
+before the deadline, every connection answers ABORTED and `outcome()` says who failed: the
+control plane then issues a new attempt without that island (the others resend).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class LockstepExchange:
         self.clock = clock
         self._cond = threading.Condition()
         self._readers: dict[int, ChunkReader] = {}
+        self._answered: set[int] = set()
         self._running = False
         self._outcome: ExchangeOutcome | None = None
 
@@ -97,6 +99,24 @@ class LockstepExchange:
         if last:
             self._accumulate()
         return self._wait_answer()
+
+    def answered(self, ticket: Ticket) -> None:
+        """The connection of `ticket` is done: its answer was sent, or could not be."""
+        with self._cond:
+            self._answered.add(ticket.fields.island)
+            self._cond.notify_all()
+
+    def answers_sent(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for every participant's answer to be sent; whether they
+        were (False too for an exchange that failed: no mean was sent)."""
+        limit = self.clock() + timeout_s
+        with self._cond:
+            while not self._answered >= self.weights.keys():
+                left = limit - self.clock()
+                if left <= 0 or (self._outcome is not None and self._outcome.mean_payload is None):
+                    return False
+                self._cond.wait(left)
+            return True
 
     def abort(self, reason: str) -> None:
         """Abandon the exchange (e.g. the coordinator stops); no effect once it ended."""

@@ -67,6 +67,11 @@ class ExchangeSink(Protocol):
         """
         ...
 
+    def answered(self, ticket: Ticket) -> None:
+        """The connection of `ticket` is done with: its answer was sent, or could not be
+        (called once for every `on_payload`, whatever it returned or raised)."""
+        ...
+
 
 @dataclass(frozen=True)
 class _Expected:
@@ -326,6 +331,13 @@ class DataPlaneServer:
     def _exchange(self, conn: socket.socket, expected: _Expected) -> None:
         ticket, inactivity_s = expected.ticket, self.settings.inactivity_timeout_s
         reader = PayloadReader(conn, ticket.fields.payload_bytes, expected.deadline, inactivity_s)
+        try:
+            self._answer(conn, expected, reader)
+        finally:
+            expected.sink.answered(ticket)
+
+    def _answer(self, conn: socket.socket, expected: _Expected, reader: PayloadReader) -> None:
+        ticket, inactivity_s = expected.ticket, self.settings.inactivity_timeout_s
         try:
             answer = expected.sink.on_payload(ticket, reader)
             reader.finish()

@@ -29,7 +29,7 @@ from diloco.transports.grpc.rounds import (
     RoundRules,
     close_round,
 )
-from diloco.transports.grpc.state_keeper import StateKeeper
+from diloco.transports.grpc.state_keeper import AnswersSent, StateKeeper
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,12 @@ class RoundCloser:
         )
         self.finish(opened, closed)
 
-    def finish(self, opened: OpenRound, closed: ClosedRound) -> None:
+    def finish(
+        self, opened: OpenRound, closed: ClosedRound, answers_sent: AnswersSent | None = None
+    ) -> None:
         """Close `opened` as `closed`: its record kept, the next round open, the outer step
-        with its mean started in the background, the waiting islands woken."""
+        with its mean started in the background (once `answers_sent`, where the answers
+        leave by another path: the data plane), the waiting islands woken."""
         missing = self.membership.mark_missing(set(opened.pending))
         if missing:
             log.warning(
@@ -142,7 +145,7 @@ class RoundCloser:
         # The islands get their answer now; the outer step, the new state's hash and its copy
         # on disk follow in the background (nothing reads the state before `settle`). A
         # coordinator killed in between restarts one round back: the islands then adopt that.
-        self.keeper.step_in_background(closed.mean_payload, self._after_step(closed))
+        self.keeper.step_in_background(closed.mean_payload, self._after_step(closed), answers_sent)
         self.cond.notify_all()
 
     def _after_step(self, closed: ClosedRound) -> Callable[[str], dict[str, Any]]:

@@ -108,6 +108,9 @@ class _Group:
         finally:
             self.report()  # before this connection is answered: the round closes first
 
+    def answered(self, ticket: Ticket) -> None:
+        self.exchange.answered(ticket)
+
     def report(self) -> bool:
         """Tell the control how the exchange ended, once; whether it has ended."""
         outcome = self.exchange.outcome(timeout_s=0)
@@ -122,7 +125,7 @@ class _Group:
 
     def _end(self, outcome: ExchangeOutcome, connected: set[int]) -> GroupEnd:
         if outcome.mean_payload is not None:
-            return GroupEnd(outcome.mean_payload)
+            return GroupEnd(outcome.mean_payload, answers_sent=self.exchange.answers_sent)
         failure = outcome.failure
         if failure is None:
             return GroupEnd(None, (), "aborted", outcome.aborted)
@@ -235,4 +238,7 @@ class DataPlaneHost:
             group = self._by_ticket.get(parsed.ticket_id)
         if group is None or not self.server.withdraw(parsed):
             raise ExchangeRefused("unknown-ticket", "the ticket is not waiting for a payload")
-        return group.on_payload(parsed, MemoryReader(payload))
+        try:
+            return group.on_payload(parsed, MemoryReader(payload))
+        finally:  # the grpc call answers with it, in a thread the host does not see
+            group.answered(parsed)

@@ -46,6 +46,7 @@ from diloco.transports.grpc.rounds import (
     OpenRound,
     RefusedPayload,
 )
+from diloco.transports.grpc.state_keeper import AnswersSent
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class GroupEnd:
     failed: tuple[int, ...] = ()
     reason: str = ""
     message: str = ""
+    answers_sent: AnswersSent | None = None
+    """With a mean: waits for every participant's answer to leave (the outer step waits)."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,7 @@ class ExchangeControl:
                 return  # an attempt given up already
             self.attempt = None
             if end.mean_payload is not None:
-                self._close(end.mean_payload, tuple(spec.weights))
+                self._close(end.mean_payload, tuple(spec.weights), end.answers_sent)
                 answer = RoundAnswer(spec.round, len(spec.weights), "", end.mean_payload)
                 for rank in spec.weights:
                     self._answered(rank, answer)
@@ -276,7 +279,12 @@ class ExchangeControl:
             end.message[:300],
         )
 
-    def _close(self, mean_payload: torch.Tensor | None, ranks: tuple[int, ...]) -> None:
+    def _close(
+        self,
+        mean_payload: torch.Tensor | None,
+        ranks: tuple[int, ...],
+        answers_sent: AnswersSent | None = None,
+    ) -> None:
         closer = self.closer
         opened = closer.open
         if mean_payload is None:
@@ -293,4 +301,4 @@ class ExchangeControl:
             dropped=self._dropped,
         )
         closer.deadline.observe_round(opened.offsets)
-        closer.finish(opened, closed)
+        closer.finish(opened, closed, answers_sent)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,12 @@ from diloco.transports.dataplane.codec_chunks import decode_view
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 << 20
+ANSWERS_FIRST_S = 5.0
+"""The longest a round's outer step waits for the round's answers to leave."""
+_ANSWER_POLL_S = 0.02
+
+AnswersSent = Callable[[float], bool]
+"""Wait up to the given seconds for a round's answers to be sent; whether they all were."""
 
 
 class StateChanged(RuntimeError):
@@ -50,6 +57,7 @@ class StateKeeper:
         self.generation = 0
         self._lock = threading.Lock()  # held while the tensors change or a chunk is copied
         self._worker: threading.Thread | None = None
+        self._hurry = threading.Event()
         self._error: BaseException | None = None
 
     @property
@@ -65,21 +73,33 @@ class StateKeeper:
         self._save(persist)
 
     def step_in_background(
-        self, mean_payload: torch.Tensor, persist: Callable[[str], dict[str, Any]]
+        self,
+        mean_payload: torch.Tensor,
+        persist: Callable[[str], dict[str, Any]],
+        answers_sent: AnswersSent | None = None,
     ) -> None:
         """Apply the round's mean, hash and save, in a background thread.
 
-        `persist(sha_after)` returns what to save next to the state.
+        `persist(sha_after)` returns what to save next to the state. With `answers_sent`, the
+        step first waits for the round's answers to leave (for at most ANSWERS_FIRST_S, and
+        no longer once a caller needs the state: `settle`): the islands wait for their answer,
+        nobody waits for the step until the next round, and on a machine with few cores the
+        step's passes over the state would otherwise slow the sending of the answers.
         """
         self.settle()
+        self._hurry.clear()
         self._worker = threading.Thread(
-            target=self._step, args=(mean_payload, persist), name="outer-step", daemon=True
+            target=self._step,
+            args=(mean_payload, persist, answers_sent),
+            name="outer-step",
+            daemon=True,
         )
         self._worker.start()
 
     def settle(self) -> None:
         """Wait for the previous round's step and save; re-raise their failure."""
         if self._worker is not None:
+            self._hurry.set()
             self._worker.join()
             self._worker = None
         if self._error is not None:
@@ -105,7 +125,17 @@ class StateKeeper:
                     data = piece.contiguous().numpy().tobytes()
                 yield data
 
-    def _step(self, mean_payload: torch.Tensor, persist: Callable[[str], dict[str, Any]]) -> None:
+    def _step(
+        self,
+        mean_payload: torch.Tensor,
+        persist: Callable[[str], dict[str, Any]],
+        answers_sent: AnswersSent | None,
+    ) -> None:
+        if answers_sent is not None:
+            until = time.monotonic() + ANSWERS_FIRST_S
+            while not self._hurry.is_set() and time.monotonic() < until:
+                if answers_sent(_ANSWER_POLL_S):
+                    break
         try:
             assert self.state is not None
             state = self.state
