@@ -88,10 +88,11 @@ def _grpc_island(
     transport.join([], {"model": "bench"})
     anchor, momentum = torch.zeros(numel), torch.zeros(numel)
     transport.shared_state(SharedState(0, anchor, {"momentum": momentum}))
-    payload = codec.encode(torch.randn(numel, generator=torch.Generator().manual_seed(rank)) * 1e-3)
+    delta = torch.randn(numel, generator=torch.Generator().manual_seed(rank)) * 1e-3
     times = []
     for round in range(rounds):
         sha = params_sha256(anchor)
+        payload = codec.encode(delta)  # handed over: the data plane reads the mean into it
         barrier.wait()
         start = time.perf_counter()
         result = transport.average(payload, 1.0, round, sha)

@@ -72,6 +72,10 @@ class Transport(Protocol):
 
         `params_sha256` is the hash of the shared parameters the payload was computed from;
         transports that keep the shared state check it (the others may ignore it).
+
+        The caller hands `payload` over: a transport may write into its buffer (grpc's data
+        plane reads the mean back into it, which saves a model-sized buffer), so the caller
+        must not read it afterwards; the result's mean may be a view of that buffer.
         """
         ...
 

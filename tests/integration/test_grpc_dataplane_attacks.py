@@ -29,8 +29,9 @@ from diloco.codecs import build_codec
 from diloco.codecs.base import HEADER_BYTES
 from diloco.outer.optimizers import SgdOuter
 from diloco.shared_state import SharedState, params_sha256
+from diloco.transports.dataplane import server as dataplane_server
 from diloco.transports.dataplane.config import DataPlaneConfig
-from diloco.transports.dataplane.framing import pack_hello
+from diloco.transports.dataplane.framing import StreamError, pack_hello
 from diloco.transports.dataplane.tickets import Ticket, TicketFields
 from diloco.transports.dataplane.tls import client_context
 from diloco.transports.grpc import coordinator_pb2 as pb
@@ -337,3 +338,50 @@ def test_slowloris_and_a_flood_on_the_data_port_are_bounded(group: Group) -> Non
         sock.close()
     assert group.coordinator.stats.participants == [2, 2]
     assert group.coordinator.stats.refused_payloads == 0
+
+
+def test_an_island_reads_the_mean_into_its_payloads_buffer(group: Group) -> None:
+    """No model-sized buffer is allocated for the answer: the payload was handed over."""
+    round, sha = group.coordinator.round, params_sha256(group.anchor)
+    payloads = {rank: CODEC.encode(honest_delta(rank, round)) for rank in (0, 1)}
+    expected = torch.stack([honest_delta(rank, round) for rank in (0, 1)]).mean(dim=0)
+    results: dict[int, Any] = {}
+
+    def run(rank: int) -> None:
+        results[rank] = group.islands[rank].average(payloads[rank], 100.0, round, sha)
+
+    threads = [threading.Thread(target=run, args=(rank,), daemon=True) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for rank in (0, 1):
+        mean = results[rank].mean
+        assert mean.untyped_storage().data_ptr() == payloads[rank].untyped_storage().data_ptr()
+        assert torch.allclose(mean, expected, atol=1e-7)
+        assert torch.equal(payloads[rank][HEADER_BYTES:].view(torch.float32), mean)
+
+
+def test_an_answer_that_breaks_midway_still_gives_the_island_the_mean(
+    group: Group, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator's answer to one island breaks after half its bytes: that island's
+    payload buffer holds half a mean, so it cannot send again; it asks again and gets the
+    round's mean on grpc (the exchange had completed), and the state is the honest one."""
+    send_all = dataplane_server.send_all
+    broken: list[int] = []
+
+    def break_first_answer(
+        conn: socket.socket, view: memoryview, *, deadline: float, inactivity_s: float, what: str
+    ) -> None:
+        if what == "answer" and len(view) > HEADER_BYTES and not broken:
+            broken.append(len(view))
+            half = view[: len(view) // 2]
+            send_all(conn, half, deadline=deadline, inactivity_s=inactivity_s, what=what)
+            raise StreamError("broken", "this test breaks the answer")
+        send_all(conn, view, deadline=deadline, inactivity_s=inactivity_s, what=what)
+
+    monkeypatch.setattr(dataplane_server, "send_all", break_first_answer)
+    group.honest_round([0, 1])  # checks both means and the coordinator's state
+    assert broken == [CODEC.payload_bytes(NUMEL)]
+    assert group.refusals.get("answer-broken") == 1

@@ -8,7 +8,9 @@ waits at most `inactivity_timeout_s`, and the whole exchange ends by `timeout_s`
 What the caller does with each error: ExchangeAborted -> ask the control plane for a new
 ticket (another island failed; resend); ExchangeRefused -> the server will not take this
 ticket (ask the control plane what to do); StreamError / DataPlaneError("unreachable") ->
-the connection failed: ask the control plane, which knows whether the round still waits.
+the connection failed: ask the control plane, which knows whether the round still waits
+(AnswerBroken, a StreamError after the answer's OK header: the exchange had completed, so
+the control plane has the round's mean for it).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from diloco.transports.dataplane.framing import (
     MAX_REASON_BYTES,
     SEND_SLICE_BYTES,
     TRAILER,
+    AnswerBroken,
     DataPlaneError,
     ExchangeAborted,
     ExchangeRefused,
@@ -87,8 +90,8 @@ class DataPlaneClient:
             answer_bytes: the answer's exact size (the mean payload's; larger is refused).
             timeout_s: the whole exchange's limit, from now.
             answer_into: a uint8 tensor of `answer_bytes` to receive into (it may be
-                `payload` itself: it is fully sent before any answer byte arrives; but a
-                broken answer then leaves no payload to resend).
+                `payload` itself: it is fully sent before any answer byte arrives; but an
+                answer that breaks, AnswerBroken, then leaves no payload to resend).
 
         Raises:
             ExchangeAborted, ExchangeRefused, StreamError, DataPlaneError: see the module
@@ -187,9 +190,12 @@ class DataPlaneClient:
         answer = answer_into if answer_into is not None else empty(length, torch.uint8, _CPU)
         if answer.dtype != torch.uint8 or answer.numel() != length or not answer.is_contiguous():
             raise ValueError(f"answer_into must be a contiguous uint8 tensor of {length} bytes")
-        recv_exact_into(
-            conn, answer.numpy().data, deadline=deadline, inactivity_s=wait_s, what="answer"
-        )
+        try:
+            recv_exact_into(
+                conn, answer.numpy().data, deadline=deadline, inactivity_s=wait_s, what="answer"
+            )
+        except StreamError as error:
+            raise AnswerBroken(error.reason, str(error)) from None
         return answer
 
 

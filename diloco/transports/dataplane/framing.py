@@ -79,6 +79,11 @@ class StreamError(DataPlaneError):
     deadline ("deadline") or sent more than it should ("overrun")."""
 
 
+class AnswerBroken(StreamError):
+    """The answer's stream failed after its OK header: the buffer it was being read into holds
+    part of it (an island that reads the mean into its payload's buffer cannot resend)."""
+
+
 class ExchangeRefused(DataPlaneError):
     """The server refused the exchange and said why (reason "refused")."""
 

@@ -31,7 +31,7 @@ from diloco.codecs.base import Codec
 from diloco.shared_state import SharedState, params_sha256
 from diloco.transports.base import AverageResult, GroupMismatchError
 from diloco.transports.dataplane.codec_chunks import decode_view, decodes_finite
-from diloco.transports.dataplane.framing import DataPlaneError
+from diloco.transports.dataplane.framing import AnswerBroken, DataPlaneError
 from diloco.transports.grpc import coordinator_pb2 as pb
 from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
 from diloco.transports.grpc.config import GrpcTransportConfig
@@ -55,6 +55,9 @@ from diloco.transports.grpc.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+_SPENT_WAIT_S = 1.0
+"""Between asks while the coordinator still holds a ticket for a spent payload."""
 
 T = TypeVar("T")
 
@@ -316,27 +319,49 @@ class GrpcTransport:
         what, sent = f"averaging round {header.round}", payload.numel()
         expected = self.codec.payload_bytes(self.numel)
         deadline = time.monotonic() + self.settings.retry_s
+        spent = False  # the payload's buffer holds part of a broken answer
         while True:
             try:
                 reply, replies = self._retrying(what, lambda: self._ask(header, timeout_s))
             except _NoDataPlane:
+                if spent:  # nothing left to send on grpc either
+                    raise ConnectionError(
+                        f"the coordinator at {self.settings.address} lost its data plane while "
+                        f"{what}, after this island's payload was spent"
+                    ) from None
                 log.warning("the coordinator has no data plane: payloads go on grpc")
                 self._dataplane = None
                 return None
             if not reply.ticket:  # the round's mean (late or retried), or a state to adopt
                 return self._read_answer(reply, replies, home, sent)
+            if spent:
+                # Only a coordinator restarted from an older state asks for a payload again
+                # after its answer began: the round goes on without this island (dropped at
+                # the ticket's connect deadline), which then gets the round's mean.
+                log.warning(
+                    "%s: the payload was overwritten by a broken answer; waiting for "
+                    "the round's mean without contributing",
+                    what,
+                )
+                self._give_up_by(deadline, what, "the payload is spent")
+                time.sleep(_SPENT_WAIT_S)
+                continue
             try:
                 mean_payload = self._dataplane.exchange(reply, payload, expected, timeout_s)
             except DataPlaneError as error:
-                if time.monotonic() > deadline:
-                    raise ConnectionError(
-                        f"the data plane of the coordinator at {self.settings.address} failed "
-                        f"for {self.settings.retry_s:.0f} s while {what} (last error: {error})"
-                    ) from None
+                self._give_up_by(deadline, what, str(error))
+                spent = isinstance(error, AnswerBroken)
                 log.warning("%s on the data plane: %s; asking the coordinator again", what, error)
                 continue
             mean = decode_view(self.codec, mean_payload, self.numel).to(home)
             return AverageResult(mean, reply.participants, sent, expected)
+
+    def _give_up_by(self, deadline: float, what: str, last_error: str) -> None:
+        if time.monotonic() > deadline:
+            raise ConnectionError(
+                f"the data plane of the coordinator at {self.settings.address} failed for "
+                f"{self.settings.retry_s:.0f} s while {what} (last error: {last_error})"
+            )
 
     def _ask(
         self, header: pb.AverageHeader, timeout_s: float
