@@ -11,12 +11,12 @@ torch, grpc, the server, no model yet), then the peak (Linux VmHWM, reset after 
 baseline) over `--rounds` rounds of one inner step each; the table gives the peak over the
 payload, the whole process's and above its baseline, and for an island the peaks of its two
 phases apart (VmHWM reset before each): the training step (AdamW's own temporaries
-included) and the sync (what the outer step and the transport add). One row per path: the data plane
-(transport.grpc.dataplane, the default) and the grpc stream (dataplane.enabled=false: the
-path every payload took before the data plane).
+included: `--tensors` splits the model) and the sync (what the outer step and the transport
+add). One row per path: the data plane (transport.grpc.dataplane, the default) and the grpc
+stream (dataplane.enabled=false: the path every payload took before the data plane).
 
     python bench/grpc_memory.py [--numel 64e6] [--rounds 3] [--paths dataplane grpc-stream]
-                                [--no-persist]
+                                [--tensors 1] [--no-persist] [--malloc-defaults]
 """
 
 from __future__ import annotations
@@ -63,15 +63,20 @@ def _settings(address: str, path: str) -> GrpcTransportConfig:
 
 
 class Wide(torch.nn.Module):
-    """`numel` parameters in one tensor; the loss touches each (a dense gradient) through a
-    sum, so no activation of the parameters' size exists."""
+    """`numel` parameters in `tensors` tensors of (nearly) equal size; the loss touches each
+    (a dense gradient) through a sum, so no activation of the parameters' size exists. One
+    tensor is the worst case for torch's AdamW, whose `step()` forms two temporaries of each
+    parameter's size, one parameter at a time; a transformer's largest tensor is a fraction of
+    it (GPT-2 small's embedding: 31 %)."""
 
-    def __init__(self, numel: int):
+    def __init__(self, numel: int, tensors: int = 1):
         super().__init__()
-        self.table = torch.nn.Parameter(torch.zeros(numel))
+        sizes = [numel // tensors + (i < numel % tensors) for i in range(tensors)]
+        self.tables = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(n)) for n in sizes)
 
     def forward(self, scale: torch.Tensor) -> torch.Tensor:
-        return (self.table.sum() * scale - 1.0).square()
+        total = torch.stack([table.sum() for table in self.tables]).sum()
+        return (total * scale - 1.0).square()
 
 
 def _coordinator(
@@ -100,7 +105,9 @@ def _coordinator(
     server.stop(0)
 
 
-def _island(rank: int, numel: int, rounds: int, path: str, port: int, out: Any) -> None:
+def _island(
+    rank: int, numel: int, tensors: int, rounds: int, path: str, port: int, out: Any
+) -> None:
     torch.set_num_threads(1)
     codec = build_codec("none")
     transport = GrpcTransport(
@@ -114,7 +121,7 @@ def _island(rank: int, numel: int, rounds: int, path: str, port: int, out: Any) 
     )
     baseline = _status_kb("VmRSS")
     _reset_peak()
-    model = Wide(numel)
+    model = Wide(numel, tensors)
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
     outer = SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
     sync = OuterSync(model.parameters(), transport, codec, outer, OuterHyperparams(inner_steps=1))
@@ -141,10 +148,16 @@ Figures = tuple[int, int, int | None, int | None]
 
 
 def measure(
-    numel: int, rounds: int, path: str, persist: bool, malloc_defaults: bool = False
+    numel: int,
+    rounds: int,
+    path: str,
+    persist: bool,
+    malloc_defaults: bool = False,
+    tensors: int = 1,
 ) -> dict[str, Figures]:
     """process -> its figures; `persist`: the coordinator saves its state; `malloc_defaults`:
-    the coordinator keeps glibc's dynamic mmap threshold (diloco/transports/grpc/os_memory.py)."""
+    the coordinator keeps glibc's dynamic mmap threshold (diloco/transports/grpc/os_memory.py);
+    `tensors`: how many tensors the islands' model has (`Wide`)."""
     context = mp.get_context("spawn")
     out, done = context.Queue(), context.Event()
     with tempfile.TemporaryDirectory() as folder:
@@ -156,7 +169,7 @@ def measure(
         kind, port = out.get(timeout=600)
         assert kind == "port"
         islands = [
-            context.Process(target=_island, args=(rank, numel, rounds, path, port, out))
+            context.Process(target=_island, args=(rank, numel, tensors, rounds, path, port, out))
             for rank in range(ISLANDS)
         ]
         for island in islands:
@@ -179,6 +192,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--numel", type=float, default=64e6)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--tensors",
+        type=int,
+        default=1,
+        help="the islands' model in this many equal tensors (1: the worst case for AdamW)",
+    )
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument(
         "--no-persist", action="store_true", help="the coordinator keeps its state in memory only"
@@ -192,8 +211,9 @@ def main() -> None:
     numel = int(args.numel)
     payload_mib = build_codec("none").payload_bytes(numel) / MIB
     print(
-        f"# peak RSS of {ISLANDS} islands and a coordinator, {numel / 1e6:.0f}M fp32 parameters, "
-        f"codec none (payload {payload_mib:.0f} MiB), {args.rounds} rounds; loopback"
+        f"# peak RSS of {ISLANDS} islands and a coordinator, {numel / 1e6:.0f}M fp32 parameters "
+        f"in {args.tensors} tensor(s), codec none (payload {payload_mib:.0f} MiB), "
+        f"{args.rounds} rounds; loopback"
     )
     print()
     print(
@@ -204,7 +224,9 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for path in args.paths:
         started = time.perf_counter()
-        figures = measure(numel, args.rounds, path, not args.no_persist, args.malloc_defaults)
+        figures = measure(
+            numel, args.rounds, path, not args.no_persist, args.malloc_defaults, args.tensors
+        )
         for name, (baseline, peak, train_peak, sync_peak) in sorted(figures.items()):
             phases = [
                 "—" if kb is None else f"{(kb - baseline) / 1024 / payload_mib:.2f}x"

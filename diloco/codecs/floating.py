@@ -67,6 +67,15 @@ class NoneCodec:
         return HEADER_BYTES + 4 * numel
 
 
+def none_payload_to_fill(numel: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `none` payload of `numel` values and an fp32 view of its body: whoever writes the
+    values there has made `NoneCodec().encode` of them without a copy (the caller checks they
+    are finite, which `encode` would refuse otherwise)."""
+    header = Header(NoneCodec.codec_id, DTYPE_IDS[torch.float32], 0, numel)
+    payload = new_payload(header, 4 * numel, device)
+    return payload, payload[HEADER_BYTES:].view(torch.float32)
+
+
 class Fp16Codec:
     """IEEE half on the wire: 2 bytes per element, relative error <= 2^-11, |x| <= 65504."""
 

@@ -30,6 +30,11 @@ def copy_flat_into_(params: Sequence[torch.Tensor], flat_N: torch.Tensor) -> Non
     assert offset == flat_N.numel(), f"flat vector has {flat_N.numel()} elements, params {offset}"
 
 
-def pseudo_gradient(anchor_N: torch.Tensor, local_N: torch.Tensor) -> torch.Tensor:
-    """anchor - local: the direction the outer optimizer treats as a gradient."""
-    return anchor_N - local_N
+def pseudo_gradient(
+    anchor_N: torch.Tensor, local_N: torch.Tensor, out_N: torch.Tensor | None = None
+) -> torch.Tensor:
+    """anchor - local: the direction the outer optimizer treats as a gradient (written into
+    `out_N` when given: a payload's body, for codec none)."""
+    if out_N is None:
+        return anchor_N - local_N
+    return torch.sub(anchor_N, local_N, out=out_N)

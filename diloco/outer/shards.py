@@ -38,8 +38,11 @@ class ParamShard(Protocol):
         """Make the island's parameters hold `anchor_N` (this rank's shard of the anchor)."""
         ...
 
-    def pseudo_gradient(self, anchor_N: torch.Tensor) -> torch.Tensor:
-        """A new flat vector: `anchor_N` minus this rank's shard of the current parameters."""
+    def pseudo_gradient(
+        self, anchor_N: torch.Tensor, out_N: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`anchor_N` minus this rank's shard of the current parameters: written into `out_N`
+        (fp32, the anchor's size) and returned, or into a new flat vector."""
         ...
 
     def island_sha256(self, shard_sha256: str) -> str:
@@ -67,10 +70,12 @@ class WholeParams:
         copy_flat_into_(self.params, anchor_N)
 
     @torch.no_grad()
-    def pseudo_gradient(self, anchor_N: torch.Tensor) -> torch.Tensor:
+    def pseudo_gradient(
+        self, anchor_N: torch.Tensor, out_N: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # Each parameter is subtracted straight into its slice of the result: no flat copy of
         # the parameters first (a model's size of memory at every sync, issue 14).
-        delta_N = torch.empty_like(anchor_N)
+        delta_N = torch.empty_like(anchor_N) if out_N is None else out_N
         offset = 0
         for p in self.params:
             n = p.numel()
@@ -101,9 +106,11 @@ class SlicedParams:
         start, end = self.bounds[self.rank]
         return flatten_params(self.params)[start:end].clone()
 
-    def pseudo_gradient(self, anchor_N: torch.Tensor) -> torch.Tensor:
+    def pseudo_gradient(
+        self, anchor_N: torch.Tensor, out_N: torch.Tensor | None = None
+    ) -> torch.Tensor:
         start, end = self.bounds[self.rank]  # a view of the slice: `read`'s clone is not needed
-        return pseudo_gradient(anchor_N, flatten_params(self.params)[start:end])
+        return pseudo_gradient(anchor_N, flatten_params(self.params)[start:end], out_N)
 
     def write_(self, anchor_N: torch.Tensor) -> None:
         size = max(end - start for start, end in self.bounds)

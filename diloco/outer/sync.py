@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from diloco.codecs.base import Codec, all_finite
+from diloco.codecs.floating import NoneCodec, none_payload_to_fill
 from diloco.errors import TrainingDiverged
 from diloco.outer.error_feedback import compensate, new_residual
 from diloco.outer.shards import ParamShard, WholeParams
@@ -118,13 +119,14 @@ class OuterSync:
                 not finite (nothing is sent, and the caller writes no checkpoint of them).
         """
         start = time.perf_counter()
-        delta_N = self.shard.pseudo_gradient(self.anchor_N)
+        payload, delta_N = self._pseudo_gradient()
         if not all_finite(delta_N):
             raise TrainingDiverged(
                 f"round {self.round}: this island's parameters are not finite after its inner "
                 "steps (the training diverged): lower inner.lr or outer.lr"
             )
-        payload = self._encode(delta_N)
+        if payload is None:
+            payload = self._encode(delta_N)
         # The pseudo-gradient is in the payload now: freed before the mean arrives, so a sync
         # holds one model-sized buffer besides the training state while it waits (issue 14).
         del delta_N
@@ -161,6 +163,16 @@ class OuterSync:
             adopted=result.adopt is not None,
             params_sha256=self.shard.island_sha256(self.params_sha256()),
         )
+
+    def _pseudo_gradient(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(payload, pseudo-gradient). With codec none and no residual the pseudo-gradient is
+        written straight into its payload's body, since encoding it would be a copy: the sync
+        never holds both (one model-sized buffer less, issue 14). Otherwise (None, a new
+        vector) for `_encode`."""
+        if self.residual_N is None and isinstance(self.codec, NoneCodec):
+            payload, body_N = none_payload_to_fill(self.numel, self.anchor_N.device)
+            return payload, self.shard.pseudo_gradient(self.anchor_N, out_N=body_N)
+        return None, self.shard.pseudo_gradient(self.anchor_N)
 
     def _encode(self, delta_N: torch.Tensor) -> torch.Tensor:
         """The payload of `delta_N`, with this island's residual added and renewed when it

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from diloco.codecs import NoneCodec
+from diloco.codecs import NoneCodec, build_codec
+from diloco.codecs.floating import none_payload_to_fill
 from diloco.outer import (
     OuterHyperparams,
     OuterSync,
@@ -189,3 +190,41 @@ def test_params_sha256_tracks_the_parameters() -> None:
     assert params_sha256(flat) == expected
     assert params_sha256(flat.double()) == expected
     assert params_sha256(torch.tensor([1.0, -2.5, -0.0])) != expected  # bits, not values
+
+
+class Recording:
+    """A one-island transport that keeps a copy of the payload it is handed."""
+
+    def __init__(self, codec: object, numel: int):
+        self.inner = LocalGroup(1, codec, numel, timeout_s=JOIN_S).transport(0)  # type: ignore[arg-type]
+        self.payloads: list[torch.Tensor] = []
+
+    def average(self, payload: torch.Tensor, *args: object, **kwargs: object) -> object:
+        self.payloads.append(payload.clone())
+        return self.inner.average(payload, *args, **kwargs)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("codec_name", ["none", "int8"])
+def test_the_payload_is_the_codecs_encoding_of_the_pseudo_gradient(codec_name: str) -> None:
+    """With codec none the pseudo-gradient is written straight into its payload's body (no
+    encode copy): the bytes must be exactly `codec.encode(anchor - params)` all the same."""
+    codec = build_codec(codec_name)
+    net = model()
+    anchor_N = flatten_params(list(net.parameters())).clone()
+    transport = Recording(codec, anchor_N.numel())
+    hyper = OuterHyperparams(inner_steps=1)
+    outer = OuterSync(net.parameters(), transport, codec, sgd(), hyper)  # type: ignore[arg-type]
+    local_training(net, seed=3)
+    expected = codec.encode(anchor_N - flatten_params(list(net.parameters())))
+    outer.sync(tokens=1.0)
+    assert torch.equal(transport.payloads[0], expected)
+
+
+def test_a_none_payload_filled_in_place_is_the_codecs_encoding() -> None:
+    values = torch.randn(1001, generator=torch.Generator().manual_seed(4))
+    payload, body_N = none_payload_to_fill(values.numel(), torch.device("cpu"))
+    body_N.copy_(values)
+    assert torch.equal(payload, NoneCodec().encode(values))
