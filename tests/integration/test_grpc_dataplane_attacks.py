@@ -362,12 +362,9 @@ def test_an_island_reads_the_mean_into_its_payloads_buffer(group: Group) -> None
         assert torch.equal(payloads[rank][HEADER_BYTES:].view(torch.float32), mean)
 
 
-def test_an_answer_that_breaks_midway_still_gives_the_island_the_mean(
-    group: Group, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The coordinator's answer to one island breaks after half its bytes: that island's
-    payload buffer holds half a mean, so it cannot send again; it asks again and gets the
-    round's mean on grpc (the exchange had completed), and the state is the honest one."""
+def break_the_first_answer(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The coordinator's first answer on the data plane breaks after half its bytes; returns
+    the list that records the broken answer's size."""
     send_all = dataplane_server.send_all
     broken: list[int] = []
 
@@ -382,6 +379,45 @@ def test_an_answer_that_breaks_midway_still_gives_the_island_the_mean(
         send_all(conn, view, deadline=deadline, inactivity_s=inactivity_s, what=what)
 
     monkeypatch.setattr(dataplane_server, "send_all", break_first_answer)
+    return broken
+
+
+def test_an_answer_that_breaks_midway_still_gives_the_island_the_mean(
+    group: Group, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator's answer to one island breaks after half its bytes: that island's
+    payload buffer holds half a mean, so it cannot send again; it asks again and gets the
+    round's mean on grpc (the exchange had completed), and the state is the honest one."""
+    broken = break_the_first_answer(monkeypatch)
     group.honest_round([0, 1])  # checks both means and the coordinator's state
     assert broken == [CODEC.payload_bytes(NUMEL)]
     assert group.refusals.get("answer-broken") == 1
+
+
+def test_a_spent_payload_is_never_sent_again(group: Group, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After its answer broke, an island handed a ticket again (as by a coordinator restarted
+    from an older state) does not send the half-overwritten payload: it asks until it gets
+    the round's mean."""
+    break_the_first_answer(monkeypatch)
+    asks: dict[int, int] = {}
+    exchanges: dict[int, int] = {}
+    for rank, island in enumerate(group.islands):
+        ask, exchange = island._ask, island._dataplane.exchange  # type: ignore[union-attr]
+
+        def asking(header: Any, timeout_s: float, rank: int = rank, ask: Any = ask) -> Any:
+            asks[rank] = asks.get(rank, 0) + 1
+            if asks[rank] == 2:  # the ask right after the broken answer: a ticket again
+                return pb.AverageReply(
+                    round=header.round, ticket=b"t" * 64, dataplane_port=1
+                ), iter(())
+            return ask(header, timeout_s)
+
+        def exchanging(*args: Any, rank: int = rank, exchange: Any = exchange) -> Any:
+            exchanges[rank] = exchanges.get(rank, 0) + 1
+            return exchange(*args)
+
+        monkeypatch.setattr(island, "_ask", asking)
+        monkeypatch.setattr(island._dataplane, "exchange", exchanging)
+    group.honest_round([0, 1])
+    assert exchanges == {0: 1, 1: 1}  # one data-plane exchange each: nothing sent again
+    assert sorted(asks.values()) == [1, 3]  # the broken one asked for the mean after the ticket

@@ -338,11 +338,6 @@ class GrpcTransport:
                 # Only a coordinator restarted from an older state asks for a payload again
                 # after its answer began: the round goes on without this island (dropped at
                 # the ticket's connect deadline), which then gets the round's mean.
-                log.warning(
-                    "%s: the payload was overwritten by a broken answer; waiting for "
-                    "the round's mean without contributing",
-                    what,
-                )
                 self._give_up_by(deadline, what, "the payload is spent")
                 time.sleep(_SPENT_WAIT_S)
                 continue
@@ -350,8 +345,10 @@ class GrpcTransport:
                 mean_payload = self._dataplane.exchange(reply, payload, expected, timeout_s)
             except DataPlaneError as error:
                 self._give_up_by(deadline, what, str(error))
-                spent = isinstance(error, AnswerBroken)
                 log.warning("%s on the data plane: %s; asking the coordinator again", what, error)
+                if isinstance(error, AnswerBroken):
+                    spent = True  # from now on this island can only wait for the mean
+                    log.warning("%s: the payload's buffer holds part of the answer", what)
                 continue
             mean = decode_view(self.codec, mean_payload, self.numel).to(home)
             return AverageResult(mean, reply.participants, sent, expected)
