@@ -38,7 +38,9 @@ class DataPlaneConfig:
     hello_timeout_s: float = 10.0
     """Seconds a new connection has for its TLS handshake and hello."""
     inactivity_timeout_s: float = 60.0
-    """Seconds any single read or write of an exchange may wait for progress."""
+    """Seconds any single read or write of an exchange may wait for progress (without TLS a
+    read takes up to 4 MiB at once, so a stream that stops partway through one is noticed
+    within twice this)."""
     chunk_bytes: int = 4 << 20
     """Target size of one chunk of fp32 values the coordinator decodes and accumulates at a
     time (rounded to whole codec blocks); its memory is O(chunk_bytes x islands)."""
