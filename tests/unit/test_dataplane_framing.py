@@ -31,6 +31,18 @@ def pair(
     writer.close()
 
 
+def read(
+    reader: socket.socket, size: int, deadline_s: float = 20, inactivity_s: float = 5
+) -> bytes:
+    """`size` bytes through `recv_exact_into`, within `deadline_s` from now."""
+    got = bytearray(size)
+    deadline = time.monotonic() + deadline_s
+    recv_exact_into(
+        reader, memoryview(got), deadline=deadline, inactivity_s=inactivity_s, what="payload"
+    )
+    return bytes(got)
+
+
 def in_background(work: Callable[[], None]) -> threading.Thread:
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
@@ -47,12 +59,9 @@ def test_a_payload_sent_in_bursts_arrives_whole(pair: tuple[socket.socket, socke
             time.sleep(0.01)
 
     sender = in_background(send)
-    got = bytearray(len(payload))
-    recv_exact_into(
-        reader, memoryview(got), deadline=time.monotonic() + 20, inactivity_s=5, what="payload"
-    )
+    got = read(reader, len(payload))
     sender.join()
-    assert bytes(got) == payload
+    assert got == payload
 
 
 def test_a_stream_that_stops_partway_is_stalled(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -60,13 +69,7 @@ def test_a_stream_that_stops_partway_is_stalled(pair: tuple[socket.socket, socke
     writer.sendall(b"x" * 1000)
     started = time.monotonic()
     with pytest.raises(StreamError, match="nothing for 0.2 s after 1000 of") as caught:
-        recv_exact_into(
-            reader,
-            memoryview(bytearray(10_000)),
-            deadline=time.monotonic() + 20,
-            inactivity_s=0.2,
-            what="payload",
-        )
+        read(reader, 10_000, inactivity_s=0.2)
     assert caught.value.reason == "stalled"
     assert time.monotonic() - started < 10  # within 2 x 0.2 s, not the 20 s deadline
 
@@ -82,13 +85,7 @@ def test_the_deadline_ends_a_slow_stream(pair: tuple[socket.socket, socket.socke
 
     sender = in_background(trickle)
     with pytest.raises(StreamError) as caught:
-        recv_exact_into(
-            reader,
-            memoryview(bytearray(10_000)),
-            deadline=time.monotonic() + 0.5,
-            inactivity_s=5,
-            what="payload",
-        )
+        read(reader, 10_000, deadline_s=0.5)
     stop.set()
     sender.join()
     assert caught.value.reason == "deadline"
@@ -99,11 +96,5 @@ def test_a_stream_closed_early_is_broken(pair: tuple[socket.socket, socket.socke
     writer.sendall(b"z" * 100)
     writer.close()
     with pytest.raises(StreamError, match="closed after 100 of 1000 bytes") as caught:
-        recv_exact_into(
-            reader,
-            memoryview(bytearray(1000)),
-            deadline=time.monotonic() + 20,
-            inactivity_s=5,
-            what="payload",
-        )
+        read(reader, 1000)
     assert caught.value.reason == "broken"
