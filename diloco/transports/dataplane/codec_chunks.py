@@ -273,12 +273,15 @@ class _BlockChunks:
         scales_from_body(prefix[HEADER_BYTES:], self.nb, self.name)
 
     def finite_by_prefix(self, prefix: torch.Tensor) -> bool:
-        if isinstance(self.codec, Fp8Codec) or self.nb == 0:
-            return self.nb == 0
+        if self.nb == 0:
+            return True
+        if isinstance(self.codec, Fp8Codec):
+            return False
         # A value is one product code x scale, rounded once in fp32 (both decoders): below
-        # fp32's largest finite value exactly, it rounds to at most that value.
+        # fp32's largest finite value exactly, it rounds to at most that value. The scales
+        # were checked (finite, >= 0) with the prefix.
         largest = 128.0 if isinstance(self.codec, Int8Codec) else max(self.codec.fmt.magnitudes)
-        scale_nb = scales_from_body(prefix[HEADER_BYTES:], self.nb, self.name)
+        scale_nb = self._scales(prefix, 0, self.numel)
         return float(scale_nb.cpu().numpy().max()) * largest <= _FP32_MAX
 
     def _scales(self, buffer: torch.Tensor, start: int, count: int) -> torch.Tensor:
