@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from diloco.codecs.base import Codec, PayloadError, all_finite, empty
+from diloco.transports.dataplane.buffers import ReusedBuffers
 from diloco.transports.dataplane.codec_chunks import ChunkCodec, chunk_codec, new_payload
 from diloco.transports.dataplane.framing import ChunkReader, StreamError
 from diloco.transports.dataplane.prefetch import InlineSections, PrefetchedSections
@@ -74,19 +75,28 @@ class LockstepAccumulator:
     """The weighted mean of `numel`-element payloads of one codec, read in lockstep."""
 
     def __init__(
-        self, codec: Codec, numel: int, *, chunk_bytes: int = 4 << 20, prefetch: bool = True
+        self,
+        codec: Codec,
+        numel: int,
+        *,
+        chunk_bytes: int = 4 << 20,
+        prefetch: bool = True,
+        buffers: ReusedBuffers | None = None,
     ):
         """
         Args:
             chunk_bytes: fp32 bytes of one chunk (rounded to whole blocks).
             prefetch: read each participant a chunk ahead in a thread of its own (prefetch.py);
                 False reads chunk j of each participant only when it is accumulated.
+            buffers: where `encoded_mean` takes its payload (a buffer of an earlier round
+                that nothing reads any more: no page faults); None allocates one.
         """
         if numel < 1:
             raise ValueError(f"numel must be >= 1, got {numel}")
         self.codec = codec
         self.numel = numel
         self.prefetch = prefetch
+        self.buffers = buffers
         self.chunked: ChunkCodec = chunk_codec(codec, numel)
         step = math.lcm(self.chunked.alignment, _VECTOR_ALIGNMENT)
         self.chunk_elements = max(step, (chunk_bytes // 4) // step * step)
@@ -102,7 +112,7 @@ class LockstepAccumulator:
             ParticipantFailed: see the module docstring.
             ValueError: bad weights or rank order; a mean the codec cannot encode.
         """
-        payload = new_payload(self.chunked)
+        payload = new_payload(self.chunked, self.buffers)
         chunked = self.chunked
 
         def emit(start: int, acc_n: torch.Tensor) -> None:

@@ -52,6 +52,7 @@ from diloco.codecs.fp4 import Fp4Codec, fp4_decode, fp4_encode
 from diloco.codecs.fp8 import Fp8Codec, fp8_decode, fp8_encode
 from diloco.codecs.int8 import Int8Codec, int8_decode, int8_encode
 from diloco.codecs.topk import TopKCodec, topk_decode, topk_encode, topk_sizes
+from diloco.transports.dataplane.buffers import ReusedBuffers
 
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 _CHECK_ELEMENTS = 1 << 20
@@ -180,9 +181,13 @@ def decodes_finite(codec: Codec, payload: torch.Tensor, numel: int) -> bool:
     return True
 
 
-def new_payload(chunked: ChunkCodec) -> torch.Tensor:
-    """An empty payload buffer with its header written, for `encode_chunk` to fill."""
-    payload = empty(chunked.payload_bytes, torch.uint8, torch.device("cpu"))
+def new_payload(chunked: ChunkCodec, buffers: ReusedBuffers | None = None) -> torch.Tensor:
+    """An empty payload buffer with its header written, for `encode_chunk` to fill (taken
+    from `buffers` when given)."""
+    if buffers is None:
+        payload = empty(chunked.payload_bytes, torch.uint8, torch.device("cpu"))
+    else:
+        payload = buffers.take(chunked.payload_bytes)
     payload[:HEADER_BYTES] = pack_header(_expected_header(chunked), torch.device("cpu"))
     return payload
 

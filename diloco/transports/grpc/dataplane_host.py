@@ -25,6 +25,7 @@ import torch
 
 from diloco.codecs.base import Codec
 from diloco.transports.dataplane.accumulate import LockstepAccumulator
+from diloco.transports.dataplane.buffers import ReusedBuffers
 from diloco.transports.dataplane.codec_chunks import chunk_codec
 from diloco.transports.dataplane.framing import ChunkReader, ExchangeRefused, StreamError
 from diloco.transports.dataplane.lockstep import ExchangeOutcome, LockstepExchange
@@ -165,6 +166,8 @@ class DataPlaneHost:
         self._lock = threading.Lock()
         self._groups: list[_Group] = []
         self._by_ticket: dict[bytes, _Group] = {}
+        # Each round's encoded mean, in a buffer of an earlier round's once nothing reads it.
+        self._means = ReusedBuffers()
 
     def start(self) -> None:
         self.server.start()
@@ -181,7 +184,9 @@ class DataPlaneHost:
         self, spec: GroupSpec, codec: Codec, on_end: Callable[[GroupSpec, GroupEnd], None]
     ) -> dict[int, bytes]:
         """Register one exchange (module docstring); its tickets' wire form by rank."""
-        accumulator = LockstepAccumulator(codec, spec.numel, chunk_bytes=self.settings.chunk_bytes)
+        accumulator = LockstepAccumulator(
+            codec, spec.numel, chunk_bytes=self.settings.chunk_bytes, buffers=self._means
+        )
         connect_by = time.monotonic() + self.settings.hello_timeout_s
         exchange = LockstepExchange(accumulator, spec.weights, deadline=connect_by)
         # Every stream is read by one thread in lockstep, and each answer sent after: the
