@@ -92,10 +92,13 @@ def _grpc_island(
     times = []
     for round in range(rounds):
         sha = params_sha256(anchor)
-        payload = codec.encode(delta)  # handed over: the data plane reads the mean into it
+        spent = delta.clone()  # the round's pseudo-gradient, computed afresh as OuterSync does
+        payload = codec.encode(spent)  # handed over: the data plane reads the mean into it
         barrier.wait()
         start = time.perf_counter()
-        result = transport.average(payload, 1.0, round, sha)
+        # As OuterSync: the spent pseudo-gradient takes the decoded mean (a codec none mean is
+        # read into the payload, and stays there).
+        result = transport.average_into(payload, 1.0, round, sha, spent)
         times.append(time.perf_counter() - start)
         barrier.wait()  # every island has its mean: the coordinator settles its outer step
         assert result.participants == n and result.adopt is None

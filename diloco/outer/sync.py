@@ -26,7 +26,7 @@ from diloco.errors import TrainingDiverged
 from diloco.outer.error_feedback import compensate, new_residual
 from diloco.outer.shards import ParamShard, WholeParams
 from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
-from diloco.transports.base import SharedStateSource, Transport
+from diloco.transports.base import DecodesMeanInto, SharedStateSource, Transport
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +125,23 @@ class OuterSync:
                 f"round {self.round}: this island's parameters are not finite after its inner "
                 "steps (the training diverged): lower inner.lr or outer.lr"
             )
+        spare_N = None
         if payload is None:
             payload = self._encode(delta_N)
-        # The pseudo-gradient is in the payload now: freed before the mean arrives, so a sync
-        # holds one model-sized buffer besides the training state while it waits (issue 14).
+            if isinstance(self.transport, DecodesMeanInto):
+                spare_N = delta_N  # spent: the transport decodes the mean into its buffer
+        # The pseudo-gradient is in the payload now: its buffer is freed before the mean
+        # arrives, or holds the mean, so a sync holds one model-sized buffer besides the
+        # training state and the payload (issue 14).
         del delta_N
         # Only transports that keep the group's state check the hash: no hashing otherwise.
         sha = self.params_sha256() if isinstance(self.transport, SharedStateSource) else None
-        result = self.transport.average(payload, weight=tokens, round=self.round, params_sha256=sha)
+        if isinstance(self.transport, DecodesMeanInto) and spare_N is not None:
+            result = self.transport.average_into(payload, tokens, self.round, sha, spare_N)
+        else:
+            result = self.transport.average(
+                payload, weight=tokens, round=self.round, params_sha256=sha
+            )
         done_round = self.round
         if result.adopt is not None:
             log.warning(

@@ -99,6 +99,28 @@ class SharedStateSource(Protocol):
         ...
 
 
+@runtime_checkable
+class DecodesMeanInto(Protocol):
+    """A transport that can decode the round's mean into a buffer the caller hands over (grpc).
+
+    The caller's pseudo-gradient is spent once its payload is encoded: the mean decoded into
+    it needs no fresh model-sized vector, whose pages the kernel would fault in (and zero)
+    every round. Transports without this method allocate the mean; the result is the same.
+    """
+
+    def average_into(
+        self,
+        payload: torch.Tensor,
+        weight: float,
+        round: int,
+        params_sha256: str | None,
+        spare_N: torch.Tensor,
+    ) -> AverageResult:
+        """`average(payload, weight, round, params_sha256)`; the result's mean may be `spare_N`
+        (fp32, one value per element; the caller hands it over: it is overwritten)."""
+        ...
+
+
 class GroupMismatchError(ConfigError):
     """Islands that would average together run different models or group settings.
 

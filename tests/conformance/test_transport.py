@@ -28,7 +28,7 @@ from conformance.hivemind_group import (
     run_hivemind_group,
 )
 from diloco.aggregate import weighted_mean
-from diloco.codecs import Codec, NoneCodec
+from diloco.codecs import Codec, Int8Codec, NoneCodec
 from diloco.outer.optimizers import SgdOuter, adam_outer
 from diloco.outer.sync import OuterHyperparams, OuterSync
 from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
@@ -227,6 +227,8 @@ PLAN: list[tuple[str, Callable[..., Any], Codec, tuple[Any, ...]]] = [
     ("wrong round", average_on_wrong_round, NoneCodec(), ()),
     ("another model", join_with_another_model, NoneCodec(), ()),
     ("outer optimizer", outer_steps, NoneCodec(), (OUTER_ROUNDS,)),
+    # A codec that decodes into a copy: grpc decodes the mean into the spent pseudo-gradient.
+    ("outer steps int8", outer_steps, Int8Codec(block_size=64), (OUTER_ROUNDS,)),
 ]
 
 
@@ -315,7 +317,7 @@ def _grpc_group(num_islands: int, plan: list[Any]) -> list[dict[str, Any]]:
     servers = []
     for name, _, codec, _ in plan:
         optimizer = (
-            ADAM if name == "outer optimizer" else SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
+            ADAM if name.startswith("outer") else SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
         )
         rules = hasty if name == "wrong round" else patient
         coordinator = Coordinator(rules, codec, optimizer, pinned=SAME_GROUP, state_dir=None)
@@ -441,7 +443,7 @@ KINDS = {
 def hivemind_optimizer(name: str) -> OuterOptimizer:
     """A plan entry's outer optimizer, with which hivemind islands serve their state (module
     level: the spawned islands unpickle it)."""
-    return ADAM if name == "outer optimizer" else SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
+    return ADAM if name.startswith("outer") else SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
 
 
 if importlib.util.find_spec("hivemind") is not None:  # the optional extra
@@ -615,5 +617,33 @@ def test_an_injected_outer_optimizer_gives_the_same_anchor_everywhere(group: Gro
         torch.testing.assert_close(got, anchor, rtol=1e-5, atol=1e-6)
     final = torch.frombuffer(bytearray(per_island[0][-1]["anchor"]), dtype=torch.float32)
     coordinator = group.results[0].get("coordinator sha256", {}).get("outer optimizer")
+    if coordinator is not None:
+        assert coordinator == params_sha256(final)
+
+
+@pytest.mark.timeout(180)
+def test_outer_steps_with_a_lossy_codec_agree_everywhere(group: Group) -> None:
+    """int8 through OuterSync (outer Adam, as the entry above): every island holds the same
+    anchor after every round, following the reference built from the decoded payloads (and
+    the re-encoded mean, where a coordinator sends one); the coordinator holds it too."""
+    codec = Int8Codec(block_size=64)
+    per_island = group.seen("outer steps int8")
+    anchor = torch.zeros(NUMEL)
+    state = ADAM.init_state(anchor)
+    for round in range(OUTER_ROUNDS):
+        assert len({island[round]["anchor"] for island in per_island}) == 1, f"round {round}"
+        decoded = [
+            codec.decode(codec.encode(-0.01 * island_vector(rank, round)), NUMEL)
+            for rank in range(group.num_islands)
+        ]
+        weights = [island_weight(r, round, group.num_islands) for r in range(group.num_islands)]
+        mean = weighted_mean(decoded, weights)
+        if group.kind.reencodes_mean:
+            mean = codec.decode(codec.encode(mean), NUMEL)
+        ADAM.step_(anchor, mean, state, round)
+        got = torch.frombuffer(bytearray(per_island[0][round]["anchor"]), dtype=torch.float32)
+        torch.testing.assert_close(got, anchor, rtol=1e-5, atol=1e-6)
+    final = torch.frombuffer(bytearray(per_island[0][-1]["anchor"]), dtype=torch.float32)
+    coordinator = group.results[0].get("coordinator sha256", {}).get("outer steps int8")
     if coordinator is not None:
         assert coordinator == params_sha256(final)

@@ -1,4 +1,5 @@
-"""ReusedBuffers: a round's buffer is handed out again only once nothing reads it."""
+"""Buffers used again instead of faulted in afresh: ReusedBuffers hands a round's buffer out
+again only once nothing reads it; decode_into decodes into a buffer the caller hands over."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import pytest
 import torch
 
 from diloco.aggregate import weighted_mean
-from diloco.codecs import build_codec
+from diloco.codecs import CODECS, build_codec
+from diloco.codecs.base import HEADER_BYTES, PayloadError
 from diloco.transports.dataplane.accumulate import Contribution, LockstepAccumulator
 from diloco.transports.dataplane.buffers import ReusedBuffers
+from diloco.transports.dataplane.codec_chunks import decode_into
 from tests.unit.test_dataplane_accumulate import MemoryReader
 
 pytestmark = pytest.mark.timeout(30)
@@ -88,3 +91,22 @@ def test_the_accumulator_takes_its_mean_from_the_buffers_and_stays_exact() -> No
     del first
     again = mean()  # the first is free again
     assert again.data_ptr() == address and torch.equal(again, expected)
+
+
+@pytest.mark.parametrize("codec_name", sorted(CODECS))
+def test_decode_into_writes_codec_decode_into_the_given_buffer(codec_name: str) -> None:
+    codec, numel = build_codec(codec_name, block_size=64), 3001
+    payload = codec.encode(torch.randn(numel, generator=torch.Generator().manual_seed(5)))
+    expected = codec.decode(payload, numel)
+    out_N = torch.full((numel,), float("nan"))
+    got = decode_into(codec, payload, numel, out_N)
+    assert torch.equal(got, expected)
+    if codec_name == "none":  # a view of the payload: no copy at all
+        assert got.data_ptr() == payload[HEADER_BYTES:].data_ptr()
+    else:
+        assert got.data_ptr() == out_N.data_ptr()
+    # A buffer that cannot take the values is not used: the values are still right.
+    for unusable in (torch.empty(numel - 1), torch.empty(numel, dtype=torch.float64)):
+        assert torch.equal(decode_into(codec, payload, numel, unusable), expected)
+    with pytest.raises(PayloadError):
+        decode_into(codec, payload[:-1], numel, out_N)

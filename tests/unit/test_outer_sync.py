@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import threading
 
@@ -228,3 +229,47 @@ def test_a_none_payload_filled_in_place_is_the_codecs_encoding() -> None:
     payload, body_N = none_payload_to_fill(values.numel(), torch.device("cpu"))
     body_N.copy_(values)
     assert torch.equal(payload, NoneCodec().encode(values))
+
+
+class LendingSpare(Recording):
+    """Recording, and decodes the mean into the spare buffer it is handed (as grpc does)."""
+
+    def __init__(self, codec: object, numel: int):
+        super().__init__(codec, numel)
+        self.spares: list[torch.Tensor] = []
+
+    def average_into(
+        self,
+        payload: torch.Tensor,
+        weight: float,
+        round: int,
+        params_sha256: str | None,
+        spare_N: torch.Tensor,
+    ) -> object:
+        self.spares.append(spare_N)
+        result = self.average(payload, weight, round, params_sha256)
+        spare_N.copy_(result.mean)  # type: ignore[attr-defined]
+        return dataclasses.replace(result, mean=spare_N)  # type: ignore[type-var]
+
+
+@pytest.mark.parametrize("codec_name", ["none", "int8"])
+def test_a_spent_pseudo_gradient_is_handed_over_for_the_mean(codec_name: str) -> None:
+    """With a codec that encodes into a new payload, the pseudo-gradient's buffer is spent:
+    a transport that can (DecodesMeanInto) gets it for the mean; the outer step is the same
+    as with a transport that allocates the mean. With codec none the payload is the
+    pseudo-gradient itself: nothing to hand over."""
+    codec, steps = build_codec(codec_name), []
+    for transport_type in (Recording, LendingSpare):
+        net = model()
+        numel = flatten_params(list(net.parameters())).numel()
+        transport = transport_type(codec, numel)
+        hyper = OuterHyperparams(inner_steps=1)
+        outer = OuterSync(net.parameters(), transport, codec, sgd(), hyper)  # type: ignore[arg-type]
+        local_training(net, seed=3)
+        outer.sync(tokens=1.0)
+        steps.append(outer.params_sha256())
+        if isinstance(transport, LendingSpare):
+            expected = 0 if codec_name == "none" else 1
+            assert len(transport.spares) == expected
+            assert all(s.shape == (numel,) and s.dtype == torch.float32 for s in transport.spares)
+    assert steps[0] == steps[1]

@@ -147,6 +147,42 @@ def decode_view(codec: Codec, payload: torch.Tensor, numel: int) -> torch.Tensor
     return body.view(torch.float32)
 
 
+def decode_into(
+    codec: Codec, payload: torch.Tensor, numel: int, out_N: torch.Tensor | None
+) -> torch.Tensor:
+    """`decode_view(codec, payload, numel)`, decoded into `out_N` where a copy is needed and
+    `out_N` can take it (a contiguous fp32 CPU tensor of `numel` values): bit for bit
+    `codec.decode`, in memory already mapped.
+
+    Raises:
+        PayloadError: as `codec.decode`.
+    """
+    if (
+        out_N is None
+        or isinstance(codec, NoneCodec)
+        or payload.device.type != "cpu"
+        or out_N.device.type != "cpu"
+        or out_N.dtype != torch.float32
+        or out_N.shape != (numel,)
+        or not out_N.is_contiguous()
+    ):
+        return decode_view(codec, payload, numel)
+    try:
+        chunked = chunk_codec(codec, numel)
+    except ValueError:  # a plugin's codec
+        return codec.decode(payload, numel)
+    if payload.numel() != chunked.payload_bytes:
+        raise PayloadError(
+            f"{codec.name} payload of {payload.numel()} bytes, expected {chunked.payload_bytes}"
+        )
+    prefix = payload[: chunked.prefix_bytes]
+    chunked.check_prefix(prefix)
+    values_N = chunked.decode_chunk(prefix, payload[chunked.prefix_bytes :], 0, out_N)
+    if values_N.data_ptr() != out_N.data_ptr():
+        out_N.copy_(values_N)
+    return out_N
+
+
 def decodes_finite(codec: Codec, payload: torch.Tensor, numel: int) -> bool:
     """Whether `payload` decodes (this codec, `numel` elements) to finite values only, read a
     chunk at a time (at most `_CHECK_ELEMENTS` fp32 values in memory); False for a payload

@@ -20,6 +20,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,7 +31,7 @@ from diloco.checkpoint.atomic import write_atomic
 from diloco.codecs.base import Codec
 from diloco.shared_state import SharedState, params_sha256
 from diloco.transports.base import AverageResult, GroupMismatchError
-from diloco.transports.dataplane.codec_chunks import decode_view, decodes_finite
+from diloco.transports.dataplane.codec_chunks import decode_into, decodes_finite
 from diloco.transports.dataplane.framing import AnswerBroken, DataPlaneError
 from diloco.transports.grpc import coordinator_pb2 as pb
 from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
@@ -156,7 +157,27 @@ class GrpcTransport:
         round: int,
         params_sha256: str | None = None,
     ) -> AverageResult:
-        home = payload.device
+        return self._average(payload, weight, round, params_sha256, _MeanHome(payload.device))
+
+    def average_into(
+        self,
+        payload: torch.Tensor,
+        weight: float,
+        round: int,
+        params_sha256: str | None,
+        spare_N: torch.Tensor,
+    ) -> AverageResult:
+        home = _MeanHome(payload.device, spare_N)
+        return self._average(payload, weight, round, params_sha256, home)
+
+    def _average(
+        self,
+        payload: torch.Tensor,
+        weight: float,
+        round: int,
+        params_sha256: str | None,
+        home: _MeanHome,
+    ) -> AverageResult:
         host_payload = payload.cpu().contiguous()
         header = pb.AverageHeader(
             run_id=self.run_id,
@@ -278,7 +299,7 @@ class GrpcTransport:
         return bool(reply.accepted)
 
     def _read_answer(
-        self, reply: pb.AverageReply, replies: Iterator[pb.Chunk], home: torch.device, sent: int
+        self, reply: pb.AverageReply, replies: Iterator[pb.Chunk], home: _MeanHome, sent: int
     ) -> AverageResult:
         """The answer `reply` heads, its bytes read from `replies`: a mean, or a state."""
         if reply.adopt:
@@ -290,10 +311,10 @@ class GrpcTransport:
             state = receive_state(replies, reply.state)
             state = SharedState(
                 state.round,
-                state.anchor.to(home),
-                {name: t.to(home) for name, t in state.outer_state.items()},
+                state.anchor.to(home.device),
+                {name: t.to(home.device) for name, t in state.outer_state.items()},
             )
-            empty = torch.zeros(0, device=home)
+            empty = torch.zeros(0, device=home.device)
             return AverageResult(empty, reply.participants, sent, reply.payload_bytes, adopt=state)
         expected = self.codec.payload_bytes(self.numel)
         if reply.payload_bytes != expected:
@@ -306,11 +327,11 @@ class GrpcTransport:
                 "round %d closed before this island's payload arrived: applying the group's mean",
                 reply.round,
             )
-        mean = decode_view(self.codec, mean_payload, self.numel).to(home)
+        mean = home.decode(self.codec, mean_payload, self.numel)
         return AverageResult(mean, reply.participants, sent, reply.payload_bytes)
 
     def _average_on_dataplane(
-        self, header: pb.AverageHeader, payload: torch.Tensor, home: torch.device, timeout_s: float
+        self, header: pb.AverageHeader, payload: torch.Tensor, home: _MeanHome, timeout_s: float
     ) -> AverageResult | None:
         """The header on grpc (Exchange), the payload on the data plane with the ticket that
         comes back; a failed exchange asks again (for `retry_s` at most). None: the coordinator
@@ -350,7 +371,7 @@ class GrpcTransport:
                     spent = True  # from now on this island can only wait for the mean
                     log.warning("%s: the payload's buffer holds part of the answer", what)
                 continue
-            mean = decode_view(self.codec, mean_payload, self.numel).to(home)
+            mean = home.decode(self.codec, mean_payload, self.numel)
             return AverageResult(mean, reply.participants, sent, expected)
 
     def _give_up_by(self, deadline: float, what: str, last_error: str) -> None:
@@ -383,6 +404,18 @@ class GrpcTransport:
         # Failing here is fine: the retry loop reports what is wrong.
         with contextlib.suppress(grpc.RpcError):
             self._join_once()
+
+
+@dataclass(frozen=True)
+class _MeanHome:
+    """Where a round's mean goes: the payload's device, decoded into the caller's spent
+    pseudo-gradient `spare_N` where that can take it (`DecodesMeanInto`)."""
+
+    device: torch.device
+    spare_N: torch.Tensor | None = None
+
+    def decode(self, codec: Codec, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        return decode_into(codec, payload, numel, self.spare_N).to(self.device)
 
 
 def _read_session(path: Path | None) -> str:

@@ -23,8 +23,10 @@ import torch
 
 from diloco.checkpoint import list_checkpoints, newest_intact, save_checkpoint
 from diloco.codecs.base import Codec
+from diloco.codecs.floating import NoneCodec
 from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
-from diloco.transports.dataplane.codec_chunks import decode_view
+from diloco.transports.dataplane.buffers import ReusedBuffers
+from diloco.transports.dataplane.codec_chunks import decode_into
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,9 @@ class StateKeeper:
         self._worker: threading.Thread | None = None
         self._hurry = threading.Event()
         self._error: BaseException | None = None
+        # The decoded mean of each round, in the last round's buffer: no model-sized vector
+        # to fault in per round. Codec none needs none (its mean is a view of the payload).
+        self._decoded = None if isinstance(codec, NoneCodec) else ReusedBuffers(keep=1)
 
     @property
     def numel(self) -> int:
@@ -140,7 +145,11 @@ class StateKeeper:
             assert self.state is not None
             state = self.state
             # A view of a `none` mean's bytes: no fp32 copy (the payload is never written to).
-            mean_N = decode_view(self.codec, mean_payload, state.anchor.numel())
+            numel = state.anchor.numel()
+            spare_N = None
+            if self._decoded is not None and state.anchor.device.type == "cpu":
+                spare_N = self._decoded.take(4 * numel).view(torch.float32)
+            mean_N = decode_into(self.codec, mean_payload, numel, spare_N)
             outer_state = dict(state.outer_state)
             with self._lock:
                 self.optimizer.step_(state.anchor, mean_N, outer_state, state.round)
