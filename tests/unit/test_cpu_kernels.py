@@ -77,6 +77,51 @@ def test_int8_matches_reference(numel: int, block: int) -> None:
     assert_same(out, int8_decode(q_ref, scale_ref, block))
 
 
+FMA_ADD = pytest.mark.skipif(
+    not kernels.fma_add_matches_torch(),
+    reason="torch's CPU add with alpha does not round as one fused multiply-add here",
+)
+
+
+@FMA_ADD
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("numel", SIZES + [300_007])
+def test_int8_scaled_add_is_decode_then_torchs_add(numel: int, block: int, threads: int) -> None:
+    """acc = (0 if first else acc) + alpha * decode(q, scale), as torch's zero_() / add_()
+    write it, bit for bit, signed zeros included; the flag says whether all is finite."""
+    q, scale = kernel_int8(awkward(numel, block), block)
+    values = int8_decode(q, scale, block)
+    start = awkward(numel, block, seed=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for alpha in (1 / 3, 0.7, 7 / 1009):
+            for first in (True, False):
+                expected = torch.zeros(numel) if first else start.clone()
+                expected.add_(values, alpha=alpha)
+                got = start.clone()
+                finite = kernels.int8_scaled_add_into(got, q, scale, block, alpha, first=first)
+                assert_same(got, expected)
+                assert finite == bool(torch.isfinite(expected).all())
+    finally:
+        torch.set_num_threads(before)
+
+
+@FMA_ADD
+def test_int8_scaled_add_says_when_a_result_is_not_finite() -> None:
+    q = torch.tensor([127, -128, 1, 0], dtype=torch.int8)
+    largest = float(torch.finfo(torch.float32).max)
+    scale = torch.tensor([largest / 127.5])  # 127 x scale is finite, -128 x scale is not
+    acc = torch.zeros(4)
+    assert not kernels.int8_scaled_add_into(acc, q, scale, 4, 1.0, first=True)
+    assert acc[1] == float("-inf")
+    acc = torch.full((4,), 3e38)  # the sum of two finite values overflows
+    q = torch.tensor([127, 0, 0, 0], dtype=torch.int8)
+    assert not kernels.int8_scaled_add_into(acc, q, scale, 4, 1.0, first=False)
+    assert kernels.int8_scaled_add_into(torch.zeros(4), q, scale, 4, 1.0, first=True)
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("numel", SIZES)

@@ -88,6 +88,34 @@ def test_encoded_mean_is_bit_identical_to_weighted_mean_then_encode(
     assert torch.equal(out_N, expected_mean)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_int8_is_exact_with_and_without_the_one_pass_add(
+    fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int8 chunks are decoded and added in one pass where that writes what torch writes
+    (cpu_kernels.fma_add_matches_torch), else decoded then added: the same bits either way."""
+    from diloco.codecs import cpu_kernels
+
+    if fused and not cpu_kernels.fma_add_matches_torch():
+        pytest.skip("no one-pass add on this machine")
+    monkeypatch.setattr(cpu_kernels, "fma_add_matches_torch", lambda: fused)
+    calls: list[bool] = []
+    one_pass = cpu_kernels.int8_scaled_add_into
+    monkeypatch.setattr(
+        cpu_kernels,
+        "int8_scaled_add_into",
+        lambda *args, **kwargs: calls.append(True) or one_pass(*args, **kwargs),
+    )
+    codec, numel, weights = build_codec("int8", block_size=64), 20_011, [3.0, 1.0, 2.0]
+    payloads = _payloads(codec, numel, 3, seed=9)
+    expected = weighted_mean([codec.decode(p, numel) for p in payloads], weights)
+    encoded = LockstepAccumulator(codec, numel, chunk_bytes=4096).encoded_mean(
+        _contributions(payloads, weights)
+    )
+    assert torch.equal(encoded, codec.encode(expected))
+    assert bool(calls) == fused
+
+
 @pytest.mark.parametrize("chunk_bytes", [4096, 8192 + 256, 1 << 20])
 def test_the_result_does_not_depend_on_the_chunk_size(chunk_bytes: int) -> None:
     codec, numel, weights = build_codec("none"), 30_011, [3.0, 1.0, 2.0]

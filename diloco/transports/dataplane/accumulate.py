@@ -11,7 +11,11 @@ every participant, in rank order, then chunk j + 1):
     then acc_n is encoded into the mean payload (or left in the caller's fp32 buffer)
 
 (`weighted_mean`'s older form started from `d_0 * (w_0 / W)`: the same values, but a -0.0
-where this gives +0.0; the accumulator follows the form in diloco/aggregate.py.)
+where this gives +0.0; the accumulator follows the form in diloco/aggregate.py.) An int8
+chunk is decoded and added in one pass, each value formed in a register
+(`cpu_kernels.int8_scaled_add_into`, `ChunkCodec.add_chunk`), where a check at the first use
+shows it writes what torch's add writes on this machine; it also says whether the sum is
+finite, so no pass checks it.
 
 Every element sees the same operations in the same order as in `weighted_mean`, on the same
 torch kernels (per element, torch's CPU add with alpha is one fused multiply-add whatever the
@@ -169,18 +173,22 @@ class LockstepAccumulator:
                     if acc_buffer_n is None:
                         acc_buffer_n = empty(width, torch.float32, _CPU)
                     acc_n = acc_buffer_n[: stop - start]
-                wire = []
+                wire, finite = [], None
                 for i, (contribution, stream) in enumerate(
                     zip(contributions, streams, strict=True)
                 ):
                     wire.append(stream.next())
-                    values_n = self._decode(
-                        contribution, prefixes[i], wire[i], start, scratch_n[: stop - start]
+                    finite = self._add(
+                        contribution,
+                        prefixes[i],
+                        wire[i],
+                        start,
+                        acc_n,
+                        alphas[i],
+                        first=i == 0,
+                        scratch_n=scratch_n[: stop - start],
                     )
-                    if i == 0:
-                        acc_n.zero_()
-                    acc_n.add_(values_n, alpha=alphas[i])
-                if check_each_chunk and not all_finite(acc_n):
+                if check_each_chunk and not (all_finite(acc_n) if finite is None else finite):
                     self._blame_non_finite(contributions, prefixes, wire, start, scratch_n)
                 for stream in streams:
                     stream.release()
@@ -201,16 +209,22 @@ class LockstepAccumulator:
             raise ParticipantFailed(contribution.rank, "refused", str(error)) from None
         return prefix
 
-    def _decode(
+    def _add(
         self,
         contribution: Contribution,
         prefix: torch.Tensor,
         section: torch.Tensor,
         start: int,
+        acc_n: torch.Tensor,
+        alpha: float,
+        *,
+        first: bool,
         scratch_n: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> bool | None:
         try:
-            return self.chunked.decode_chunk(prefix, section, start, scratch_n)
+            return self.chunked.add_chunk(
+                prefix, section, start, acc_n, alpha, first=first, scratch_n=scratch_n
+            )
         except PayloadError as error:
             raise ParticipantFailed(contribution.rank, "refused", str(error)) from None
 

@@ -93,6 +93,23 @@ class ChunkCodec(Protocol):
         `scratch_n`, or a view of `section` where the wire holds them verbatim (none)."""
         ...
 
+    def add_chunk(
+        self,
+        prefix: torch.Tensor,
+        section: torch.Tensor,
+        start: int,
+        acc_n: torch.Tensor,
+        alpha: float,
+        *,
+        first: bool,
+        scratch_n: torch.Tensor,
+    ) -> bool | None:
+        """acc_n = (0 if first else acc_n) + alpha * (the values of elements [start, start +
+        len(acc_n))), bit for bit what `acc_n.zero_()` (first) then `acc_n.add_(values,
+        alpha=alpha)` write; `scratch_n` (as long) may take the decoded values. True or False:
+        whether every value of acc_n is now finite, where that came free; None otherwise."""
+        ...
+
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         """Write the encoding of elements [start, start + len(x_n)) into `payload` (the whole
         payload buffer). ValueError for values the codec cannot hold (beyond fp16's range).
@@ -244,6 +261,23 @@ def _check_header(prefix: torch.Tensor, expected: Header, name: str) -> None:
     )
 
 
+def _decode_then_add(
+    chunked: ChunkCodec,
+    prefix: torch.Tensor,
+    section: torch.Tensor,
+    start: int,
+    acc_n: torch.Tensor,
+    alpha: float,
+    first: bool,
+    scratch_n: torch.Tensor,
+) -> None:
+    """`ChunkCodec.add_chunk` in torch: decode, then add (after zeroing, when first)."""
+    values_n = chunked.decode_chunk(prefix, section, start, scratch_n)
+    if first:
+        acc_n.zero_()
+    acc_n.add_(values_n, alpha=alpha)
+
+
 class _CastChunks:
     def __init__(self, codec: NoneCodec | Fp16Codec | Bf16Codec, numel: int):
         self.dtype = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
@@ -272,6 +306,20 @@ class _CastChunks:
             return wire_n
         scratch_n.copy_(wire_n)
         return scratch_n
+
+    def add_chunk(
+        self,
+        prefix: torch.Tensor,
+        section: torch.Tensor,
+        start: int,
+        acc_n: torch.Tensor,
+        alpha: float,
+        *,
+        first: bool,
+        scratch_n: torch.Tensor,
+    ) -> bool | None:
+        _decode_then_add(self, prefix, section, start, acc_n, alpha, first, scratch_n)
+        return None
 
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         begin = HEADER_BYTES + self.itemsize * start
@@ -350,6 +398,33 @@ class _BlockChunks:
             scratch_n.copy_(fp4_decode(section, scale_nb, count, self.block, codec.fmt))
         return scratch_n
 
+    def add_chunk(
+        self,
+        prefix: torch.Tensor,
+        section: torch.Tensor,
+        start: int,
+        acc_n: torch.Tensor,
+        alpha: float,
+        *,
+        first: bool,
+        scratch_n: torch.Tensor,
+    ) -> bool | None:
+        # int8: decoded and added in one pass (cpu_kernels.int8_scaled_add_into), where it
+        # writes what torch does on this machine; the values never land in scratch_n.
+        if (
+            isinstance(self.codec, Int8Codec)
+            and runs_fused(section)
+            and acc_n.device.type == "cpu"
+            and cpu_kernels.fma_add_matches_torch()
+        ):
+            scale_nb = self._scales(prefix, start, acc_n.numel())
+            q_n = section.view(torch.int8)
+            return cpu_kernels.int8_scaled_add_into(
+                acc_n, q_n, scale_nb, self.block, alpha, first=first
+            )
+        _decode_then_add(self, prefix, section, start, acc_n, alpha, first, scratch_n)
+        return None
+
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         count, codec = x_n.numel(), self.codec
         scale_nb = self._scales(payload, start, count)
@@ -419,6 +494,20 @@ class _TopKChunks:
         values = self._values(prefix, start, count)
         scratch_n.copy_(topk_decode(values, indices, count, self.block, codec.fraction))
         return scratch_n
+
+    def add_chunk(
+        self,
+        prefix: torch.Tensor,
+        section: torch.Tensor,
+        start: int,
+        acc_n: torch.Tensor,
+        alpha: float,
+        *,
+        first: bool,
+        scratch_n: torch.Tensor,
+    ) -> bool | None:
+        _decode_then_add(self, prefix, section, start, acc_n, alpha, first, scratch_n)
+        return None
 
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         count, codec = x_n.numel(), self.codec
