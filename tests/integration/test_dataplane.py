@@ -336,6 +336,46 @@ def test_a_payload_longer_than_its_ticket_aborts_the_exchange_and_is_named(
     assert (outcome.failure.rank, outcome.failure.reason) == (1, "too-many-bytes")
 
 
+@pytest.mark.parametrize("tls", [True, False])
+def test_an_island_that_stops_before_its_trailer_fails_the_exchange(
+    start_server: ServerFactory, pem: tuple[Path, Path], tls: bool
+) -> None:
+    """`before_trailer` runs once every payload byte is out; what it raises reaches the
+    island's caller, no trailer is sent, and the exchange fails naming that island (its other
+    islands ask again): a payload the island finds bad meanwhile is never averaged."""
+    server, codec = start_server(tls=tls), build_codec("none")
+    exchange, tickets = _group(server, codec, {0: 1.0, 1: 1.0})
+    payloads = dict(enumerate(_payloads(codec, 2)))
+    client, size = _client(pem, tls=tls), payloads[0].numel()
+
+    class FoundBad(Exception):
+        pass
+
+    def stop() -> None:
+        raise FoundBad()
+
+    answers = _in_threads(
+        {
+            rank: (
+                lambda rank=rank: client.exchange(
+                    server.address,
+                    tickets[rank].to_bytes(),
+                    payloads[rank],
+                    answer_bytes=size,
+                    timeout_s=30,
+                    before_trailer=stop if rank == 1 else None,
+                )
+            )
+            for rank in tickets
+        }
+    )
+    assert isinstance(answers[1], FoundBad), answers
+    assert isinstance(answers[0], ExchangeAborted), answers
+    outcome = exchange.outcome(0)
+    assert outcome is not None and outcome.failure is not None
+    assert outcome.failure.rank == 1 and outcome.mean_payload is None
+
+
 def _raw_connect(server: DataPlaneServer) -> socket.socket:
     sock = socket.create_connection(server.address, timeout=10)
     return sock

@@ -404,17 +404,19 @@ def test_a_spent_payload_is_never_sent_again(group: Group, monkeypatch: pytest.M
     for rank, island in enumerate(group.islands):
         ask, exchange = island._ask, island._dataplane.exchange  # type: ignore[union-attr]
 
-        def asking(header: Any, timeout_s: float, rank: int = rank, ask: Any = ask) -> Any:
+        def asking(
+            header: Any, timeout_s: float, *args: Any, rank: int = rank, ask: Any = ask
+        ) -> Any:
             asks[rank] = asks.get(rank, 0) + 1
             if asks[rank] == 2:  # the ask right after the broken answer: a ticket again
                 return pb.AverageReply(
                     round=header.round, ticket=b"t" * 64, dataplane_port=1
                 ), iter(())
-            return ask(header, timeout_s)
+            return ask(header, timeout_s, *args)
 
-        def exchanging(*args: Any, rank: int = rank, exchange: Any = exchange) -> Any:
+        def exchanging(*args: Any, rank: int = rank, exchange: Any = exchange, **kw: Any) -> Any:
             exchanges[rank] = exchanges.get(rank, 0) + 1
-            return exchange(*args)
+            return exchange(*args, **kw)
 
         monkeypatch.setattr(island, "_ask", asking)
         monkeypatch.setattr(island._dataplane, "exchange", exchanging)

@@ -8,8 +8,11 @@ coordinator's state hash before and after.
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -231,6 +234,75 @@ def test_nan_payload_is_refused_and_the_state_is_unchanged(coordinator: Running)
     assert coordinator.coordinator.state_sha256() == before
     assert coordinator.coordinator.round == 0
     assert coordinator.coordinator.stats.refused_payloads == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_payload_found_bad_while_its_header_waits_is_refused_at_once(
+    coordinator: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The island checks its payload while the header waits for the round's participants
+    (here forever: the round needs 2 islands, 1 came); a bad one cancels that wait and is
+    refused on grpc at once. A good one waits as before, its check long done."""
+    from diloco.transports.grpc import client as client_module
+
+    island = seeded(coordinator)
+    before = coordinator.coordinator.state_sha256()
+    checked = threading.Event()
+
+    def slow_check(*args: object) -> bool:
+        time.sleep(0.5)  # the header is waiting by then
+        checked.set()
+        return False
+
+    monkeypatch.setattr(client_module, "decodes_finite", slow_check)
+    start = time.monotonic()
+    with pytest.raises(PayloadRefusedError, match="non-finite"):
+        payload = coordinator.codec.encode(delta(0))
+        payload[HEADER_BYTES:].view(torch.float32)[3] = float("nan")
+        island.average(payload, 10.0, 0, before)
+    assert checked.is_set() and time.monotonic() - start < 10
+    assert coordinator.coordinator.state_sha256() == before
+    assert coordinator.coordinator.round == 0
+    assert coordinator.coordinator.stats.refused_payloads == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_payload_found_bad_while_it_streams_is_refused_and_never_averaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round of one island: its ticket comes at once and its payload streams while the
+    check runs; the check's verdict comes before the payload's trailer, so the data plane
+    never takes the payload (the round goes on without it), and the island says why."""
+    from diloco.transports.grpc import client as client_module
+
+    running = Running(tmp_path, "none", islands=1)
+    try:
+        island = running.client(0, islands=1)
+        island.join([], FINGERPRINT)
+        assert island.shared_state(initial_state()) is None
+        before = running.coordinator.state_sha256()
+        sent: list[int] = []
+        exchange = client_module.IslandDataPlane.exchange
+
+        def exchanging(self: Any, *args: Any, **kwargs: Any) -> Any:
+            sent.append(1)
+            return exchange(self, *args, **kwargs)
+
+        def slow_check(*args: object) -> bool:
+            time.sleep(0.5)  # the payload is on its way by then
+            return False
+
+        monkeypatch.setattr(client_module.IslandDataPlane, "exchange", exchanging)
+        monkeypatch.setattr(client_module, "decodes_finite", slow_check)
+        payload = running.codec.encode(delta(0))
+        payload[HEADER_BYTES:].view(torch.float32)[3] = float("nan")
+        with pytest.raises(PayloadRefusedError, match="not decode to finite values"):
+            island.average(payload, 10.0, 0, before)
+        assert sent == [1]  # it went on the data plane first
+        # Not averaged: the round closed without a participant (a zero mean, no momentum yet).
+        assert running.coordinator.state_sha256() == before
+    finally:
+        running.server.stop(0)
 
 
 def raw_average(coordinator: Running, header_bytes: int, body: bytes) -> grpc.RpcError:

@@ -19,6 +19,7 @@ import select
 import socket
 import ssl
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -82,6 +83,7 @@ class DataPlaneClient:
         answer_bytes: int,
         timeout_s: float,
         answer_into: torch.Tensor | None = None,
+        before_trailer: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Send `payload` (a contiguous uint8 CPU tensor) on `ticket`; return the answer.
 
@@ -92,6 +94,9 @@ class DataPlaneClient:
             answer_into: a uint8 tensor of `answer_bytes` to receive into (it may be
                 `payload` itself: it is fully sent before any answer byte arrives; but an
                 answer that breaks, AnswerBroken, then leaves no payload to resend).
+            before_trailer: called once the payload's bytes are sent, before its trailer;
+                what it raises ends the exchange there (the server, missing the trailer,
+                drops the stream) and reaches the caller.
 
         Raises:
             ExchangeAborted, ExchangeRefused, StreamError, DataPlaneError: see the module
@@ -103,7 +108,7 @@ class DataPlaneClient:
         conn = self._connect(address, deadline)
         try:
             try:
-                early = self._send(conn, ticket, payload, deadline)
+                early = self._send(conn, ticket, payload, deadline, before_trailer)
             except StreamError:
                 # A server that refuses (or aborts) says why, then stops reading: the reason
                 # may still be in the receive buffer.
@@ -143,7 +148,12 @@ class DataPlaneClient:
             raise DataPlaneError("unreachable", f"data plane {address!r}: {error!r}") from None
 
     def _send(
-        self, conn: socket.socket, ticket: bytes, payload: torch.Tensor, deadline: float
+        self,
+        conn: socket.socket,
+        ticket: bytes,
+        payload: torch.Tensor,
+        deadline: float,
+        before_trailer: Callable[[], None] | None,
     ) -> bytes:
         """Hello, payload, trailer; returns the first bytes of an answer that arrived before
         the payload was all sent (a refusal or an abort: stop sending), else b""."""
@@ -157,6 +167,8 @@ class DataPlaneClient:
             early = _early_answer(conn)
             if early:
                 return early
+        if before_trailer is not None:
+            before_trailer()
         send_all(conn, memoryview(TRAILER), deadline=deadline, inactivity_s=wait_s, what="trailer")
         return b""
 

@@ -18,6 +18,7 @@ import logging
 import re
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -200,11 +201,17 @@ class GrpcTransport:
             replies = self._stub.Average(requests(), metadata=self._metadata(), timeout=timeout_s)
             return self._read_answer(next(replies).reply, replies, home, host_payload.numel())
 
-        # A payload that is not finite values of this codec (a bug: codecs refuse to encode
-        # NaN) goes on grpc, where the coordinator refuses it at once; on the data plane it
-        # would be refused only once its round's participants are fixed.
-        if self._dataplane is not None and decodes_finite(self.codec, host_payload, self.numel):
-            result = self._average_on_dataplane(header, host_payload, home, timeout_s)
+        # A payload that is not finite values of this codec (a bug: OuterSync checks its
+        # pseudo-gradient and codecs refuse to encode NaN) goes on grpc, where the coordinator
+        # refuses it at once, naming this island; on the data plane it would be refused only
+        # once its round's participants are fixed. The check runs while the header is on its
+        # way (_FiniteCheck); a bad payload cancels that call.
+        if self._dataplane is not None:
+            finite = _FiniteCheck(self.codec, host_payload, self.numel)
+            try:
+                result = self._average_on_dataplane(header, host_payload, home, timeout_s, finite)
+            except _NotFinite:
+                result = None
             if result is not None:
                 return result
         return self._retrying(f"averaging round {round}", call)
@@ -331,11 +338,22 @@ class GrpcTransport:
         return AverageResult(mean, reply.participants, sent, reply.payload_bytes)
 
     def _average_on_dataplane(
-        self, header: pb.AverageHeader, payload: torch.Tensor, home: _MeanHome, timeout_s: float
+        self,
+        header: pb.AverageHeader,
+        payload: torch.Tensor,
+        home: _MeanHome,
+        timeout_s: float,
+        finite: _FiniteCheck,
     ) -> AverageResult | None:
         """The header on grpc (Exchange), the payload on the data plane with the ticket that
         comes back; a failed exchange asks again (for `retry_s` at most). None: the coordinator
-        has no data plane (the payload then goes with Average, from now on)."""
+        has no data plane (the payload then goes with Average, from now on).
+
+        Raises:
+            _NotFinite: `finite` found that the payload does not decode to finite values
+                before its exchange began (it goes on grpc, to be refused there).
+            PayloadRefusedError: ... while its exchange was under way (that exchange fails).
+        """
         assert self._dataplane is not None
         what, sent = f"averaging round {header.round}", payload.numel()
         expected = self.codec.payload_bytes(self.numel)
@@ -343,7 +361,7 @@ class GrpcTransport:
         spent = False  # the payload's buffer holds part of a broken answer
         while True:
             try:
-                reply, replies = self._retrying(what, lambda: self._ask(header, timeout_s))
+                reply, replies = self._retrying(what, lambda: self._ask(header, timeout_s, finite))
             except _NoDataPlane:
                 if spent:  # nothing left to send on grpc either
                     raise ConnectionError(
@@ -362,8 +380,20 @@ class GrpcTransport:
                 self._give_up_by(deadline, what, "the payload is spent")
                 time.sleep(_SPENT_WAIT_S)
                 continue
+            finite.raise_if_bad()
             try:
-                mean_payload = self._dataplane.exchange(reply, payload, expected, timeout_s)
+                # The check ends before the payload's trailer (the answer, read into the
+                # payload's buffer, comes after it): a bad payload is not taken here.
+                mean_payload = self._dataplane.exchange(
+                    reply, payload, expected, timeout_s, before_trailer=finite.require
+                )
+            except _NotFinite:
+                # Its exchange failed (the coordinator drops this island from it, and the
+                # round goes on): too late to be refused on grpc, the round may be closed.
+                raise PayloadRefusedError(
+                    f"{what}: this island's payload does not decode to finite values (NaN or "
+                    "inf); the data plane dropped it before its end, so it was not averaged"
+                ) from None
             except DataPlaneError as error:
                 self._give_up_by(deadline, what, str(error))
                 log.warning("%s on the data plane: %s; asking the coordinator again", what, error)
@@ -382,12 +412,14 @@ class GrpcTransport:
             )
 
     def _ask(
-        self, header: pb.AverageHeader, timeout_s: float
+        self, header: pb.AverageHeader, timeout_s: float, finite: _FiniteCheck
     ) -> tuple[pb.AverageReply, Iterator[pb.Chunk]]:
         replies = self._stub.Exchange(header, metadata=self._metadata(), timeout=timeout_s)
+        finite.when_bad(replies.cancel)
         try:
             first = next(replies)
         except grpc.RpcError as error:
+            finite.raise_if_bad()  # it cancelled the call
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 raise _NoDataPlane() from None
             raise
@@ -404,6 +436,55 @@ class GrpcTransport:
         # Failing here is fine: the retry loop reports what is wrong.
         with contextlib.suppress(grpc.RpcError):
             self._join_once()
+
+
+class _NotFinite(Exception):
+    """The payload does not decode to finite values: it goes on grpc, to be refused there."""
+
+
+class _FiniteCheck:
+    """`decodes_finite(codec, payload, numel)` in a thread of its own, while the round's
+    header waits for the round's participants and the payload goes out: a pass over the
+    payload (11-15 ms of a 0.2 s round for 100 MB, 58-70 ms of 1.1 s for 496 MB, on the
+    2-core box) off the round's path. A bad payload cancels the call it is told of (the
+    header's wait), or fails the exchange before the payload's trailer (`require`)."""
+
+    def __init__(self, codec: Codec, payload: torch.Tensor, numel: int):
+        self._finite: bool | None = None
+        self._on_bad: Callable[[], object] | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._run, args=(codec, payload, numel), name="payload-check", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, codec: Codec, payload: torch.Tensor, numel: int) -> None:
+        finite = False  # a check that fails sends the payload on grpc, for the coordinator
+        try:
+            finite = decodes_finite(codec, payload, numel)
+        finally:
+            with self._lock:
+                self._finite = finite
+                on_bad = self._on_bad
+            if not finite and on_bad is not None:
+                on_bad()
+
+    def when_bad(self, cancel: Callable[[], object]) -> None:
+        """Call `cancel` once the payload is found bad (at once if it already is)."""
+        with self._lock:
+            self._on_bad = cancel
+            bad = self._finite is False
+        if bad:
+            cancel()
+
+    def raise_if_bad(self) -> None:
+        if self._finite is False:
+            raise _NotFinite()
+
+    def require(self) -> None:
+        """Wait for the check; _NotFinite if the payload is bad."""
+        self._thread.join()
+        self.raise_if_bad()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ with.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from diloco.codecs.base import empty
@@ -50,10 +52,16 @@ class IslandDataPlane:
         )
 
     def exchange(
-        self, reply: pb.AverageReply, payload: torch.Tensor, answer_bytes: int, timeout_s: float
+        self,
+        reply: pb.AverageReply,
+        payload: torch.Tensor,
+        answer_bytes: int,
+        timeout_s: float,
+        before_trailer: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Send `payload` (contiguous uint8, CPU) on the reply's ticket; the mean's payload,
-        in `payload`'s own buffer (module docstring).
+        in `payload`'s own buffer (module docstring). `before_trailer`: as
+        `DataPlaneClient.exchange`'s.
 
         Raises:
             AnswerBroken: the answer broke after it had begun: `payload` holds part of it.
@@ -69,4 +77,5 @@ class IslandDataPlane:
             answer_bytes=answer_bytes,
             timeout_s=timeout_s,
             answer_into=answer,
+            before_trailer=before_trailer,
         )
