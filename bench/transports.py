@@ -3,7 +3,8 @@
 For each size, codec and island count, in one run, with N island processes (one torch thread
 each) and the server side in this process:
 
-- grpc: `GrpcTransport.average` of an encoded pseudo-gradient, through a real coordinator
+- grpc: `GrpcTransport.average_into` of an encoded pseudo-gradient, as OuterSync calls it
+  (the spent pseudo-gradient's buffer takes the decoded mean), through a real coordinator
   (`Coordinator` + `CoordinatorServer` on port 0; TLS off unless --tls: loopback; the token
   on), timed on each island from a shared barrier to its answer; the round's time is the
   slowest island's. With the data plane (the default path): the header on grpc, the payload
