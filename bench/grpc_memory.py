@@ -32,12 +32,12 @@ import torch
 import torch.multiprocessing as mp
 
 from diloco.codecs import build_codec
+from diloco.os_memory import return_freed_buffers_to_the_os
 from diloco.outer.optimizers import SgdOuter
 from diloco.outer.sync import OuterHyperparams, OuterSync
 from diloco.transports.dataplane.config import DataPlaneConfig
 from diloco.transports.grpc import Coordinator, CoordinatorServer, GrpcTransport, RoundRules
 from diloco.transports.grpc.config import GrpcTransportConfig
-from diloco.transports.grpc.os_memory import return_freed_buffers_to_the_os
 
 TOKEN = "bench-memory-token-0123456789"
 PATHS = ("dataplane", "grpc-stream")
@@ -156,7 +156,7 @@ def measure(
     tensors: int = 1,
 ) -> dict[str, Figures]:
     """process -> its figures; `persist`: the coordinator saves its state; `malloc_defaults`:
-    the coordinator keeps glibc's dynamic mmap threshold (diloco/transports/grpc/os_memory.py);
+    the coordinator keeps glibc's dynamic mmap threshold (diloco/os_memory.py);
     `tensors`: how many tensors the islands' model has (`Wide`)."""
     context = mp.get_context("spawn")
     out, done = context.Queue(), context.Event()

@@ -18,6 +18,7 @@ from diloco.checkpoint.atomic import write_atomic
 from diloco.codecs.registry import build_codec
 from diloco.config import IslandConfig, to_container
 from diloco.metrics.jsonl import to_strict_json
+from diloco.os_memory import return_freed_buffers_to_the_os
 from diloco.outer.config import build_outer_optimizer
 from diloco.transports.base import TransportSetup
 from diloco.transports.config import TransportKind
@@ -28,7 +29,6 @@ from diloco.transports.grpc.hosting import (
     start_coordinator,
     summary,
 )
-from diloco.transports.grpc.os_memory import return_freed_buffers_to_the_os
 from diloco.transports.grpc.security import read_token
 from islands.fingerprint import group_settings
 

@@ -1,4 +1,5 @@
-"""A standalone coordinator returns freed buffers to the OS (diloco/transports/grpc/os_memory.py).
+"""Freed buffers go back to the OS (diloco/os_memory.py): a standalone coordinator fixes
+malloc's mmap threshold, an island trims its heaps as each sync begins.
 
 Each case runs in a process of its own: the setting is process-wide.
 """
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 PROBE = """
 import re, sys
-from diloco.transports.grpc.os_memory import return_freed_buffers_to_the_os
+from diloco.os_memory import return_freed_buffers_to_the_os, trim_heaps
 
 def rss_kib():
     status = open("/proc/self/status").read()
@@ -27,6 +28,8 @@ del big
 held = b"\\x01" * (8 << 20)  # below it now: from the heap, unless the threshold is fixed
 before = rss_kib()
 del held
+if sys.argv[1] == "trim":
+    assert trim_heaps()
 print(before - rss_kib())
 """
 
@@ -43,3 +46,9 @@ def test_a_freed_buffer_of_a_few_mib_leaves_the_resident_set() -> None:
     if freed_kib("default") > 4096:
         pytest.skip("this libc returns such buffers by itself: nothing to compare")
     assert freed_kib("fixed") >= 7 * 1024  # the 8 MiB buffer, its pages given back
+
+
+def test_trimming_the_heaps_gives_a_freed_heap_block_back() -> None:
+    if freed_kib("default") > 4096:
+        pytest.skip("this libc returns such buffers by itself: nothing to compare")
+    assert freed_kib("trim") >= 7 * 1024
