@@ -14,7 +14,8 @@ it: an island's inner loop allocates many tensors above 1 MiB every step, and to
 allocator keeps no cache of its own, so there each one would be a new mapping and its page
 faults.
 
-An island instead trims its heaps once a round, as its sync begins (`trim_heaps`): the inner
+An island instead trims its heaps once a round, as its sync begins (`trim_heaps`; for
+payloads of `TRIM_FROM_BYTES` and more): the inner
 loop's freed gradients of layers under 32 MiB may still sit there, resident through the sync,
 which then held 1x its payload more in some runs (64M parameters in 16 tensors: the sync's
 peak 6.4x to 7.96x its payload above the baseline over five runs, 6.40x to 6.45x with the
@@ -52,6 +53,12 @@ def return_freed_buffers_to_the_os(threshold_bytes: int = MMAP_THRESHOLD_BYTES) 
     if not done:
         log.debug("mallopt(M_MMAP_THRESHOLD) was refused: freed buffers may stay in the heap")
     return done
+
+
+TRIM_FROM_BYTES = 64 << 20
+"""Payloads from this size up trim the heaps at each sync: below it, what a trim could give back
+is tens of MiB at most, and a run that syncs every step (H = 1) would fault those pages in
+again every step (5 % of a small model's plain-AdamW run, measured)."""
 
 
 def trim_heaps() -> bool:

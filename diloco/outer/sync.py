@@ -23,7 +23,7 @@ import torch
 from diloco.codecs.base import Codec, all_finite
 from diloco.codecs.floating import NoneCodec, none_payload_to_fill
 from diloco.errors import TrainingDiverged
-from diloco.os_memory import trim_heaps
+from diloco.os_memory import TRIM_FROM_BYTES, trim_heaps
 from diloco.outer.error_feedback import compensate, new_residual
 from diloco.outer.shards import ParamShard, WholeParams
 from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
@@ -122,7 +122,8 @@ class OuterSync:
         start = time.perf_counter()
         # The inner loop's freed gradients may still be resident in malloc's heaps: given
         # back before the sync allocates its payload (diloco/os_memory.py).
-        trim_heaps()
+        if 4 * self.numel >= TRIM_FROM_BYTES:
+            trim_heaps()
         payload, delta_N = self._pseudo_gradient()
         if not all_finite(delta_N):
             raise TrainingDiverged(

@@ -273,3 +273,21 @@ def test_a_spent_pseudo_gradient_is_handed_over_for_the_mean(codec_name: str) ->
             assert len(transport.spares) == expected
             assert all(s.shape == (numel,) and s.dtype == torch.float32 for s in transport.spares)
     assert steps[0] == steps[1]
+
+
+@pytest.mark.parametrize(("trim_from_bytes", "trims"), [(0, 2), (1 << 40, 0)])
+def test_a_sync_trims_the_heaps_only_for_large_payloads(
+    trim_from_bytes: int, trims: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Freed gradients are given back to the OS as a sync begins (diloco/os_memory.py), for
+    payloads from TRIM_FROM_BYTES up: a small model syncing every step would only fault the
+    same pages in again."""
+    from diloco.outer import sync as sync_module
+
+    calls: list[int] = []
+    monkeypatch.setattr(sync_module, "TRIM_FROM_BYTES", trim_from_bytes)
+    monkeypatch.setattr(sync_module, "trim_heaps", lambda: calls.append(1) or True)
+    island = one_island(model(), inner_steps=1)
+    for _ in range(2):
+        island.sync(tokens=1.0)
+    assert len(calls) == trims
