@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,9 @@ def return_freed_buffers_to_the_os(threshold_bytes: int = MMAP_THRESHOLD_BYTES) 
     Returns:
         Whether it was set; False elsewhere (another libc or system: nothing changes).
     """
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     done = bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
     if not done:
         log.debug("mallopt(M_MMAP_THRESHOLD) was refused: freed buffers may stay in the heap")
@@ -67,13 +63,22 @@ def trim_heaps() -> bool:
     Returns:
         Whether malloc_trim ran; False elsewhere (another libc or system: nothing changes).
     """
-    if not sys.platform.startswith("linux"):
+    malloc_trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    if malloc_trim is None:
         return False
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    malloc_trim.restype = ctypes.c_int
     malloc_trim(0)
     return True
+
+
+def _glibc(name: str, argtypes: list[type]) -> Any:
+    """The C library's function `name` (returning an int) on Linux; None elsewhere, or where
+    the library has no such function."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function

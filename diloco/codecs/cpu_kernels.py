@@ -145,8 +145,9 @@ def int8_scaled_add_into(
     acc = _array(acc_n, torch.float32, acc_n.numel(), "acc_n")
     q = _array(q_n, torch.int8, acc.size, "q_n")
     scale = _array(scale_nb, torch.float32, _blocks(acc.size, block), "scale_nb")
-    kernel = _int8_scaled_add_first if first else _int8_scaled_add
-    tops = _parallel(kernel, scale.size, acc.size, acc, q, scale, block, np.float32(alpha))
+    tops = _parallel(
+        _int8_scaled_add, scale.size, acc.size, acc, q, scale, block, np.float32(alpha), first
+    )
     return max(tops, default=0) != _EXPONENT_BITS
 
 
@@ -293,25 +294,14 @@ if numba is not None:
     # inf or a NaN. fma(v, alpha, +0.0) (first) turns a -0.0 product into +0.0, as torch's add
     # to zeros does.
     @_kernel
-    def _int8_scaled_add_first(acc, q, scale, block, alpha, b0, b1):  # type: ignore[no-untyped-def]
+    def _int8_scaled_add(acc, q, scale, block, alpha, first, b0, b1):  # type: ignore[no-untyped-def]
         top = np.uint32(0)
         for b in range(b0, b1):
             start, stop = _bounds(b, block, q.shape[0])
             s = scale[b]
             for i in range(start, stop):
-                r = _fma(np.float32(q[i]) * s, alpha, _ZERO)  # type: ignore[call-arg,var-annotated]
-                acc[i] = r
-                top = max(top, _bits_of_f32(r) & _EXPONENT)
-        return top
-
-    @_kernel
-    def _int8_scaled_add(acc, q, scale, block, alpha, b0, b1):  # type: ignore[no-untyped-def]
-        top = np.uint32(0)
-        for b in range(b0, b1):
-            start, stop = _bounds(b, block, q.shape[0])
-            s = scale[b]
-            for i in range(start, stop):
-                r = _fma(np.float32(q[i]) * s, alpha, acc[i])  # type: ignore[call-arg,var-annotated]
+                base = _ZERO if first else acc[i]
+                r = _fma(np.float32(q[i]) * s, alpha, base)  # type: ignore[call-arg,var-annotated]
                 acc[i] = r
                 top = max(top, _bits_of_f32(r) & _EXPONENT)
         return top

@@ -602,48 +602,37 @@ def test_an_injected_outer_optimizer_gives_the_same_anchor_everywhere(group: Gro
     same anchor and the same Adam state, bit for bit, and both follow a reference computed
     from the expected means with the same optimizer; a coordinator that keeps the group's
     state holds the same anchor too (its optimizer is the injected one)."""
-    per_island = group.seen("outer optimizer")
-    for round in range(OUTER_ROUNDS):
-        assert len({island[round]["anchor"] for island in per_island}) == 1, f"round {round}"
-        assert len({island[round]["state"] for island in per_island}) == 1, f"round {round}"
-    anchor = torch.zeros(NUMEL)
-    state = ADAM.init_state(anchor)
-    for round in range(OUTER_ROUNDS):
-        # Each island moved by +0.01 v: its pseudo-gradient is -0.01 v.
-        deltas = [-0.01 * island_vector(rank, round) for rank in range(group.num_islands)]
-        weights = [island_weight(r, round, group.num_islands) for r in range(group.num_islands)]
-        ADAM.step_(anchor, weighted_mean(deltas, weights), state, round)
-        got = torch.frombuffer(bytearray(per_island[0][round]["anchor"]), dtype=torch.float32)
-        torch.testing.assert_close(got, anchor, rtol=1e-5, atol=1e-6)
-    final = torch.frombuffer(bytearray(per_island[0][-1]["anchor"]), dtype=torch.float32)
-    coordinator = group.results[0].get("coordinator sha256", {}).get("outer optimizer")
-    if coordinator is not None:
-        assert coordinator == params_sha256(final)
+    _assert_outer_steps(group, "outer optimizer", NoneCodec())
 
 
 @pytest.mark.timeout(180)
 def test_outer_steps_with_a_lossy_codec_agree_everywhere(group: Group) -> None:
-    """int8 through OuterSync (outer Adam, as the entry above): every island holds the same
-    anchor after every round, following the reference built from the decoded payloads (and
-    the re-encoded mean, where a coordinator sends one); the coordinator holds it too."""
-    codec = Int8Codec(block_size=64)
-    per_island = group.seen("outer steps int8")
+    """The same with int8 payloads: the reference averages the decoded payloads (and decodes
+    the re-encoded mean, where a coordinator sends one). grpc decodes each island's mean into
+    its spent pseudo-gradient (DecodesMeanInto), the other kinds into a new vector."""
+    _assert_outer_steps(group, "outer steps int8", Int8Codec(block_size=64))
+
+
+def _assert_outer_steps(group: Group, name: str, codec: Codec) -> None:
+    per_island = group.seen(name)
     anchor = torch.zeros(NUMEL)
     state = ADAM.init_state(anchor)
     for round in range(OUTER_ROUNDS):
         assert len({island[round]["anchor"] for island in per_island}) == 1, f"round {round}"
-        decoded = [
+        assert len({island[round]["state"] for island in per_island}) == 1, f"round {round}"
+        # Each island moved by +0.01 v: its pseudo-gradient is -0.01 v.
+        deltas = [
             codec.decode(codec.encode(-0.01 * island_vector(rank, round)), NUMEL)
             for rank in range(group.num_islands)
         ]
         weights = [island_weight(r, round, group.num_islands) for r in range(group.num_islands)]
-        mean = weighted_mean(decoded, weights)
+        mean = weighted_mean(deltas, weights)
         if group.kind.reencodes_mean:
             mean = codec.decode(codec.encode(mean), NUMEL)
         ADAM.step_(anchor, mean, state, round)
         got = torch.frombuffer(bytearray(per_island[0][round]["anchor"]), dtype=torch.float32)
         torch.testing.assert_close(got, anchor, rtol=1e-5, atol=1e-6)
     final = torch.frombuffer(bytearray(per_island[0][-1]["anchor"]), dtype=torch.float32)
-    coordinator = group.results[0].get("coordinator sha256", {}).get("outer steps int8")
+    coordinator = group.results[0].get("coordinator sha256", {}).get(name)
     if coordinator is not None:
         assert coordinator == params_sha256(final)

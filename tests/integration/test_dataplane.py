@@ -141,8 +141,10 @@ def _exchange_all(
     server: DataPlaneServer,
     tickets: dict[int, Ticket],
     payloads: dict[int, torch.Tensor],
+    before_trailer: dict[int, Callable[[], None]] | None = None,
 ) -> dict[int, Any]:
     size = payloads[min(payloads)].numel()
+    hooks = before_trailer or {}
     return _in_threads(
         {
             rank: (
@@ -152,6 +154,7 @@ def _exchange_all(
                     payloads[rank],
                     answer_bytes=size,
                     timeout_s=30,
+                    before_trailer=hooks.get(rank),
                 )
             )
             for rank in tickets
@@ -346,7 +349,6 @@ def test_an_island_that_stops_before_its_trailer_fails_the_exchange(
     server, codec = start_server(tls=tls), build_codec("none")
     exchange, tickets = _group(server, codec, {0: 1.0, 1: 1.0})
     payloads = dict(enumerate(_payloads(codec, 2)))
-    client, size = _client(pem, tls=tls), payloads[0].numel()
 
     class FoundBad(Exception):
         pass
@@ -354,21 +356,7 @@ def test_an_island_that_stops_before_its_trailer_fails_the_exchange(
     def stop() -> None:
         raise FoundBad()
 
-    answers = _in_threads(
-        {
-            rank: (
-                lambda rank=rank: client.exchange(
-                    server.address,
-                    tickets[rank].to_bytes(),
-                    payloads[rank],
-                    answer_bytes=size,
-                    timeout_s=30,
-                    before_trailer=stop if rank == 1 else None,
-                )
-            )
-            for rank in tickets
-        }
-    )
+    answers = _exchange_all(_client(pem, tls=tls), server, tickets, payloads, {1: stop})
     assert isinstance(answers[1], FoundBad), answers
     assert isinstance(answers[0], ExchangeAborted), answers
     outcome = exchange.outcome(0)

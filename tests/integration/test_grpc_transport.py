@@ -21,7 +21,7 @@ from harness import run_threads, self_signed_pair, wait_for
 
 from diloco.aggregate import weighted_mean
 from diloco.codecs import build_codec
-from diloco.codecs.base import HEADER_BYTES
+from diloco.codecs.base import HEADER_BYTES, Codec
 from diloco.errors import ConfigError
 from diloco.outer.nesterov import nesterov_step_
 from diloco.outer.optimizers import SgdOuter
@@ -222,15 +222,35 @@ def test_another_model_is_refused_naming_the_difference(coordinator: Running) ->
     assert "m1" not in str(error.value)
 
 
+def nan_payload(codec: Codec) -> torch.Tensor:
+    """A payload holding a NaN: our codecs refuse to encode one; a buggy or hostile island may
+    not use them."""
+    payload = codec.encode(delta(0))
+    payload[HEADER_BYTES:].view(torch.float32)[17] = float("nan")
+    return payload
+
+
+def found_bad_after(seconds: float, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """The island's payload check finds the payload bad after `seconds`; set once it has."""
+    from diloco.transports.grpc import client as client_module
+
+    checked = threading.Event()
+
+    def slow_check(*args: object) -> bool:
+        time.sleep(seconds)
+        checked.set()
+        return False
+
+    monkeypatch.setattr(client_module, "decodes_finite", slow_check)
+    return checked
+
+
 @pytest.mark.timeout(60)
 def test_nan_payload_is_refused_and_the_state_is_unchanged(coordinator: Running) -> None:
     island = seeded(coordinator)
     before = coordinator.coordinator.state_sha256()
-    # Our codecs refuse to encode NaN; a buggy or hostile island may not use them.
-    payload = coordinator.codec.encode(delta(0))
-    payload[HEADER_BYTES:].view(torch.float32)[17] = float("nan")
     with pytest.raises(PayloadRefusedError, match="non-finite"):
-        island.average(payload, 10.0, 0, before)
+        island.average(nan_payload(coordinator.codec), 10.0, 0, before)
     assert coordinator.coordinator.state_sha256() == before
     assert coordinator.coordinator.round == 0
     assert coordinator.coordinator.stats.refused_payloads == 1
@@ -243,23 +263,12 @@ def test_a_payload_found_bad_while_its_header_waits_is_refused_at_once(
     """The island checks its payload while the header waits for the round's participants
     (here forever: the round needs 2 islands, 1 came); a bad one cancels that wait and is
     refused on grpc at once. A good one waits as before, its check long done."""
-    from diloco.transports.grpc import client as client_module
-
     island = seeded(coordinator)
     before = coordinator.coordinator.state_sha256()
-    checked = threading.Event()
-
-    def slow_check(*args: object) -> bool:
-        time.sleep(0.5)  # the header is waiting by then
-        checked.set()
-        return False
-
-    monkeypatch.setattr(client_module, "decodes_finite", slow_check)
+    checked = found_bad_after(0.5, monkeypatch)  # the header is waiting by then
     start = time.monotonic()
     with pytest.raises(PayloadRefusedError, match="non-finite"):
-        payload = coordinator.codec.encode(delta(0))
-        payload[HEADER_BYTES:].view(torch.float32)[3] = float("nan")
-        island.average(payload, 10.0, 0, before)
+        island.average(nan_payload(coordinator.codec), 10.0, 0, before)
     assert checked.is_set() and time.monotonic() - start < 10
     assert coordinator.coordinator.state_sha256() == before
     assert coordinator.coordinator.round == 0
@@ -288,16 +297,10 @@ def test_a_payload_found_bad_while_it_streams_is_refused_and_never_averaged(
             sent.append(1)
             return exchange(self, *args, **kwargs)
 
-        def slow_check(*args: object) -> bool:
-            time.sleep(0.5)  # the payload is on its way by then
-            return False
-
         monkeypatch.setattr(client_module.IslandDataPlane, "exchange", exchanging)
-        monkeypatch.setattr(client_module, "decodes_finite", slow_check)
-        payload = running.codec.encode(delta(0))
-        payload[HEADER_BYTES:].view(torch.float32)[3] = float("nan")
+        found_bad_after(0.5, monkeypatch)  # the payload is on its way by then
         with pytest.raises(PayloadRefusedError, match="not decode to finite values"):
-            island.average(payload, 10.0, 0, before)
+            island.average(nan_payload(running.codec), 10.0, 0, before)
         assert sent == [1]  # it went on the data plane first
         # Not averaged: the round closed without a participant (a zero mean, no momentum yet).
         assert running.coordinator.state_sha256() == before

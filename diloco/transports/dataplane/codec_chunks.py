@@ -261,24 +261,34 @@ def _check_header(prefix: torch.Tensor, expected: Header, name: str) -> None:
     )
 
 
-def _decode_then_add(
-    chunked: ChunkCodec,
-    prefix: torch.Tensor,
-    section: torch.Tensor,
-    start: int,
-    acc_n: torch.Tensor,
-    alpha: float,
-    first: bool,
-    scratch_n: torch.Tensor,
-) -> None:
-    """`ChunkCodec.add_chunk` in torch: decode, then add (after zeroing, when first)."""
-    values_n = chunked.decode_chunk(prefix, section, start, scratch_n)
-    if first:
-        acc_n.zero_()
-    acc_n.add_(values_n, alpha=alpha)
+class _DecodeThenAdd:
+    """`ChunkCodec.add_chunk` in torch: decode into the scratch, then add (after zeroing, when
+    first). For the codecs without a one-pass add."""
+
+    def add_chunk(
+        self,
+        prefix: torch.Tensor,
+        section: torch.Tensor,
+        start: int,
+        acc_n: torch.Tensor,
+        alpha: float,
+        *,
+        first: bool,
+        scratch_n: torch.Tensor,
+    ) -> bool | None:
+        values_n = self.decode_chunk(prefix, section, start, scratch_n)
+        if first:
+            acc_n.zero_()
+        acc_n.add_(values_n, alpha=alpha)
+        return None
+
+    def decode_chunk(
+        self, prefix: torch.Tensor, section: torch.Tensor, start: int, scratch_n: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError  # each codec's class has its own
 
 
-class _CastChunks:
+class _CastChunks(_DecodeThenAdd):
     def __init__(self, codec: NoneCodec | Fp16Codec | Bf16Codec, numel: int):
         self.dtype = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
             codec.name
@@ -307,20 +317,6 @@ class _CastChunks:
         scratch_n.copy_(wire_n)
         return scratch_n
 
-    def add_chunk(
-        self,
-        prefix: torch.Tensor,
-        section: torch.Tensor,
-        start: int,
-        acc_n: torch.Tensor,
-        alpha: float,
-        *,
-        first: bool,
-        scratch_n: torch.Tensor,
-    ) -> bool | None:
-        _decode_then_add(self, prefix, section, start, acc_n, alpha, first, scratch_n)
-        return None
-
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         begin = HEADER_BYTES + self.itemsize * start
         wire_n = payload[begin : begin + self.itemsize * x_n.numel()].view(self.dtype)
@@ -337,7 +333,7 @@ class _CastChunks:
         return payload[HEADER_BYTES + 4 * start : HEADER_BYTES + 4 * stop].view(torch.float32)
 
 
-class _BlockChunks:
+class _BlockChunks(_DecodeThenAdd):
     """int8, fp8 and fp4: an fp32 scale per block in the prefix, codes in the section."""
 
     def __init__(self, codec: Int8Codec | Fp8Codec | Fp4Codec, numel: int):
@@ -422,8 +418,9 @@ class _BlockChunks:
             return cpu_kernels.int8_scaled_add_into(
                 acc_n, q_n, scale_nb, self.block, alpha, first=first
             )
-        _decode_then_add(self, prefix, section, start, acc_n, alpha, first, scratch_n)
-        return None
+        return super().add_chunk(
+            prefix, section, start, acc_n, alpha, first=first, scratch_n=scratch_n
+        )
 
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         count, codec = x_n.numel(), self.codec
@@ -455,7 +452,7 @@ class _BlockChunks:
         return None
 
 
-class _TopKChunks:
+class _TopKChunks(_DecodeThenAdd):
     """topk: the fp16 values of all blocks in the prefix, their indices in the section."""
 
     def __init__(self, codec: TopKCodec, numel: int):
@@ -494,20 +491,6 @@ class _TopKChunks:
         values = self._values(prefix, start, count)
         scratch_n.copy_(topk_decode(values, indices, count, self.block, codec.fraction))
         return scratch_n
-
-    def add_chunk(
-        self,
-        prefix: torch.Tensor,
-        section: torch.Tensor,
-        start: int,
-        acc_n: torch.Tensor,
-        alpha: float,
-        *,
-        first: bool,
-        scratch_n: torch.Tensor,
-    ) -> bool | None:
-        _decode_then_add(self, prefix, section, start, acc_n, alpha, first, scratch_n)
-        return None
 
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         count, codec = x_n.numel(), self.codec
