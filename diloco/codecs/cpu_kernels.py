@@ -289,10 +289,10 @@ if numba is not None:
     _EXPONENT = np.uint32(_EXPONENT_BITS)
     _ZERO = np.float32(0.0)
 
-    # The scaled adds return the largest exponent field among their results (an integer max:
+    # The scaled add returns the largest exponent field among its results (an integer max:
     # it vectorizes, where a float reduction would not without fastmath); all ones means an
     # inf or a NaN. fma(v, alpha, +0.0) (first) turns a -0.0 product into +0.0, as torch's add
-    # to zeros does.
+    # to zeros does; acc is not read then (LLVM splits the loop on `first`).
     @_kernel
     def _int8_scaled_add(acc, q, scale, block, alpha, first, b0, b1):  # type: ignore[no-untyped-def]
         top = np.uint32(0)
