@@ -7,6 +7,8 @@ outlier, negative zeros, exact ties, and values spread over many orders of magni
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -83,6 +85,17 @@ FMA_ADD = pytest.mark.skipif(
 )
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """The kernels split their work over torch's threads: run with `count` of them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @FMA_ADD
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("block", BLOCKS)
@@ -93,9 +106,7 @@ def test_int8_scaled_add_is_decode_then_torchs_add(numel: int, block: int, threa
     q, scale = kernel_int8(awkward(numel, block), block)
     values = int8_decode(q, scale, block)
     start = awkward(numel, block, seed=2)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for alpha in (1 / 3, 0.7, 7 / 1009):
             for first in (True, False):
                 expected = torch.zeros(numel) if first else start.clone()
@@ -104,8 +115,55 @@ def test_int8_scaled_add_is_decode_then_torchs_add(numel: int, block: int, threa
                 finite = kernels.int8_scaled_add_into(got, q, scale, block, alpha, first=first)
                 assert_same(got, expected)
                 assert finite == bool(torch.isfinite(expected).all())
-    finally:
-        torch.set_num_threads(before)
+
+
+def scaled_add_encode(
+    acc: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: int, alpha: float, first: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out_q, out_scale = torch.full_like(q, 99), torch.full_like(scale, float("nan"))
+    kernels.int8_scaled_add_encode_into(
+        acc, q, scale, block, alpha, first=first, out_q_n=out_q, out_scale_nb=out_scale
+    )
+    return out_q, out_scale
+
+
+@FMA_ADD
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("numel", SIZES + [300_007])
+def test_int8_scaled_add_encode_is_torchs_add_then_the_reference_encode(
+    numel: int, block: int, threads: int
+) -> None:
+    """The coordinator's last add of a chunk and its encoding in one pass: int8_encode of
+    what torch's zero_() / add_() write, bit for bit (all-zero blocks: scale 0), and the
+    accumulator is never written."""
+    q, scale = kernel_int8(awkward(numel, block), block)
+    values = int8_decode(q, scale, block)
+    start = awkward(numel, block, seed=2)
+    with torch_threads(threads):
+        for alpha in (1 / 3, 0.7, 7 / 1009):
+            for first in (True, False):
+                expected = torch.zeros(numel) if first else start.clone()
+                expected.add_(values, alpha=alpha)
+                q_ref, scale_ref = int8_encode(expected, block)
+                acc = start.clone()
+                out_q, out_scale = scaled_add_encode(acc, q, scale, block, alpha, first)
+                assert_same(out_scale, scale_ref)
+                assert_same(out_q, q_ref)
+                assert_same(acc, start)
+
+
+@FMA_ADD
+def test_int8_scaled_add_encode_gives_an_overflowing_block_a_non_finite_scale() -> None:
+    """A sum that overflows makes its block's scale inf, which every caller refuses (as
+    int8_encode_into's scale of an inf); the other blocks are encoded as usual."""
+    largest = float(torch.finfo(torch.float32).max)
+    q = torch.tensor([127, 0, 0, 0, 1, 2, 3, 4], dtype=torch.int8)
+    scale = torch.tensor([largest / 128, 1.0])
+    acc = torch.tensor([3e38, 0, 0, 0, 0, 0, 0, 0])
+    out_q, out_scale = scaled_add_encode(acc, q, scale, 4, 1.0, first=False)
+    assert out_scale[0] == float("inf")
+    assert out_scale[1] == 4 / 127 and out_q[4:].tolist() == [32, 64, 95, 127]
 
 
 @FMA_ADD

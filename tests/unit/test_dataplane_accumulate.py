@@ -99,21 +99,47 @@ def test_int8_is_exact_with_and_without_the_one_pass_add(
     if fused and not cpu_kernels.fma_add_matches_torch():
         pytest.skip("no one-pass add on this machine")
     monkeypatch.setattr(cpu_kernels, "fma_add_matches_torch", lambda: fused)
-    calls: list[bool] = []
-    one_pass = cpu_kernels.int8_scaled_add_into
-    monkeypatch.setattr(
-        cpu_kernels,
-        "int8_scaled_add_into",
-        lambda *args, **kwargs: calls.append(True) or one_pass(*args, **kwargs),
-    )
+    calls: list[str] = []
+    for name in ("int8_scaled_add_into", "int8_scaled_add_encode_into"):
+        kernel = getattr(cpu_kernels, name)
+        spy = lambda *args, _kernel=kernel, _name=name, **kwargs: (  # noqa: E731
+            calls.append(_name) or _kernel(*args, **kwargs)
+        )
+        monkeypatch.setattr(cpu_kernels, name, spy)
     codec, numel, weights = build_codec("int8", block_size=64), 20_011, [3.0, 1.0, 2.0]
     payloads = _payloads(codec, numel, 3, seed=9)
     expected = weighted_mean([codec.decode(p, numel) for p in payloads], weights)
-    encoded = LockstepAccumulator(codec, numel, chunk_bytes=4096).encoded_mean(
-        _contributions(payloads, weights)
-    )
+    accumulator = LockstepAccumulator(codec, numel, chunk_bytes=4096)
+    encoded = accumulator.encoded_mean(_contributions(payloads, weights))
     assert torch.equal(encoded, codec.encode(expected))
-    assert bool(calls) == fused
+    chunks = -(-numel // accumulator.chunk_elements)
+    # Per chunk: the first two added in one pass each, the third added and encoded in one.
+    assert (
+        calls
+        == (["int8_scaled_add_into"] * 2 + ["int8_scaled_add_encode_into"] if fused else [])
+        * chunks
+    )
+
+
+def test_an_overflowing_sum_added_and_encoded_in_one_pass_is_refused_with_its_count() -> None:
+    """Where the last add and the encoding are one pass, a sum that overflows is refused as
+    encoding it would be: ValueError counting the non-finite values of the true sum."""
+    from diloco.codecs import cpu_kernels
+
+    if not cpu_kernels.fma_add_matches_torch():
+        pytest.skip("no one-pass add on this machine")
+    codec, numel = build_codec("int8", block_size=4), 8
+    chunked = chunk_codec(codec, numel)
+    largest = float(torch.finfo(torch.float32).max)
+    payload = codec.encode(torch.tensor([largest * 127 / 128, 0, 0, 0, 1, 2, 3, 4]))
+    prefix, section = payload[: chunked.prefix_bytes], payload[chunked.prefix_bytes :]
+    acc_n = torch.tensor([3e38, 0, 0, 0, 0, 0, 0, 0])
+    out = torch.zeros(chunked.payload_bytes, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"1 non-finite value\(s\) \(nan or inf\) among 8"):
+        chunked.add_and_encode_chunk(
+            prefix, section, 0, acc_n, 1.0, first=False, scratch_n=torch.empty(numel),
+            payload=out,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("chunk_bytes", [4096, 8192 + 256, 1 << 20])

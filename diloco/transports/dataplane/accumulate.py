@@ -15,7 +15,8 @@ where this gives +0.0; the accumulator follows the form in diloco/aggregate.py.)
 chunk is decoded and added in one pass, each value formed in a register
 (`cpu_kernels.int8_scaled_add_into`, `ChunkCodec.add_chunk`), where a check at the first use
 shows it writes what torch's add writes on this machine; it also says whether the sum is
-finite, so no pass checks it.
+finite, so no pass checks it. The last participant's chunk is added and the sums encoded in
+one pass too (`ChunkCodec.add_and_encode_chunk`): the mean's fp32 chunk is never written.
 
 Every element sees the same operations in the same order as in `weighted_mean`, on the same
 torch kernels (per element, torch's CPU add with alpha is one fused multiply-add whatever the
@@ -118,16 +119,7 @@ class LockstepAccumulator:
         """
         payload = new_payload(self.chunked, self.buffers)
         chunked = self.chunked
-
-        def emit(start: int, acc_n: torch.Tensor) -> None:
-            chunked.encode_chunk(acc_n, payload, start)
-
-        self._run(
-            contributions,
-            emit,
-            lambda a, b: chunked.verbatim_view(payload, a, b),
-            encode_refuses_overflow=True,
-        )
+        self._run(contributions, lambda a, b: chunked.verbatim_view(payload, a, b), payload)
         return payload
 
     def mean_into(self, contributions: Sequence[Contribution], out_N: torch.Tensor) -> None:
@@ -142,23 +134,25 @@ class LockstepAccumulator:
                 f"out_N must be fp32 of shape ({self.numel},), got {out_N.dtype} "
                 f"{tuple(out_N.shape)}"
             )
-        self._run(contributions, lambda start, acc_n: None, lambda a, b: out_N[a:b])
+        self._run(contributions, lambda a, b: out_N[a:b], None)
 
     def _run(
         self,
         contributions: Sequence[Contribution],
-        emit: Callable[[int, torch.Tensor], None],
         target: Callable[[int, int], torch.Tensor | None],
-        *,
-        encode_refuses_overflow: bool = False,
+        payload: torch.Tensor | None,
     ) -> None:
+        """Accumulate chunk after chunk into `target(start, stop)` (None: a scratch buffer),
+        each chunk then encoded into `payload` unless that is None."""
         alphas = mean_alphas(contributions)
         prefixes = [self._read_prefix(c) for c in contributions]
         # Where every prefix proves its values finite, a non-finite mean can only be their
-        # sum's overflow, which `emit` refuses (ChunkCodec.encode_chunk): no pass to check.
+        # sum's overflow, which the encoding refuses (ChunkCodec.encode_chunk): no pass to
+        # check, and the last add and the encoding can be one (add_and_encode_chunk).
         check_each_chunk = not (
-            encode_refuses_overflow and all(map(self.chunked.finite_by_prefix, prefixes))
+            payload is not None and all(map(self.chunked.finite_by_prefix, prefixes))
         )
+        last = len(contributions) - 1
         width = self.chunk_elements
         starts = range(0, self.numel, width)
         sizes = [self._section_bytes(a, min(a + width, self.numel)) for a in starts]
@@ -178,6 +172,7 @@ class LockstepAccumulator:
                     zip(contributions, streams, strict=True)
                 ):
                     wire.append(stream.next())
+                    encode_into = payload if i == last and not check_each_chunk else None
                     finite = self._add(
                         contribution,
                         prefixes[i],
@@ -187,12 +182,14 @@ class LockstepAccumulator:
                         alphas[i],
                         first=i == 0,
                         scratch_n=scratch_n[: stop - start],
+                        encode_into=encode_into,
                     )
                 if check_each_chunk and not (all_finite(acc_n) if finite is None else finite):
                     self._blame_non_finite(contributions, prefixes, wire, start, scratch_n)
                 for stream in streams:
                     stream.release()
-                emit(start, acc_n)
+                if payload is not None and check_each_chunk:
+                    self.chunked.encode_chunk(acc_n, payload, start)
         finally:
             for stream in streams:
                 stream.close()
@@ -220,11 +217,20 @@ class LockstepAccumulator:
         *,
         first: bool,
         scratch_n: torch.Tensor,
+        encode_into: torch.Tensor | None,
     ) -> bool | None:
+        """add_chunk, or add_and_encode_chunk into `encode_into` (then acc_n may be left as
+        it was, and None is returned); a payload the codec refuses names the participant."""
         try:
-            return self.chunked.add_chunk(
-                prefix, section, start, acc_n, alpha, first=first, scratch_n=scratch_n
-            )
+            if encode_into is None:
+                return self.chunked.add_chunk(
+                    prefix, section, start, acc_n, alpha, first=first, scratch_n=scratch_n
+                )
+            self.chunked.add_and_encode_chunk(
+                prefix, section, start, acc_n, alpha, first=first, scratch_n=scratch_n,
+                payload=encode_into,
+            )  # fmt: skip
+            return None
         except PayloadError as error:
             raise ParticipantFailed(contribution.rank, "refused", str(error)) from None
 

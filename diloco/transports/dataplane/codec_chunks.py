@@ -45,6 +45,7 @@ from diloco.codecs.base import (
     pack_header,
     refuse_non_finite_scales,
     runs_fused,
+    scales_are_valid,
     scales_from_body,
 )
 from diloco.codecs.floating import Bf16Codec, Fp16Codec, NoneCodec
@@ -108,6 +109,22 @@ class ChunkCodec(Protocol):
         len(acc_n))), bit for bit what `acc_n.zero_()` (first) then `acc_n.add_(values,
         alpha=alpha)` write; `scratch_n` (as long) may take the decoded values. True or False:
         whether every value of acc_n is now finite, where that came free; None otherwise."""
+        ...
+
+    def add_and_encode_chunk(
+        self,
+        prefix: torch.Tensor,
+        section: torch.Tensor,
+        start: int,
+        acc_n: torch.Tensor,
+        alpha: float,
+        *,
+        first: bool,
+        scratch_n: torch.Tensor,
+        payload: torch.Tensor,
+    ) -> None:
+        """add_chunk (no finite flag), then encode_chunk of the sum into `payload`, bit for
+        bit; `acc_n` may be left as it was (int8 encodes the sums without storing them)."""
         ...
 
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
@@ -282,9 +299,27 @@ class _DecodeThenAdd:
         acc_n.add_(values_n, alpha=alpha)
         return None
 
+    def add_and_encode_chunk(
+        self,
+        prefix: torch.Tensor,
+        section: torch.Tensor,
+        start: int,
+        acc_n: torch.Tensor,
+        alpha: float,
+        *,
+        first: bool,
+        scratch_n: torch.Tensor,
+        payload: torch.Tensor,
+    ) -> None:
+        self.add_chunk(prefix, section, start, acc_n, alpha, first=first, scratch_n=scratch_n)
+        self.encode_chunk(acc_n, payload, start)
+
     def decode_chunk(
         self, prefix: torch.Tensor, section: torch.Tensor, start: int, scratch_n: torch.Tensor
     ) -> torch.Tensor:
+        raise NotImplementedError  # each codec's class has its own
+
+    def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         raise NotImplementedError  # each codec's class has its own
 
 
@@ -407,12 +442,7 @@ class _BlockChunks(_DecodeThenAdd):
     ) -> bool | None:
         # int8: decoded and added in one pass (cpu_kernels.int8_scaled_add_into), where it
         # writes what torch does on this machine; the values never land in scratch_n.
-        if (
-            isinstance(self.codec, Int8Codec)
-            and runs_fused(section)
-            and acc_n.device.type == "cpu"
-            and cpu_kernels.fma_add_matches_torch()
-        ):
+        if self._adds_in_one_pass(section, acc_n):
             scale_nb = self._scales(prefix, start, acc_n.numel())
             q_n = section.view(torch.int8)
             return cpu_kernels.int8_scaled_add_into(
@@ -422,11 +452,56 @@ class _BlockChunks(_DecodeThenAdd):
             prefix, section, start, acc_n, alpha, first=first, scratch_n=scratch_n
         )
 
+    def add_and_encode_chunk(
+        self,
+        prefix: torch.Tensor,
+        section: torch.Tensor,
+        start: int,
+        acc_n: torch.Tensor,
+        alpha: float,
+        *,
+        first: bool,
+        scratch_n: torch.Tensor,
+        payload: torch.Tensor,
+    ) -> None:
+        # int8: the sums encoded as they are formed (cpu_kernels.int8_scaled_add_encode_into);
+        # a non-finite one (an overflow) is refused as encode_chunk refuses it, with its count.
+        count = acc_n.numel()
+        if self._adds_in_one_pass(section, acc_n) and runs_fused(payload):
+            cpu_kernels.int8_scaled_add_encode_into(
+                acc_n,
+                section.view(torch.int8),
+                self._scales(prefix, start, count),
+                self.block,
+                alpha,
+                first=first,
+                out_q_n=self._codes(payload, start, count).view(torch.int8),
+                out_scale_nb=self._scales(payload, start, count),
+            )
+            if scales_are_valid(self._scales(payload, start, count)):
+                return  # else acc_n, left as it was, gives the refusal its count below
+        super().add_and_encode_chunk(
+            prefix, section, start, acc_n, alpha, first=first, scratch_n=scratch_n,
+            payload=payload,
+        )  # fmt: skip
+
+    def _adds_in_one_pass(self, section: torch.Tensor, acc_n: torch.Tensor) -> bool:
+        return (
+            isinstance(self.codec, Int8Codec)
+            and runs_fused(section)
+            and acc_n.device.type == "cpu"
+            and cpu_kernels.fma_add_matches_torch()
+        )
+
+    def _codes(self, payload: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        """The bytes of elements [start, start + count) in a payload's section."""
+        begin = self.prefix_bytes + self.section_offset(start)
+        return payload[begin : self.prefix_bytes + self.section_offset(start + count)]
+
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         count, codec = x_n.numel(), self.codec
         scale_nb = self._scales(payload, start, count)
-        begin = self.prefix_bytes + self.section_offset(start)
-        codes = payload[begin : self.prefix_bytes + self.section_offset(start + count)]
+        codes = self._codes(payload, start, count)
         if isinstance(codec, Fp8Codec):
             e_n, s_nb = fp8_encode(flat_fp32(x_n, self.name), self.block)
             codes.copy_(e_n.view(torch.uint8))
