@@ -120,8 +120,8 @@ def run_island(
 def build_runtime(
     config: IslandConfig, store: Any = None, events: RunEvents | None = None
 ) -> Runtime:
-    for key in config.ignored_options():
-        log.warning("%s is set but has no effect with this configuration", key)
+    for key, reason in config.ignored_options().items():
+        log.warning("%s is set but has no effect: %s", key, reason)
     check_tensorboard(config)
     device = _device(config)
     _check_memory(config, device)

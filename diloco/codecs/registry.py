@@ -116,11 +116,12 @@ def build_codec(name: str, *, block_size: int = 256, topk_fraction: float = 0.1)
     return CODECS[name].build(CodecOptions(block_size=block_size, topk_fraction=topk_fraction))
 
 
-def ignored_codec_options(name: str, options: CodecOptions) -> list[str]:
-    """The options set to non-defaults that codec `name` never reads."""
+def ignored_codec_options(name: str, options: CodecOptions) -> dict[str, str]:
+    """The options set to non-defaults that codec `name` never reads, each with the codecs
+    that read it."""
     default = CodecOptions()
-    return [
-        key
+    return {
+        key: "read only by outer.codec=" + "|".join(c for c in CODECS if key in CODECS[c].reads)
         for key in ("block_size", "topk_fraction")
         if key not in CODECS[name].reads and getattr(options, key) != getattr(default, key)
-    ]
+    }

@@ -77,7 +77,7 @@ class RunConfig:
         require(self.keep_checkpoints >= 1, "run.keep_checkpoints", ">= 1", self.keep_checkpoints)
         require(self.threads >= 0, "run.threads", ">= 0", self.threads)
 
-    def ignored_options(self) -> list[str]:
+    def ignored_options(self) -> dict[str, str]:
         return self.wandb.ignored_options()
 
 

@@ -51,9 +51,13 @@ class IslandConfig:
         if self.run.device is Device.cpu and self.transport.torch.backend is TorchBackend.nccl:
             raise ConfigError("transport.torch.backend nccl needs run.device cuda or auto")
 
-    def ignored_options(self) -> list[str]:
-        """Every key set to a non-default value that this configuration never reads."""
-        ignored = self.run.ignored_options()
-        ignored += self.model.ignored_options() + self.data.ignored_options()
-        ignored += self.outer.ignored_options() + self.transport.ignored_options()
-        return list(dict.fromkeys(ignored))
+    def ignored_options(self) -> dict[str, str]:
+        """Every key set to a non-default value that this configuration never reads, each
+        with what would read it."""
+        return (
+            self.run.ignored_options()
+            | self.model.ignored_options()
+            | self.data.ignored_options()
+            | self.outer.ignored_options()
+            | self.transport.ignored_options()
+        )

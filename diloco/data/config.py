@@ -66,15 +66,20 @@ class DataConfig:
                 "data.noise works with stdlib, text and tokens, not a module:factory source"
             )
 
-    def ignored_options(self) -> list[str]:
-        """The keys set to non-defaults that this data source never reads."""
-        ignored = []
+    def ignored_options(self) -> dict[str, str]:
+        """The keys set to non-defaults that this data source never reads, each with what
+        would read it."""
+        ignored: dict[str, str] = {}
         if ":" not in self.name and self.args:
-            ignored.append("data.args")
+            ignored["data.args"] = "read only by a factory (data.name=module:function)"
         if self.name != "hf" and self.hf != DataConfig().hf:
-            ignored.append("data.hf")
+            ignored["data.hf"] = "read only by data.name=hf"
         if self.name == "hf" and (self.path or self.val_path):
-            ignored += [key for key in ("data.path", "data.val_path") if getattr(self, key[5:])]
+            ignored |= {
+                key: "data.name=hf reads its files from data.hf"
+                for key in ("data.path", "data.val_path")
+                if getattr(self, key[5:])
+            }
         if self.val_path and self.val_fraction != DataConfig().val_fraction:
-            ignored.append("data.val_fraction")
-        return ignored + self.selector.ignored_options()
+            ignored["data.val_fraction"] = "data.val_path is set: no split of data.path is held out"
+        return ignored | self.selector.ignored_options()

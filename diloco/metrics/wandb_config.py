@@ -36,16 +36,17 @@ class WandbConfig:
         if self.project != self.project.strip() or "/" in self.project:
             raise ConfigError(f"{KEY}.project must be a project name, got {self.project!r}")
 
-    def ignored_options(self) -> list[str]:
-        """The keys set to non-defaults that have no effect (no project: no logging)."""
+    def ignored_options(self) -> dict[str, str]:
+        """The keys set to non-defaults that have no effect (no project: no logging), each
+        with what would read it."""
         if self.project:
-            return []
+            return {}
         default = WandbConfig()
-        return [
-            f"{KEY}.{key}"
+        return {
+            f"{KEY}.{key}": f"read only with {KEY}.project set"
             for key in ("name", "mode")
             if getattr(self, key) != getattr(default, key)
-        ]
+        }
 
     @property
     def enabled(self) -> bool:

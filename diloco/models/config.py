@@ -51,17 +51,19 @@ class ModelConfig:
         require(self.vocab_size >= 2, "model.vocab_size", ">= 2", self.vocab_size)
         require(0 <= self.dropout < 1, "model.dropout", "in [0, 1)", self.dropout)
 
-    def ignored_options(self) -> list[str]:
-        """The keys set to non-defaults that this model never reads."""
+    def ignored_options(self) -> dict[str, str]:
+        """The keys set to non-defaults that this model never reads, each with what would."""
         default = ModelConfig()
-        ignored = []
+        ignored: dict[str, str] = {}
         if self.name != "gpt":
             gpt_keys = ("n_layer", "n_head", "d_model", "vocab_size", "dropout")
-            ignored += [
-                f"model.{key}" for key in gpt_keys if getattr(self, key) != getattr(default, key)
-            ]
+            ignored |= {
+                f"model.{key}": "read only by model.name=gpt"
+                for key in gpt_keys
+                if getattr(self, key) != getattr(default, key)
+            }
         if ":" not in self.name and self.args:
-            ignored.append("model.args")
+            ignored["model.args"] = "read only by a factory (model.name=module:function)"
         if self.name != "hf" and self.hf != default.hf:
-            ignored.append("model.hf")
+            ignored["model.hf"] = "read only by model.name=hf"
         return ignored

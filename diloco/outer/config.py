@@ -226,27 +226,32 @@ class OuterConfig:
     def codec_options(self) -> CodecOptions:
         return CodecOptions(block_size=self.block_size, topk_fraction=self.topk_fraction)
 
-    def ignored_options(self) -> list[str]:
-        """The keys set to non-defaults that the chosen codec and optimizer never read."""
+    def ignored_options(self) -> dict[str, str]:
+        """The keys set to non-defaults that the chosen codec, optimizer and schedule never
+        read, each with what would read it."""
         default = OuterConfig()
         codec_keys = ignored_codec_options(self.codec.value, self.codec_options)
-        ignored = [f"outer.{key}" for key in codec_keys]
+        ignored = {f"outer.{key}": reason for key, reason in codec_keys.items()}
         if not self.error_feedback and self.error_feedback_decay != default.error_feedback_decay:
-            ignored.append("outer.error_feedback_decay")
+            ignored["outer.error_feedback_decay"] = "read only with outer.error_feedback=true"
         reads = _OPTIMIZER_READS.get(self.optimizer, ("optimizer_args",))
         optimizer_keys = ("lr", "momentum", "momentum_warmup_rounds", "nesterov", "betas", "eps")
-        unread = [key for key in (*optimizer_keys, "optimizer_args") if key not in reads]
+        unread = {
+            key: f"not read by outer.optimizer={self.optimizer}"
+            for key in (*optimizer_keys, "optimizer_args")
+            if key not in reads
+        }
         if self.lr_schedule is OuterLrSchedule.constant:
-            unread.append("min_lr_ratio")
+            unread["min_lr_ratio"] = "read only with an outer.lr_schedule other than constant"
         if self.warmup_rounds == 0:
-            unread.append("warmup_lr")
+            unread["warmup_lr"] = "read only with outer.warmup_rounds > 0"
         if self.overlap_steps == 0:
-            unread += ["mix", "eager"]
-        ignored += [
-            f"outer.{key}"
-            for key in unread
+            unread["mix"] = unread["eager"] = "read only with outer.overlap_steps > 0"
+        ignored |= {
+            f"outer.{key}": reason
+            for key, reason in unread.items()
             if key not in self.unset_step_keys and getattr(self, key) != getattr(default, key)
-        ]
+        }
         return ignored
 
     def schedule(self) -> OuterSchedule:

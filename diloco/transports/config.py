@@ -111,16 +111,25 @@ class TransportConfig:
         )
         require(self.clip_norm >= 0, "transport.clip_norm", ">= 0", self.clip_norm)
 
-    def ignored_options(self) -> list[str]:
-        """The keys set to non-defaults that this transport kind never reads."""
+    def ignored_options(self) -> dict[str, str]:
+        """The keys set to non-defaults that this transport kind never reads, each with what
+        would read it."""
         default = TransportConfig()
-        unread = [name for name, kinds in _READ_BY.items() if self.kind not in kinds]
+        unread = {
+            name: "read only by transport.kind="
+            + "|".join(kind.value for kind in TransportKind if kind in kinds)
+            for name, kinds in _READ_BY.items()
+            if self.kind not in kinds
+        }
         if hosts_every_island(self.kind):
-            unread.append("rank")
-        if self.aggregate is not Aggregate.trimmed_mean:
-            unread.append("trim_fraction")
-        changed = [name for name in unread if getattr(self, name) != getattr(default, name)]
-        return [f"transport.{name}" for name in dict.fromkeys(changed)]
+            unread["rank"] = f"transport.kind={self.kind.value} runs every island in one process"
+        if self.aggregate is not Aggregate.trimmed_mean:  # (the kind's reason comes first)
+            unread.setdefault("trim_fraction", "read only with transport.aggregate=trimmed_mean")
+        return {
+            f"transport.{name}": reason
+            for name, reason in unread.items()
+            if getattr(self, name) != getattr(default, name)
+        }
 
 
 # Which kinds read each option (the others warn that it has no effect).

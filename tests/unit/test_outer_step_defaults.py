@@ -46,7 +46,7 @@ def test_one_island_with_adam_keeps_its_lr() -> None:
     """The one-island rule is measured for sgd only; adam keeps the several-islands lr."""
     config = load_config(DEMO, ["transport.islands=1", "outer.optimizer=adam"])
     assert config.outer.lr == 0.7
-    assert config.outer.ignored_options() == []  # unset keys are never reported as ignored
+    assert config.outer.ignored_options() == {}  # unset keys are never reported as ignored
 
 
 def test_an_outer_config_alone_reads_as_the_papers_step() -> None:

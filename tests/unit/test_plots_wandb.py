@@ -113,8 +113,8 @@ def test_wandb_off_needs_no_package(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_wandb_section_checks() -> None:
     with pytest.raises(ConfigError, match=r"^run.wandb.project must be a project name"):
         WandbConfig(project="team/project")
-    assert WandbConfig(name="x", mode=WandbMode.offline).ignored_options() == [
-        "run.wandb.name",
-        "run.wandb.mode",
-    ]
-    assert WandbConfig(project="p", name="x").ignored_options() == []
+    assert WandbConfig(name="x", mode=WandbMode.offline).ignored_options() == {
+        "run.wandb.name": "read only with run.wandb.project set",
+        "run.wandb.mode": "read only with run.wandb.project set",
+    }
+    assert WandbConfig(project="p", name="x").ignored_options() == {}

@@ -54,26 +54,29 @@ class SelectorConfig:
         require(self.temperature >= 0, f"{key}.temperature", ">= 0", self.temperature)
         require(self.rescore_every >= 1, f"{key}.rescore_every", ">= 1", self.rescore_every)
 
-    def ignored_options(self) -> list[str]:
-        """The keys set to non-defaults that the chosen selector never reads."""
+    def ignored_options(self) -> dict[str, str]:
+        """The keys set to non-defaults that the chosen selector never reads, each with what
+        would read it."""
         default = SelectorConfig()
         changed = [key for key in vars(default) if getattr(self, key) != getattr(default, key)]
+        ignored: dict[str, str] = {}
         if self.name is SelectorName.uniform:
-            ignored = [key for key in changed if key != "name"]
+            ignored = {key: "read only by data.selector.name=jest" for key in changed}
+            ignored.pop("name", None)
         else:
-            ignored = []
             if self.score is JestScore.easy_reference and "rescore_every" in changed:
-                ignored.append("rescore_every")
+                ignored["rescore_every"] = "not read by data.selector.score=easy_reference"
             if self.score is JestScore.hard_learner and "reference" in changed:
-                ignored.append("reference")
+                ignored["reference"] = "not read by data.selector.score=hard_learner"
             reference, default_reference = self.reference, default.reference
             if reference.checkpoint:
-                ignored += [
-                    f"reference.{key}"
+                ignored |= {
+                    f"reference.{key}": "data.selector.reference.checkpoint is set: it is not "
+                    "trained"
                     for key in ("data", "train_steps", "lr")
                     if getattr(reference, key) != getattr(default_reference, key)
-                ]
-        return [f"data.selector.{key}" for key in ignored]
+                }
+        return {f"data.selector.{key}": reason for key, reason in ignored.items()}
 
 
 def _uniform(setup: SelectorSetup) -> list[Selector]:
