@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import torch
@@ -96,6 +97,19 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def torch_adds(numel: int, block: int) -> Iterator[tuple[Any, ...]]:
+    """(q, scale, start, alpha, first, expected): int8 codes and scales, an accumulator, and
+    what torch's zero_() (when first) then add_(decode(q, scale), alpha=alpha) write in it."""
+    q, scale = kernel_int8(awkward(numel, block), block)
+    values = int8_decode(q, scale, block)
+    start = awkward(numel, block, seed=2)
+    for alpha in (1 / 3, 0.7, 7 / 1009):
+        for first in (True, False):
+            expected = torch.zeros(numel) if first else start.clone()
+            expected.add_(values, alpha=alpha)
+            yield q, scale, start, alpha, first, expected
+
+
 @FMA_ADD
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("block", BLOCKS)
@@ -103,18 +117,12 @@ def torch_threads(count: int) -> Iterator[None]:
 def test_int8_scaled_add_is_decode_then_torchs_add(numel: int, block: int, threads: int) -> None:
     """acc = (0 if first else acc) + alpha * decode(q, scale), as torch's zero_() / add_()
     write it, bit for bit, signed zeros included; the flag says whether all is finite."""
-    q, scale = kernel_int8(awkward(numel, block), block)
-    values = int8_decode(q, scale, block)
-    start = awkward(numel, block, seed=2)
     with torch_threads(threads):
-        for alpha in (1 / 3, 0.7, 7 / 1009):
-            for first in (True, False):
-                expected = torch.zeros(numel) if first else start.clone()
-                expected.add_(values, alpha=alpha)
-                got = start.clone()
-                finite = kernels.int8_scaled_add_into(got, q, scale, block, alpha, first=first)
-                assert_same(got, expected)
-                assert finite == bool(torch.isfinite(expected).all())
+        for q, scale, start, alpha, first, expected in torch_adds(numel, block):
+            got = start.clone()
+            finite = kernels.int8_scaled_add_into(got, q, scale, block, alpha, first=first)
+            assert_same(got, expected)
+            assert finite == bool(torch.isfinite(expected).all())
 
 
 def scaled_add_encode(
@@ -137,20 +145,14 @@ def test_int8_scaled_add_encode_is_torchs_add_then_the_reference_encode(
     """The coordinator's last add of a chunk and its encoding in one pass: int8_encode of
     what torch's zero_() / add_() write, bit for bit (all-zero blocks: scale 0), and the
     accumulator is never written."""
-    q, scale = kernel_int8(awkward(numel, block), block)
-    values = int8_decode(q, scale, block)
-    start = awkward(numel, block, seed=2)
     with torch_threads(threads):
-        for alpha in (1 / 3, 0.7, 7 / 1009):
-            for first in (True, False):
-                expected = torch.zeros(numel) if first else start.clone()
-                expected.add_(values, alpha=alpha)
-                q_ref, scale_ref = int8_encode(expected, block)
-                acc = start.clone()
-                out_q, out_scale = scaled_add_encode(acc, q, scale, block, alpha, first)
-                assert_same(out_scale, scale_ref)
-                assert_same(out_q, q_ref)
-                assert_same(acc, start)
+        for q, scale, start, alpha, first, expected in torch_adds(numel, block):
+            q_ref, scale_ref = int8_encode(expected, block)
+            acc = start.clone()
+            out_q, out_scale = scaled_add_encode(acc, q, scale, block, alpha, first)
+            assert_same(out_scale, scale_ref)
+            assert_same(out_q, q_ref)
+            assert_same(acc, start)
 
 
 @FMA_ADD
