@@ -468,6 +468,7 @@ class _BlockChunks(_DecodeThenAdd):
         # a non-finite one (an overflow) is refused as encode_chunk refuses it, with its count.
         count = acc_n.numel()
         if self._adds_in_one_pass(section, acc_n) and runs_fused(payload):
+            mean_scale_nb = self._scales(payload, start, count)
             cpu_kernels.int8_scaled_add_encode_into(
                 acc_n,
                 section.view(torch.int8),
@@ -476,9 +477,9 @@ class _BlockChunks(_DecodeThenAdd):
                 alpha,
                 first=first,
                 out_q_n=self._codes(payload, start, count).view(torch.int8),
-                out_scale_nb=self._scales(payload, start, count),
+                out_scale_nb=mean_scale_nb,
             )
-            if scales_are_valid(self._scales(payload, start, count)):
+            if scales_are_valid(mean_scale_nb):
                 return  # else acc_n, left as it was, gives the refusal its count below
         super().add_and_encode_chunk(
             prefix, section, start, acc_n, alpha, first=first, scratch_n=scratch_n,
