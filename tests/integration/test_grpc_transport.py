@@ -245,15 +245,20 @@ def found_bad_after(seconds: float, monkeypatch: pytest.MonkeyPatch) -> threadin
     return checked
 
 
+def assert_refused_once_and_unchanged(coordinator: Running, before: str) -> None:
+    """One payload refused, no round closed, the shared state as it was."""
+    assert coordinator.coordinator.state_sha256() == before
+    assert coordinator.coordinator.round == 0
+    assert coordinator.coordinator.stats.refused_payloads == 1
+
+
 @pytest.mark.timeout(60)
 def test_nan_payload_is_refused_and_the_state_is_unchanged(coordinator: Running) -> None:
     island = seeded(coordinator)
     before = coordinator.coordinator.state_sha256()
     with pytest.raises(PayloadRefusedError, match="non-finite"):
         island.average(nan_payload(coordinator.codec), 10.0, 0, before)
-    assert coordinator.coordinator.state_sha256() == before
-    assert coordinator.coordinator.round == 0
-    assert coordinator.coordinator.stats.refused_payloads == 1
+    assert_refused_once_and_unchanged(coordinator, before)
 
 
 @pytest.mark.timeout(60)
@@ -270,9 +275,7 @@ def test_a_payload_found_bad_while_its_header_waits_is_refused_at_once(
     with pytest.raises(PayloadRefusedError, match="non-finite"):
         island.average(nan_payload(coordinator.codec), 10.0, 0, before)
     assert checked.is_set() and time.monotonic() - start < 10
-    assert coordinator.coordinator.state_sha256() == before
-    assert coordinator.coordinator.round == 0
-    assert coordinator.coordinator.stats.refused_payloads == 1
+    assert_refused_once_and_unchanged(coordinator, before)
 
 
 @pytest.mark.timeout(60)
