@@ -7,13 +7,14 @@ and its two moments, and `OuterSync` (the anchor; the pseudo-gradient, its paylo
 mean during a sync) over a `GrpcTransport`. The coordinator is a `CoordinatorServer` in a
 process of its own, persisting its state every round as a real one does (its folder in a
 temporary directory). Per process: the resident set after imports and setup (the baseline:
-torch, grpc, the server, no model yet), then the peak (Linux VmHWM, reset after the
-baseline) over `--rounds` rounds of one inner step each; the table gives the peak over the
-payload, the whole process's and above its baseline, and for an island the peaks of its two
-phases apart (VmHWM reset before each): the training step (AdamW's own temporaries
-included: `--tensors` splits the model) and the sync (what the outer step and the transport
-add). One row per path: the data plane (transport.grpc.dataplane, the default) and the grpc
-stream (dataplane.enabled=false: the path every payload took before the data plane).
+torch, grpc, the server, torch's lazy imports, no model yet), then the peak (Linux VmHWM,
+reset after the baseline) over `--rounds` rounds of one inner step each; the table gives the
+peak over the payload, the whole process's and above its baseline, and for an island the
+peaks of its two phases apart (VmHWM reset before each): the training step (AdamW's own
+temporaries included: `--tensors` splits the model) and the sync (what the outer step and
+the transport add). One row per path: the data plane (transport.grpc.dataplane, the
+default) and the grpc stream (dataplane.enabled=false: the path every payload took before
+the data plane).
 
     python bench/grpc_memory.py [--numel 64e6] [--rounds 3] [--paths dataplane grpc-stream]
                                 [--tensors 1] [--no-persist] [--malloc-defaults]
@@ -119,6 +120,9 @@ def _island(
         rank=rank,
         num_islands=ISLANDS,
     )
+    # torch imports torch._dynamo (about 70 MiB of modules, a quarter of this payload) when
+    # the process builds its first optimizer: an import, not a copy, so before the baseline.
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     baseline = _status_kb("VmRSS")
     _reset_peak()
     model = Wide(numel, tensors)
