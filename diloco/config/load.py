@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import BooleanNode, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diloco.config.checks import check_numbers, check_sizes
@@ -48,7 +48,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Islan
     layers.extend(_parse_override(item) for item in overrides)
     try:
         for layer in layers[1:]:
-            _check_sections(layer, layers[0], "")
+            _check_shapes(layer, layers[0], "")
         merged = OmegaConf.merge(*layers)
         assert isinstance(merged, DictConfig)
         check_numbers(merged)
@@ -147,8 +147,10 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _check_sections(given: Any, schema: Any, prefix: str) -> None:
-    """A section given a scalar: omegaconf's merge error would name a class, not the key."""
+def _check_shapes(given: Any, schema: Any, prefix: str) -> None:
+    """What omegaconf's merge would get wrong without a word: a section given a scalar (its
+    error names a class, not the key), and a switch given a number other than 0 or 1 (it
+    reads any such number as true: `transport.grpc.insecure: -1` would turn TLS off)."""
     if not isinstance(given, DictConfig) or not isinstance(schema, DictConfig):
         return
     for key in given:
@@ -156,13 +158,25 @@ def _check_sections(given: Any, schema: Any, prefix: str) -> None:
             continue  # the merge reports unknown keys with the valid ones
         full_key = f"{prefix}{key!s}"
         expected = schema._get_node(key)
+        value = given._get_node(key)
+        if isinstance(expected, BooleanNode):
+            _check_switch(full_key, value._value() if value is not None else None)
+            continue
         if not isinstance(expected, DictConfig) or OmegaConf.get_type(expected) in (dict, None):
             continue  # a plain value or a free-form dict (model.args, data.args)
-        value = given._get_node(key)
         if not isinstance(value, DictConfig):
             valid = ", ".join(_valid_keys(full_key))
             raise ConfigError(f"{full_key} must be a section of keys ({valid}), got {given[key]!r}")
-        _check_sections(value, expected, f"{full_key}.")
+        _check_shapes(value, expected, f"{full_key}.")
+
+
+def _check_switch(key: str, value: Any) -> None:
+    """true/false (and omegaconf's yes/no/on/off words, and 0 or 1); no other number."""
+    number = value
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        number = int(value)
+    if isinstance(number, int) and not isinstance(number, bool) and number not in (0, 1):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
 def _describe(error: OmegaConfBaseException) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import pytest
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.nodes import FloatNode
+from omegaconf.nodes import BooleanNode, FloatNode
 
 from diloco.config import IslandConfig, load_config
 from diloco.config.checks import (
@@ -324,8 +324,9 @@ def test_a_section_given_a_scalar_names_the_section(
 # --- numbers: every float finite, every integer within 64 bits --------------------------------
 
 
-def _float_keys() -> list[str]:
-    """Every float field of the schema, found by walking it (so a new one is covered too)."""
+def _keys_of(node_type: type) -> list[str]:
+    """Every field of the schema whose node is `node_type`, found by walking it (so a new one
+    is covered too)."""
     keys: list[str] = []
 
     def walk(node: DictConfig, prefix: str) -> None:
@@ -333,11 +334,15 @@ def _float_keys() -> list[str]:
             child = node._get_node(key)
             if isinstance(child, DictConfig):
                 walk(child, f"{prefix}{key}.")
-            elif isinstance(child, FloatNode):
+            elif isinstance(child, node_type):
                 keys.append(f"{prefix}{key}")
 
     walk(OmegaConf.structured(IslandConfig), "")
     return keys
+
+
+def _float_keys() -> list[str]:
+    return _keys_of(FloatNode)
 
 
 def test_the_schema_has_float_keys_to_check() -> None:
@@ -354,6 +359,39 @@ def test_every_float_key_refuses_a_non_finite_value(key: str) -> None:
             ConfigError, match=rf"^{re.escape(key)} must be a finite number, got {shown}$"
         ):
             load_config(None, [f"{key}={value}"])
+
+
+# --- switches: true or false, never any other number --------------------------------------
+
+
+def test_the_schema_has_switches_to_check() -> None:
+    assert {"transport.grpc.insecure", "outer.eager", "run.resume"} <= set(_keys_of(BooleanNode))
+
+
+@pytest.mark.parametrize("key", _keys_of(BooleanNode))
+def test_every_switch_refuses_a_number_other_than_0_or_1(key: str) -> None:
+    """omegaconf reads any number as true: `transport.grpc.insecure=-1` turned TLS off."""
+    for value, shown in (("-1", "-1"), ("2", "2"), ("'7'", "'7'")):
+        with pytest.raises(
+            ConfigError, match=rf"^{re.escape(key)} must be true or false, got {shown}$"
+        ):
+            load_config(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("0", False), ("1", True), ("true", True), ("false", False), ("yes", True), ("off", False)],
+)
+def test_a_switch_takes_true_false_their_words_and_0_or_1(value: str, expected: bool) -> None:
+    assert load_config(None, [f"outer.eager={value}"]).outer.eager is expected
+
+
+def test_a_switch_in_a_yaml_file_given_a_number_is_named(tmp_path: Path) -> None:
+    text = "transport:\n  grpc:\n    insecure: 3\n"
+    with pytest.raises(
+        ConfigError, match=r"^transport\.grpc\.insecure must be true or false, got 3$"
+    ):
+        load_config(write(tmp_path, text))
 
 
 @pytest.mark.parametrize("text", ["outer:\n  lr: .inf\n", "inner:\n  weight_decay: .nan\n"])
