@@ -186,3 +186,23 @@ def test_warm_start_refuses_a_directory_missing_weights(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         build_hf_model(HfModelConfig(pretrained=str(tmp_path)), seq_len=T, vocab_size=V)
     assert str(caught.value).startswith("model.hf.pretrained:") and dropped in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [("a-file", "is a file, not a directory"), ("/proc/no-such-dir/out", "cannot be created: ")],
+)
+def test_export_names_an_out_it_cannot_write_before_building_anything(
+    tmp_path: Path, where: str, message: str
+) -> None:
+    """`diloco-island export --out X`: a wrong X is one line naming --out, not an OSError
+    after the model was built (run.dir holds no run: the --out check comes first)."""
+    from diloco.config import load_config
+    from islands.export import export_run
+
+    out = tmp_path / where  # an absolute `where` replaces tmp_path
+    if where == "a-file":
+        out.write_text("not a directory")
+    config = load_config(None, [f"run.dir={tmp_path / 'no-run'}"])
+    with pytest.raises(ConfigError, match=rf"^export: --out {out} {message}"):
+        export_run(config, out)
