@@ -31,9 +31,9 @@ overrides from the command line (`outer.inner_steps=100`), both over the default
 Unknown keys, wrong types and impossible values stop the run with one line naming the key
 (exit code 2). A bool key takes `true` or `false` (also `yes`/`no`, `on`/`off`, `1`/`0`);
 any other number is refused, not read as true. `diloco-island --config FILE --print-config`
-prints the resolved config. A key set to a value this configuration never reads is not an error: the run warns once for
-each, saying what would read it (`outer.eager is set but has no effect: read only with
-outer.overlap_steps > 0`).
+prints the resolved config. A key set to a value this configuration never reads is not an
+error: the run warns once for each, saying what would read it (`outer.eager is set but has no
+effect: read only with outer.overlap_steps > 0`).
 """
 
 

@@ -13,7 +13,7 @@ from diloco.data.corpus import load_stdlib_corpus
 from diloco.data.noise import NoisyWindows
 from diloco.data.token_files import read_text_tokens, read_token_file, split_tail
 from diloco.data.windows import TokenWindows
-from diloco.errors import ConfigError
+from diloco.errors import ConfigError, existing_file
 from diloco.resolve import call_factory
 
 
@@ -78,9 +78,9 @@ def _load_tokens(config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"data.name stdlib: {error}") from None
     read = _reader(config)
-    train = read(_existing(config.path, "data.path"), "data.path")
+    train = read(existing_file("data.path", config.path), "data.path")
     if config.val_path:
-        return train, read(_existing(config.val_path, "data.val_path"), "data.val_path")
+        return train, read(existing_file("data.val_path", config.val_path), "data.val_path")
     return split_tail(train, config.val_fraction)
 
 
@@ -96,12 +96,6 @@ def _reader(config: DataConfig):  # type: ignore[no-untyped-def]
             raise ConfigError(f"{key}: {error}") from None
 
     return read_tokens
-
-
-def _existing(path: str, key: str) -> Path:
-    if not Path(path).is_file():
-        raise ConfigError(f"{key}: file {path!r} does not exist")
-    return Path(path)
 
 
 def _from_factory(config: DataConfig, island: int, num_islands: int, seed: int) -> DataSource:

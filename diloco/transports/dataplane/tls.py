@@ -10,19 +10,15 @@ the certificate against the CA (by default the certificate itself) and the name
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 
-from diloco.errors import ConfigError
+from diloco.errors import ConfigError, existing_file
 
 TLS_SERVER_NAME = "localhost"
 _KEY = "transport.grpc"
 
 
 def _existing(key: str, path: str) -> str:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"{_KEY}.{key}: no such file {str(file)!r}")
-    return str(file)
+    return str(existing_file(f"{_KEY}.{key}", path))
 
 
 def server_context(cert: str, key: str, *, ca: str = "", mutual: bool = False) -> ssl.SSLContext:
@@ -40,7 +36,8 @@ def server_context(cert: str, key: str, *, ca: str = "", mutual: bool = False) -
         raise ConfigError(f"{_KEY}.tls_key: does not load with tls_cert: {error}") from None
     if mutual:
         context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(_existing("tls_ca", ca or cert))
+        trusted = _existing("tls_ca", ca) if ca else _existing("tls_cert", cert)
+        context.load_verify_locations(trusted)
     return context
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from diloco.errors import ConfigError
+from diloco.errors import ConfigError, existing_file
 from diloco.transports.base import TransportSetup
 from diloco.transports.grpc.client import GrpcTransport
 from diloco.transports.grpc.coordinator import Coordinator
@@ -58,8 +58,7 @@ def pinned_fingerprint(setup: TransportSetup) -> dict[str, str]:
 
 def read_fingerprint_file(path: Path) -> dict[str, str]:
     key = "transport.grpc.fingerprint_file"
-    if not path.is_file():
-        raise ConfigError(f"{key}: no such file {str(path)!r}")
+    path = existing_file(key, path)
     try:
         loaded = json.loads(path.read_text())
     except (OSError, ValueError) as error:

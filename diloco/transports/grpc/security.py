@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from diloco.errors import ConfigError
+from diloco.errors import ConfigError, existing_file
 from diloco.transports.grpc.config import GrpcTransportConfig
 
 TOKEN_METADATA_KEY = "authorization"
@@ -54,9 +54,7 @@ def self_signed_pair(directory: Path, days: int = 1) -> tuple[Path, Path]:
 def read_token(settings: GrpcTransportConfig) -> str:
     """The run token, from grpc.token_file or the grpc.token_env variable."""
     if settings.token_file:
-        path = Path(settings.token_file).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"transport.grpc.token_file: no such file {str(path)!r}")
+        path = existing_file("transport.grpc.token_file", settings.token_file)
         token = path.read_text().strip()
         where = f"the file {str(path)!r}"
     else:
@@ -74,10 +72,15 @@ def read_token(settings: GrpcTransportConfig) -> str:
 
 
 def _read_pem(key: str, path: str) -> bytes:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"transport.grpc.{key}: no such file {str(file)!r}")
-    return file.read_bytes()
+    return existing_file(f"transport.grpc.{key}", path).read_bytes()
+
+
+def _read_ca(settings: GrpcTransportConfig) -> bytes:
+    """The CA islands and the coordinator trust: tls_ca, by default the certificate itself
+    (a missing file is named by the key that gave it)."""
+    if settings.tls_ca:
+        return _read_pem("tls_ca", settings.tls_ca)
+    return _read_pem("tls_cert", settings.tls_cert)
 
 
 def _refuse_plaintext(settings: GrpcTransportConfig) -> None:
@@ -96,7 +99,7 @@ def server_credentials(settings: GrpcTransportConfig) -> grpc.ServerCredentials 
         return None
     key = _read_pem("tls_key", settings.tls_key)
     cert = _read_pem("tls_cert", settings.tls_cert)
-    ca = _read_pem("tls_ca", settings.tls_ca or settings.tls_cert)
+    ca = _read_ca(settings)
     return grpc.ssl_server_credentials(
         [(key, cert)],
         root_certificates=ca if settings.mutual_tls else None,
@@ -109,7 +112,7 @@ def channel_credentials(settings: GrpcTransportConfig) -> grpc.ChannelCredential
     _refuse_plaintext(settings)
     if not settings.tls_cert:
         return None
-    ca = _read_pem("tls_ca", settings.tls_ca or settings.tls_cert)
+    ca = _read_ca(settings)
     if not settings.mutual_tls:
         return grpc.ssl_channel_credentials(root_certificates=ca)
     return grpc.ssl_channel_credentials(
