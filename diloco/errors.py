@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from pathlib import Path
 
 
@@ -28,3 +30,18 @@ def existing_file(key: str, path: str | Path) -> Path:
     if not file.is_file():
         raise ConfigError(f"{key}: file {str(file)!r} does not exist")
     return file
+
+
+def listen_error(key: str, address: str, error: OSError) -> Exception:
+    """What binding `address` (config key `key`) failed with, in words that name the key: a
+    host that does not resolve or is not this machine's is the config's (ConfigError); a port
+    in use or refused is the machine's at this moment (OSError, a runtime failure)."""
+    if isinstance(error, socket.gaierror):
+        return ConfigError(f"{key}: the host of {address!r} does not resolve ({error.strerror})")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"{key}: {address!r} is not an address of this machine")
+    if error.errno == errno.EADDRINUSE:
+        return OSError(f"{key}: {address} is in use (another run or coordinator on this machine?)")
+    if error.errno == errno.EACCES:
+        return OSError(f"{key}: {address}: permission denied (a port below 1024 needs root)")
+    return OSError(f"{key}: cannot listen on {address}: {error.strerror or error}")

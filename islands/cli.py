@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -41,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.debug:
+        # grpc's C core prints its own lines on stderr ("E1202 ... add_port.cc:83 Failed to
+        # add port"), beside the one line we say about the same failure. Read when grpc loads;
+        # --debug (or GRPC_VERBOSITY set by the user) keeps them.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         config = load_config(args.config, args.overrides)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from diloco.errors import ConfigError
+from diloco.errors import ConfigError, listen_error
 from diloco.status.access import (
     LISTEN_KEY,
     BearerCheck,
@@ -268,6 +268,7 @@ class StatusServer:
         cache_s: float = 0.5,
         max_requests_per_s: float = 20.0,
     ):
+        self._listen = listen
         host, self._requested_port = parse_listen(listen)
         self._family, self._bind_host, self.loopback = resolve_listen(host, self._requested_port)
         if not self.loopback and not token:
@@ -301,16 +302,24 @@ class StatusServer:
         return self._answers.bearer.refused
 
     def start(self) -> None:
-        """Bind and serve. Raises OSError when the address is taken or cannot be bound."""
+        """Bind and serve.
+
+        Raises:
+            OSError: the address is taken or cannot be bound; ConfigError: it is not this
+                machine's (both naming the key).
+        """
         assert self._server is None, "StatusServer.start() called twice"
-        self._server = _PooledHTTPServer(
-            self._family,
-            (self._bind_host, self._requested_port),
-            workers=self._workers,
-            request_timeout_s=self._request_timeout_s,
-            max_requests_per_s=self._max_requests_per_s,
-            answer=self._answers,
-        )
+        try:
+            self._server = _PooledHTTPServer(
+                self._family,
+                (self._bind_host, self._requested_port),
+                workers=self._workers,
+                request_timeout_s=self._request_timeout_s,
+                max_requests_per_s=self._max_requests_per_s,
+                answer=self._answers,
+            )
+        except OSError as error:
+            raise listen_error(LISTEN_KEY, self._listen, error) from None
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="status-server", daemon=True
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -265,6 +266,26 @@ def test_refusals_name_what_is_wrong(tmp_path: Path, tls_pair: tuple[Path, Path]
     fingerprint = json.loads((group.island_dir(0) / "fingerprint.json").read_text())
     for key in ("model", "initial weights", "parameters"):
         assert fingerprint[key] not in other_model.stderr, key
+
+
+@pytest.mark.timeout(60)
+def test_a_coordinator_whose_port_is_taken_says_so_in_one_line(
+    tmp_path: Path, tls_pair: tuple[Path, Path]
+) -> None:
+    """Another program (or coordinator) holds the address: exit 1, one line naming
+    transport.grpc.address, and none of grpc's own log lines ("E1202 ... add_port.cc")."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"127.0.0.1:{holder.getsockname()[1]}"
+        group = Group(tmp_path, tls_pair, 2)
+        result = run_cli(
+            [*group.common, "transport.grpc.role=coordinator", f"transport.grpc.address={taken}"]
+        )
+    assert result.returncode == 1, result.describe()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.describe()
+    assert f"transport.grpc.address: the coordinator cannot listen on {taken}" in lines[0]
 
 
 @pytest.mark.timeout(150)

@@ -171,7 +171,11 @@ class DataPlaneServer:
         self._listener = socket.socket(socket.AF_INET6 if ":" in listen[0] else socket.AF_INET)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         tune_socket(self._listener, settings.socket_buffer_bytes)
-        self._listener.bind(listen)
+        try:
+            self._listener.bind(listen)
+        except OSError:
+            self._listener.close()
+            raise
         self._listener.listen(min(socket.SOMAXCONN, 4 * settings.max_connections))
         self._listener.settimeout(_ACCEPT_POLL_S)
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True, name="dataplane")

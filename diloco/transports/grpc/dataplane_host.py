@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from diloco.codecs.base import Codec
+from diloco.errors import listen_error
 from diloco.transports.dataplane.accumulate import LockstepAccumulator
 from diloco.transports.dataplane.buffers import ReusedBuffers
 from diloco.transports.dataplane.codec_chunks import chunk_codec
@@ -58,6 +59,15 @@ def dataplane_for(
         log.warning("payloads travel on grpc, not on the data plane: %s", why)
         return None
     return DataPlaneHost(settings, token, rules.run_id)
+
+
+def _listen_key(settings: GrpcTransportConfig) -> tuple[str, str]:
+    """The key whose host (and port) the data plane binds, and its value."""
+    if settings.dataplane.listen:
+        return "transport.grpc.dataplane.listen", settings.dataplane.listen
+    if settings.listen:
+        return "transport.grpc.listen", settings.listen
+    return "transport.grpc.address", settings.address
 
 
 def listen_address(settings: GrpcTransportConfig) -> tuple[str, int]:
@@ -154,14 +164,19 @@ class DataPlaneHost:
             tls = server_context(
                 settings.tls_cert, settings.tls_key, ca=settings.tls_ca, mutual=settings.mutual_tls
             )
-        self.server = DataPlaneServer(
-            self.settings,
-            key=self._key,
-            run_id=run_id,
-            tls=tls,
-            insecure=tls is None and settings.insecure,
-            listen=listen_address(settings),
-        )
+        listen = listen_address(settings)
+        try:
+            self.server = DataPlaneServer(
+                self.settings,
+                key=self._key,
+                run_id=run_id,
+                tls=tls,
+                insecure=tls is None and settings.insecure,
+                listen=listen,
+            )
+        except OSError as error:
+            key, value = _listen_key(settings)
+            raise listen_error(key, value, error) from None
         self.port = self.server.address[1]
         self._lock = threading.Lock()
         self._groups: list[_Group] = []

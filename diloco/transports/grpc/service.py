@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -25,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from diloco.errors import listen_error
 from diloco.transports.base import GroupMismatchError
 from diloco.transports.grpc import coordinator_pb2 as pb
 from diloco.transports.grpc import coordinator_pb2_grpc as pb_grpc
@@ -307,22 +309,29 @@ class CoordinatorServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers),
             interceptors=[TokenInterceptor(token, self._on_refused)],
-            options=CHANNEL_OPTIONS,
+            # grpc's default SO_REUSEPORT let a second coordinator on the same address start
+            # and take half of the islands' connections: one listener per address.
+            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=workers,
         )
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self._server)
+        key = "transport.grpc.listen" if settings.listen else "transport.grpc.address"
         address = settings.listen or settings.address
         credentials = server_credentials(settings)
+        _check_resolves(key, address)
         try:
             if credentials is None:
                 log.warning("the coordinator at %s runs WITHOUT TLS (grpc.insecure)", address)
                 port = self._server.add_insecure_port(address)
             else:
                 port = self._server.add_secure_port(address, credentials)
-        except RuntimeError as error:
-            raise OSError(f"the coordinator cannot listen on {address}: {error}") from None
+        except RuntimeError:  # grpc says only "Failed to bind"
+            port = 0
         if port == 0:
-            raise OSError(f"the coordinator cannot listen on {address} (in use?)")
+            raise OSError(
+                f"{key}: the coordinator cannot listen on {address} (in use by another run or "
+                "coordinator on this machine, or not one of its addresses)"
+            )
         self.port = port
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="deadline", daemon=True)
@@ -354,3 +363,12 @@ class CoordinatorServer:
     def _on_refused(self, method: Any) -> None:
         self.refused_calls += 1
         log.warning("refused a call to %r: wrong or missing run token", str(method)[:100])
+
+
+def _check_resolves(key: str, address: str) -> None:
+    """A host that does not resolve, said with its key (grpc's own error names neither)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise listen_error(key, address, error) from None
