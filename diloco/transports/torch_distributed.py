@@ -70,13 +70,17 @@ class TorchDistributedTransport:
                     backend, store=store, rank=rank, world_size=num_islands, timeout=timeout
                 )
             else:
-                dist.init_process_group(
-                    backend,
-                    init_method=init_method,
-                    rank=rank,
-                    world_size=num_islands,
-                    timeout=timeout,
-                )
+                try:
+                    dist.init_process_group(
+                        backend,
+                        init_method=init_method,
+                        rank=rank,
+                        world_size=num_islands,
+                        timeout=timeout,
+                    )
+                except dist.DistNetworkError as error:  # rank 0 could not listen, or none came
+                    words = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                    raise OSError(f"transport.torch.init_method {init_method}: {words}") from None
         place = (dist.get_rank(group), dist.get_world_size(group))
         if place != (rank, num_islands):
             raise ValueError(

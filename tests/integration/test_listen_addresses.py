@@ -95,3 +95,29 @@ def test_each_bind_failure_is_said_with_its_key(
 ) -> None:
     said = listen_error("some.listen", "h:1", error)
     assert type(said) is kind and str(said).startswith("some.listen: ") and words in str(said)
+
+
+@pytest.mark.timeout(60)
+def test_a_taken_torch_rendezvous_port_names_init_method(taken_port: int) -> None:
+    from diloco.transports.torch_distributed import TorchDistributedTransport
+
+    init_method = f"tcp://127.0.0.1:{taken_port}"
+    with pytest.raises(
+        OSError, match=rf"^transport\.torch\.init_method {init_method}: .*EADDRINUSE"
+    ):
+        TorchDistributedTransport(
+            build_codec("none"), 10, rank=0, num_islands=2, init_method=init_method, timeout_s=5
+        )
+
+
+@pytest.mark.timeout(60)
+def test_a_taken_hivemind_port_names_host_maddrs(tmp_path: Path, taken_port: int) -> None:
+    pytest.importorskip("hivemind")
+    from diloco.transports.hivemind import HivemindTransportConfig
+    from diloco.transports.hivemind.connect import start_dht
+
+    settings = HivemindTransportConfig(host_maddrs=[f"/ip4/127.0.0.1/tcp/{taken_port}"])
+    with pytest.raises(
+        OSError, match=r"^transport\.hivemind\.host_maddrs .*address already in use"
+    ):
+        start_dht(settings, str(tmp_path / "peer.key"), f"/unix{tmp_path}/hivemind-")

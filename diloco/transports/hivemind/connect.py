@@ -10,6 +10,7 @@ hivemind DHT: https://github.com/learning-at-home/hivemind (dht/dht.py, 1.1.12).
 
 from __future__ import annotations
 
+import re
 import time
 
 from diloco.transports.hivemind.averager import IslandDHT
@@ -23,17 +24,25 @@ def start_dht(
     peers = list(settings.initial_peers) + read_peers(
         settings.initial_peers_file, settings.averaging_timeout_s
     )
-    return IslandDHT(
-        initial_peers=peers,
-        start=True,
-        host_maddrs=list(settings.host_maddrs),
-        announce_maddrs=list(settings.announce_maddrs) or None,
-        identity_path=identity_path,
-        use_relay=settings.use_relay,
-        use_auto_relay=settings.use_auto_relay,
-        client_mode=settings.client_mode,
-        socket_prefix=socket_prefix,
-    )
+    try:
+        return IslandDHT(
+            initial_peers=peers,
+            start=True,
+            host_maddrs=list(settings.host_maddrs),
+            announce_maddrs=list(settings.announce_maddrs) or None,
+            identity_path=identity_path,
+            use_relay=settings.use_relay,
+            use_auto_relay=settings.use_auto_relay,
+            client_mode=settings.client_mode,
+            socket_prefix=socket_prefix,
+        )
+    except Exception as error:  # p2pd's P2PDaemonError, raised through the DHT's process
+        listening = re.search(r"failed to listen on any addresses: \[?(.*?)\]?$", str(error))
+        if listening is None:
+            raise
+        raise OSError(
+            f"transport.hivemind.host_maddrs {list(settings.host_maddrs)}: {listening.group(1)}"
+        ) from None
 
 
 def read_peers(path: str, wait_s: float) -> list[str]:
