@@ -45,3 +45,17 @@ def listen_error(key: str, address: str, error: OSError) -> Exception:
     if error.errno == errno.EACCES:
         return OSError(f"{key}: {address}: permission denied (a port below 1024 needs root)")
     return OSError(f"{key}: cannot listen on {address}: {error.strerror or error}")
+
+
+def make_directory(key: str, path: str | Path) -> Path:
+    """Create the directory `key` names, with its parents; a ConfigError naming the key when
+    it cannot be one (a file is there, or a parent cannot hold it)."""
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{key}: {str(directory)!r} is a file, not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"{key}: {str(directory)!r} cannot be created: {reason}") from None
+    return directory

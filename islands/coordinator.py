@@ -17,6 +17,7 @@ import torch
 from diloco.checkpoint.atomic import write_atomic
 from diloco.codecs.registry import build_codec
 from diloco.config import IslandConfig, to_container
+from diloco.errors import make_directory
 from diloco.metrics.jsonl import to_strict_json
 from diloco.os_memory import return_freed_buffers_to_the_os
 from diloco.outer.config import build_outer_optimizer
@@ -48,6 +49,7 @@ def run_coordinator(config: IslandConfig) -> dict[str, Any]:
     Returns the summary, also written to <run.dir>/coordinator/summary.json.
     """
     return_freed_buffers_to_the_os()  # a long-running server: see os_memory.py
+    make_directory("run.dir", config.run.dir)
     outer = config.outer
     setup = TransportSetup(
         config=config.transport,

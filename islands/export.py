@@ -14,7 +14,7 @@ import torch
 
 from diloco.checkpoint import list_checkpoints, newest_intact
 from diloco.config import IslandConfig
-from diloco.errors import ConfigError
+from diloco.errors import ConfigError, make_directory
 from diloco.models.build import build_model
 from diloco.models.hf_export import export_hf
 from diloco.outer.pseudo_gradient import copy_flat_into_
@@ -30,7 +30,7 @@ def export_run(config: IslandConfig, out: Path) -> tuple[Path, int]:
         ConfigError: `out` cannot be a directory, no intact checkpoint in run.dir, or a model
             export cannot write.
     """
-    _make_out_dir(out)  # before the model is built: a wrong --out is said at once
+    make_directory("--out", out)  # before the model is built: a wrong --out is said at once
     run_dir = Path(config.run.dir)
     if not hosts_every_island(config.transport.kind):
         run_dir = run_dir / f"island-{max(config.transport.rank, 0)}"
@@ -53,15 +53,6 @@ def export_run(config: IslandConfig, out: Path) -> tuple[Path, int]:
     copy_flat_into_(params, anchor)
     _quiet_transformers()
     return export_hf(model, out, tokenizer=tokenizer), round
-
-
-def _make_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"export: --out {out} is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"export: --out {out} cannot be created: {error.strerror}") from None
 
 
 def _newest_anchor(checkpoints: Path, shapes: list[torch.Size]) -> tuple[int, torch.Tensor]:

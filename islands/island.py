@@ -28,7 +28,7 @@ from diloco.config.run import Device, Precision
 from diloco.data.factory import build_data_sources
 from diloco.data.selectors.base import SelectorSetup
 from diloco.data.selectors.config import build_selectors
-from diloco.errors import ConfigError
+from diloco.errors import ConfigError, make_directory
 from diloco.inner.trainer import InnerTrainer
 from diloco.metrics import MetricsWriter
 from diloco.metrics.wandb_log import WandbLogger
@@ -123,6 +123,7 @@ def build_runtime(
     for key, reason in config.ignored_options().items():
         log.warning("%s is set but has no effect: %s", key, reason)
     check_tensorboard(config)
+    make_directory("run.dir", config.run.dir)  # before the model and the transport are built
     device = _device(config)
     _check_memory(config, device)
     if config.run.threads:

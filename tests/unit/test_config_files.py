@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from diloco.errors import ConfigError, existing_file
+from diloco.errors import ConfigError, existing_file, make_directory
 from diloco.transports.dataplane.tls import server_context
 from diloco.transports.grpc.config import GrpcTransportConfig
 from diloco.transports.grpc.hosting import read_fingerprint_file
@@ -62,3 +62,14 @@ def test_a_directory_given_as_a_file_is_named(tmp_path: Path, key: str) -> None:
             read_token(GrpcTransportConfig(token_file=str(tmp_path)))
         else:
             read_fingerprint_file(tmp_path)
+
+
+def test_a_directory_is_made_with_its_parents_or_its_key_is_named(tmp_path: Path) -> None:
+    made = make_directory("run.dir", tmp_path / "a" / "b")
+    assert made.is_dir() and made == tmp_path / "a" / "b"
+    assert make_directory("run.dir", made) == made  # already there: fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"^run\.dir: '.*file' is a file, not a directory$"):
+        make_directory("run.dir", tmp_path / "file")
+    with pytest.raises(ConfigError, match=r"^run\.dir: '.*file/sub' cannot be created: Not a dir"):
+        make_directory("run.dir", tmp_path / "file" / "sub")

@@ -204,5 +204,5 @@ def test_export_names_an_out_it_cannot_write_before_building_anything(
     if where == "a-file":
         out.write_text("not a directory")
     config = load_config(None, [f"run.dir={tmp_path / 'no-run'}"])
-    with pytest.raises(ConfigError, match=rf"^export: --out {out} {message}"):
+    with pytest.raises(ConfigError, match=rf"^--out: '{out}' {message}"):
         export_run(config, out)
