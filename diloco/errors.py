@@ -59,3 +59,15 @@ def make_directory(key: str, path: str | Path) -> Path:
         reason = error.strerror or type(error).__name__
         raise ConfigError(f"{key}: {str(directory)!r} cannot be created: {reason}") from None
     return directory
+
+
+def read_text_file(key: str, path: str | Path) -> str:
+    """The UTF-8 text of the file `key` names; a ConfigError naming the key when it is missing,
+    a directory, unreadable or not text (a binary file given by mistake)."""
+    file = existing_file(key, path)
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{key}: {str(file)!r} is not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise ConfigError(f"{key}: {str(file)!r} cannot be read: {error.strerror}") from None

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from diloco.errors import ConfigError, existing_file, make_directory
-from diloco.transports.dataplane.tls import server_context
+from diloco.errors import ConfigError, existing_file, make_directory, read_text_file
+from diloco.transports.dataplane.tls import client_context, server_context
 from diloco.transports.grpc.config import GrpcTransportConfig
 from diloco.transports.grpc.hosting import read_fingerprint_file
 from diloco.transports.grpc.security import channel_credentials, read_token, self_signed_pair
@@ -73,3 +73,43 @@ def test_a_directory_is_made_with_its_parents_or_its_key_is_named(tmp_path: Path
         make_directory("run.dir", tmp_path / "file")
     with pytest.raises(ConfigError, match=r"^run\.dir: '.*file/sub' cannot be created: Not a dir"):
         make_directory("run.dir", tmp_path / "file" / "sub")
+
+
+def test_a_binary_file_given_for_text_names_the_key(tmp_path: Path) -> None:
+    binary = tmp_path / "token.bin"
+    binary.write_bytes(b"\xff\xfe\x00not text")
+    with pytest.raises(
+        ConfigError, match=r"^some\.key: '.*token\.bin' is not UTF-8 text \(byte 0\)"
+    ):
+        read_text_file("some.key", binary)
+    (tmp_path / "token").write_text(" secret \n")
+    assert read_text_file("some.key", tmp_path / "token") == " secret \n"
+
+
+@pytest.mark.parametrize("transport", ["grpc", "hivemind"])
+def test_a_binary_token_file_names_its_key(tmp_path: Path, transport: str) -> None:
+    """Was `UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff`, naming nothing."""
+    binary = tmp_path / "token.bin"
+    binary.write_bytes(b"\xff\xfe\x00")
+    key = f"transport.{transport}.token_file"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .* is not UTF-8 text"):
+        if transport == "grpc":
+            read_token(GrpcTransportConfig(token_file=str(binary)))
+        else:
+            from diloco.transports.hivemind import HivemindTransportConfig
+            from diloco.transports.hivemind.auth import read_run_token
+
+            read_run_token(HivemindTransportConfig(token_file=str(binary)))
+
+
+def test_a_file_that_holds_no_certificate_is_named_by_its_key(tmp_path: Path) -> None:
+    """Was `SSLError: [X509: NO_CERTIFICATE_OR_CRL_FOUND]`, naming neither key nor file."""
+    garbage = tmp_path / "not-a.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(ConfigError, match=r"^transport\.grpc\.tls_ca: .* holds no PEM certificate"):
+        client_context(str(garbage))
+    with pytest.raises(ConfigError, match=r"^transport\.grpc\.tls_cert: .* holds no PEM cert"):
+        client_context(str(garbage), ca_key="tls_cert")
+    cert, key = self_signed_pair(tmp_path)
+    with pytest.raises(ConfigError, match=r"^transport\.grpc\.tls_ca: .* holds no PEM certificate"):
+        server_context(str(cert), str(key), ca=str(garbage), mutual=True)

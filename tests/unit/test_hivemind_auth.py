@@ -75,7 +75,7 @@ def test_a_configured_token_must_be_there(tmp_path: Path, monkeypatch: pytest.Mo
         read_run_token(HivemindTransportConfig(token_env="DILOCO_TOKEN"))
     missing = tmp_path / "absent"
     with pytest.raises(
-        ConfigError, match=r"transport.hivemind.token_file .*absent.* cannot be read"
+        ConfigError, match=r"^transport.hivemind.token_file: file .*absent.* does not exist"
     ):
         read_run_token(HivemindTransportConfig(token_file=str(missing)))
     empty = tmp_path / "empty"

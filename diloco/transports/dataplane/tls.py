@@ -21,6 +21,16 @@ def _existing(key: str, path: str) -> str:
     return str(existing_file(f"{_KEY}.{key}", path))
 
 
+def _trust(context: ssl.SSLContext, key: str, path: str) -> None:
+    """Trust the CA certificates in `path`, or say which key's file holds none."""
+    try:
+        context.load_verify_locations(_existing(key, path))
+    except ssl.SSLError as error:
+        raise ConfigError(
+            f"{_KEY}.{key}: {path!r} holds no PEM certificate ({error.reason or error})"
+        ) from None
+
+
 def server_context(cert: str, key: str, *, ca: str = "", mutual: bool = False) -> ssl.SSLContext:
     """The coordinator's context: serve `cert`; with `mutual`, require islands to present a
     certificate signed by `ca` (default: `cert` itself).
@@ -36,21 +46,22 @@ def server_context(cert: str, key: str, *, ca: str = "", mutual: bool = False) -
         raise ConfigError(f"{_KEY}.tls_key: does not load with tls_cert: {error}") from None
     if mutual:
         context.verify_mode = ssl.CERT_REQUIRED
-        trusted = _existing("tls_ca", ca) if ca else _existing("tls_cert", cert)
-        context.load_verify_locations(trusted)
+        _trust(context, "tls_ca" if ca else "tls_cert", ca or cert)
     return context
 
 
-def client_context(ca: str, *, cert: str = "", key: str = "") -> ssl.SSLContext:
-    """An island's context: trust `ca`; present `cert` / `key` when the server requires
-    mutual TLS.
+def client_context(
+    ca: str, *, cert: str = "", key: str = "", ca_key: str = "tls_ca"
+) -> ssl.SSLContext:
+    """An island's context: trust `ca` (named by `ca_key`: tls_cert when the certificate is
+    its own CA); present `cert` / `key` when the server requires mutual TLS.
 
     Raises:
         ConfigError: a missing file, or a certificate and key that do not load together.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_verify_locations(_existing("tls_ca", ca))
+    _trust(context, ca_key, ca)
     if cert:
         try:
             context.load_cert_chain(_existing("tls_cert", cert), _existing("tls_key", key))

@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from diloco.errors import ConfigError, existing_file
+from diloco.errors import ConfigError, read_text_file
 from diloco.transports.base import TransportSetup
 from diloco.transports.grpc.client import GrpcTransport
 from diloco.transports.grpc.coordinator import Coordinator
@@ -58,10 +58,10 @@ def pinned_fingerprint(setup: TransportSetup) -> dict[str, str]:
 
 def read_fingerprint_file(path: Path) -> dict[str, str]:
     key = "transport.grpc.fingerprint_file"
-    path = existing_file(key, path)
+    text = read_text_file(key, path)
     try:
-        loaded = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+        loaded = json.loads(text)
+    except ValueError as error:
         raise ConfigError(f"{key}: {str(path)!r} is not a fingerprint file ({error})") from None
     if not isinstance(loaded, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in loaded.items()

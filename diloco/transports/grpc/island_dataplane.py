@@ -42,6 +42,7 @@ class IslandDataPlane:
                 settings.tls_ca or settings.tls_cert,
                 cert=settings.tls_cert if mutual else "",
                 key=settings.tls_key if mutual else "",
+                ca_key="tls_ca" if settings.tls_ca else "tls_cert",
             )
         self.host = settings.address.rpartition(":")[0].strip("[]")
         self.client = DataPlaneClient(

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from diloco.errors import ConfigError, existing_file
+from diloco.errors import ConfigError, existing_file, read_text_file
 from diloco.transports.grpc.config import GrpcTransportConfig
 
 TOKEN_METADATA_KEY = "authorization"
@@ -54,9 +54,8 @@ def self_signed_pair(directory: Path, days: int = 1) -> tuple[Path, Path]:
 def read_token(settings: GrpcTransportConfig) -> str:
     """The run token, from grpc.token_file or the grpc.token_env variable."""
     if settings.token_file:
-        path = existing_file("transport.grpc.token_file", settings.token_file)
-        token = path.read_text().strip()
-        where = f"the file {str(path)!r}"
+        token = read_text_file("transport.grpc.token_file", settings.token_file).strip()
+        where = f"the file {settings.token_file!r}"
     else:
         token = os.environ.get(settings.token_env, "").strip()
         where = f"${settings.token_env}"

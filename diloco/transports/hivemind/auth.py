@@ -24,9 +24,8 @@ import hashlib
 import hmac
 import json
 import os
-from pathlib import Path
 
-from diloco.errors import ConfigError
+from diloco.errors import ConfigError, read_text_file
 from diloco.transports.hivemind.config import HivemindTransportConfig
 
 _DOMAIN = "diloco-hivemind-v1"  # tags of this scheme are never valid for another use of the key
@@ -78,14 +77,8 @@ def read_run_token(settings: HivemindTransportConfig) -> str | None:
         ConfigError: a token is configured but missing, empty or shorter than 16 characters.
     """
     if settings.token_file:
-        path = Path(settings.token_file).expanduser()
-        try:
-            token = path.read_text().strip()
-        except OSError as error:
-            raise ConfigError(
-                f"transport.hivemind.token_file {str(path)!r} cannot be read: {error.strerror}"
-            ) from None
-        where = f"transport.hivemind.token_file {str(path)!r}"
+        token = read_text_file("transport.hivemind.token_file", settings.token_file).strip()
+        where = f"transport.hivemind.token_file {settings.token_file!r}"
     elif settings.token_env:
         token = os.environ.get(settings.token_env, "").strip()
         where = f"${settings.token_env} (transport.hivemind.token_env)"
