@@ -43,10 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.debug:
-        # grpc's C core prints its own lines on stderr ("E1202 ... add_port.cc:83 Failed to
-        # add port"), beside the one line we say about the same failure. Read when grpc loads;
-        # --debug (or GRPC_VERBOSITY set by the user) keeps them.
+        # grpc's C core and hivemind print their own lines on stderr ("E1202 ... add_port.cc:83
+        # Failed to add port", "[INFO] Generating new identity"), beside the one line we say.
+        # Both read these when they load; --debug (or the variable set by the user) keeps them.
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+        os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         config = load_config(args.config, args.overrides)

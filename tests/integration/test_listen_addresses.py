@@ -121,3 +121,39 @@ def test_a_taken_hivemind_port_names_host_maddrs(tmp_path: Path, taken_port: int
         OSError, match=r"^transport\.hivemind\.host_maddrs .*address already in use"
     ):
         start_dht(settings, str(tmp_path / "peer.key"), f"/unix{tmp_path}/hivemind-")
+
+
+@pytest.mark.parametrize(
+    ("message", "kind", "said"),
+    [
+        (
+            "Daemon failed to start: 2026/12/02 failed to listen on any addresses: "
+            "[listen tcp4 127.0.0.1:5: bind: address already in use]",
+            OSError,
+            "transport.hivemind.host_maddrs ['/ip4/127.0.0.1/tcp/5']: listen tcp4 127.0.0.1:5",
+        ),
+        (
+            'Daemon failed to start: failed to parse multiaddr "/ip4/1.2.3.4/tcp/1/p2p/Qm": '
+            'invalid value "Qm" for protocol p2p',
+            ConfigError,
+            "transport.hivemind.initial_peers: '/ip4/1.2.3.4/tcp/1/p2p/Qm' does not parse "
+            '(invalid value "Qm" for protocol p2p)',
+        ),
+        (
+            "Daemon failed to start: proto: cannot parse invalid wire-format data",
+            ConfigError,
+            "transport.hivemind.identity_path: '/run/peer.key' is not a libp2p identity key",
+        ),
+    ],
+)
+def test_each_hivemind_daemon_failure_is_said_with_its_key(
+    message: str, kind: type[Exception], said: str
+) -> None:
+    pytest.importorskip("hivemind")
+    from diloco.transports.hivemind import HivemindTransportConfig
+    from diloco.transports.hivemind.connect import daemon_error_said
+
+    settings = HivemindTransportConfig(host_maddrs=["/ip4/127.0.0.1/tcp/5"])
+    error = daemon_error_said(settings, ["/ip4/1.2.3.4/tcp/1/p2p/Qm"], "/run/peer.key", message)
+    assert type(error) is kind and str(error).startswith(said), error
+    assert daemon_error_said(settings, [], "/run/peer.key", "something else") is None

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from diloco.checkpoint.atomic import write_atomic
+from diloco.errors import make_directory
 from diloco.transports.base import TransportSetup
 from diloco.transports.hivemind.auth import read_run_token
 from diloco.transports.hivemind.transport import HivemindGroup, HivemindTransport
@@ -52,7 +53,7 @@ def build_hivemind_transport(setup: TransportSetup) -> HivemindTransport:
     identity = settings.identity_path or str(setup.run_dir / f"island-{rank}" / "hivemind.key")
     if not lead:  # a node of its own per lane: its own peer id
         identity = f"{identity}.{setup.lane}"
-    Path(identity).parent.mkdir(parents=True, exist_ok=True)
+    make_directory("transport.hivemind.identity_path", Path(identity).parent)
     group = HivemindGroup(
         run_id=config.run_id,
         num_islands=config.islands,

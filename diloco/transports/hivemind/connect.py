@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import time
 
+from diloco.errors import ConfigError
 from diloco.transports.hivemind.averager import IslandDHT
 from diloco.transports.hivemind.config import HivemindTransportConfig
 
@@ -37,12 +38,38 @@ def start_dht(
             socket_prefix=socket_prefix,
         )
     except Exception as error:  # p2pd's P2PDaemonError, raised through the DHT's process
-        listening = re.search(r"failed to listen on any addresses: \[?(.*?)\]?$", str(error))
-        if listening is None:
+        said = daemon_error_said(settings, peers, identity_path, str(error))
+        if said is None:
             raise
-        raise OSError(
-            f"transport.hivemind.host_maddrs {list(settings.host_maddrs)}: {listening.group(1)}"
-        ) from None
+        raise said from None
+
+
+def daemon_error_said(
+    settings: HivemindTransportConfig, peers: list[str], identity_path: str, message: str
+) -> Exception | None:
+    """p2pd's failure to start, with the key it comes from (None: not one we know): an address
+    it cannot listen on (host_maddrs), a multiaddr it cannot parse (the list holding it), an
+    identity file that is not a libp2p key (identity_path)."""
+    listening = re.search(r"failed to listen on any addresses: \[?(.*?)\]?$", message)
+    if listening:
+        key = "transport.hivemind.host_maddrs"
+        return OSError(f"{key} {list(settings.host_maddrs)}: {listening.group(1)}")
+    unparsed = re.search(r'failed to parse multiaddr "([^"]*)"(?::\s*(.*))?', message)
+    if unparsed:
+        address, why = unparsed.group(1), unparsed.group(2) or "not a multiaddr"
+        lists = {
+            "transport.hivemind.initial_peers": peers,
+            "transport.hivemind.host_maddrs": list(settings.host_maddrs),
+            "transport.hivemind.announce_maddrs": list(settings.announce_maddrs),
+        }
+        key = next((k for k, given in lists.items() if address in given), "a hivemind multiaddr")
+        return ConfigError(f"{key}: {address!r} does not parse ({why})")
+    if "proto:" in message:  # the identity file's protobuf
+        return ConfigError(
+            f"transport.hivemind.identity_path: {identity_path!r} is not a libp2p identity key "
+            "(remove it and a new one is written)"
+        )
+    return None
 
 
 def read_peers(path: str, wait_s: float) -> list[str]:
