@@ -142,9 +142,7 @@ def int8_scaled_add_into(
     as int8_decode_into forms it, and added. One pass instead of three (decode, zero, add):
     2 x 25M values in 33-36 ms against 45-47 ms on the 2-core box. True when every result is
     finite."""
-    acc = _array(acc_n, torch.float32, acc_n.numel(), "acc_n")
-    q = _array(q_n, torch.int8, acc.size, "q_n")
-    scale = _array(scale_nb, torch.float32, _blocks(acc.size, block), "scale_nb")
+    acc, q, scale = _int8_add_arrays(acc_n, q_n, scale_nb, block)
     tops = _parallel(
         _int8_scaled_add, scale.size, acc.size, acc, q, scale, block, np.float32(alpha), first
     )
@@ -170,9 +168,7 @@ def int8_scaled_add_encode_into(
     contribution of a chunk and the mean's encoding: 2 x 25M values in 35-38 ms against
     42-45 ms for the two passes on the 2-core box. A non-finite sum gives a non-finite
     block scale, as in int8_encode_into."""
-    acc = _array(acc_n, torch.float32, acc_n.numel(), "acc_n")
-    q = _array(q_n, torch.int8, acc.size, "q_n")
-    scale = _array(scale_nb, torch.float32, _blocks(acc.size, block), "scale_nb")
+    acc, q, scale = _int8_add_arrays(acc_n, q_n, scale_nb, block)
     out_q = _array(out_q_n, torch.int8, acc.size, "out_q_n")
     out_scale = _array(out_scale_nb, torch.float32, scale.size, "out_scale_nb")
     _parallel(
@@ -228,6 +224,17 @@ def _compare_with_torch() -> bool:
             if not torch.equal(got_n.view(torch.int32), expected_n.view(torch.int32)):
                 return False
     return True
+
+
+def _int8_add_arrays(
+    acc_n: torch.Tensor, q_n: torch.Tensor, scale_nb: torch.Tensor, block: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The checked views of an int8 scaled add's operands: the fp32 accumulator, the codes
+    (one per element) and the block scales."""
+    acc = _array(acc_n, torch.float32, acc_n.numel(), "acc_n")
+    q = _array(q_n, torch.int8, acc.size, "q_n")
+    scale = _array(scale_nb, torch.float32, _blocks(acc.size, block), "scale_nb")
+    return acc, q, scale
 
 
 def _blocks(numel: int, block: int) -> int:
