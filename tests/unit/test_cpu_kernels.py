@@ -97,89 +97,129 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def torch_adds(numel: int, block: int) -> Iterator[tuple[Any, ...]]:
-    """(q, scale, start, alpha, first, expected): int8 codes and scales, an accumulator, and
-    what torch's zero_() (when first) then add_(decode(q, scale), alpha=alpha) write in it."""
-    q, scale = kernel_int8(awkward(numel, block), block)
-    values = int8_decode(q, scale, block)
-    start = awkward(numel, block, seed=2)
-    for alpha in (1 / 3, 0.7, 7 / 1009):
-        for first in (True, False):
-            expected = torch.zeros(numel) if first else start.clone()
-            expected.add_(values, alpha=alpha)
-            yield q, scale, start, alpha, first, expected
+def torch_sums(numel: int, block: int, count: int) -> Iterator[tuple[Any, ...]]:
+    """(q_ns, scale_nbs, values, alphas, expected): `count` int8 contributions (codes and
+    scales), their fp32 values, weights, and what torch's zero_() then add_(values_k,
+    alpha=alphas[k]) for each k write."""
+    q_ns, scale_nbs, values = [], [], []
+    for k in range(count):
+        q, scale = kernel_int8(awkward(numel, block, seed=k), block)
+        q_ns.append(q)
+        scale_nbs.append(scale)
+        values.append(int8_decode(q, scale, block))
+    for alphas in ([1 / 3, 0.7, 7 / 1009, 2.5], [0.25] * 4, [1e-3, 1.0, 3.0, 1 / 7]):
+        expected = torch.zeros(numel)
+        for values_n, alpha in zip(values, alphas[:count], strict=False):
+            expected.add_(values_n, alpha=alpha)
+        yield q_ns, scale_nbs, values, alphas[:count], expected
 
 
 @FMA_ADD
+@pytest.mark.parametrize("count", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("numel", SIZES + [300_007])
-def test_int8_scaled_add_is_decode_then_torchs_add(numel: int, block: int, threads: int) -> None:
-    """acc = (0 if first else acc) + alpha * decode(q, scale), as torch's zero_() / add_()
-    write it, bit for bit, signed zeros included; the flag says whether all is finite."""
+def test_int8_weighted_sum_is_decode_then_torchs_adds(
+    numel: int, block: int, threads: int, count: int
+) -> None:
+    """acc = sum_k alpha_k * decode(q_k, scale_k), as torch's zero_() / add_() write it, bit
+    for bit, signed zeros included, whatever acc held; the flag says whether all is finite."""
     with torch_threads(threads):
-        for q, scale, start, alpha, first, expected in torch_adds(numel, block):
-            got = start.clone()
-            finite = kernels.int8_scaled_add_into(got, q, scale, block, alpha, first=first)
+        for q_ns, scale_nbs, _, alphas, expected in torch_sums(numel, block, count):
+            got = torch.full((numel,), float("nan"))
+            finite = kernels.int8_weighted_sum_into(got, q_ns, scale_nbs, block, alphas)
             assert_same(got, expected)
             assert finite == bool(torch.isfinite(expected).all())
 
 
-def scaled_add_encode(
-    acc: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: int, alpha: float, first: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out_q, out_scale = torch.full_like(q, 99), torch.full_like(scale, float("nan"))
-    kernels.int8_scaled_add_encode_into(
-        acc, q, scale, block, alpha, first=first, out_q_n=out_q, out_scale_nb=out_scale
-    )
-    return out_q, out_scale
-
-
 @FMA_ADD
+@pytest.mark.parametrize("count", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("numel", SIZES + [300_007])
-def test_int8_scaled_add_encode_is_torchs_add_then_the_reference_encode(
-    numel: int, block: int, threads: int
+def test_int8_weighted_sum_encode_is_torchs_adds_then_the_reference_encode(
+    numel: int, block: int, threads: int, count: int
 ) -> None:
-    """The coordinator's last add of a chunk and its encoding in one pass: int8_encode of
-    what torch's zero_() / add_() write, bit for bit (all-zero blocks: scale 0), and the
-    accumulator is never written."""
+    """The coordinator's mean of a chunk and its encoding in one pass: int8_encode of what
+    torch's zero_() / add_() write, bit for bit (all-zero blocks: scale 0)."""
     with torch_threads(threads):
-        for q, scale, start, alpha, first, expected in torch_adds(numel, block):
+        for q_ns, scale_nbs, _, alphas, expected in torch_sums(numel, block, count):
             q_ref, scale_ref = int8_encode(expected, block)
-            acc = start.clone()
-            out_q, out_scale = scaled_add_encode(acc, q, scale, block, alpha, first)
+            out_q, out_scale = weighted_sum_encode(q_ns, scale_nbs, block, alphas)
             assert_same(out_scale, scale_ref)
             assert_same(out_q, q_ref)
-            assert_same(acc, start)
 
 
 @FMA_ADD
-def test_int8_scaled_add_encode_gives_an_overflowing_block_a_non_finite_scale() -> None:
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("numel", SIZES + [300_007])
+def test_fp32_weighted_sum_is_torchs_adds(numel: int, threads: int, count: int) -> None:
+    """acc = sum_k alpha_k * x_k, as torch's zero_() / add_() write it, bit for bit: values over
+    ten decades, negative zeros (a -0.0 alone sums to +0.0, as torch's add to zeros gives)."""
+    with torch_threads(threads):
+        for _, _, values, alphas, expected in torch_sums(numel, 16, count):
+            got = torch.full((numel,), float("nan"))
+            finite = kernels.fp32_weighted_sum_into(got, values, alphas)
+            assert_same(got, expected)
+            assert finite == bool(torch.isfinite(expected).all())
+
+
+def weighted_sum_encode(
+    q_ns: list[torch.Tensor], scale_nbs: list[torch.Tensor], block: int, alphas: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out_q, out_scale = torch.full_like(q_ns[0], 99), torch.full_like(scale_nbs[0], float("nan"))
+    kernels.int8_weighted_sum_encode_into(q_ns, scale_nbs, block, alphas, out_q, out_scale)
+    return out_q, out_scale
+
+
+LARGEST = float(torch.finfo(torch.float32).max)
+
+
+@FMA_ADD
+def test_int8_weighted_sum_encode_gives_an_overflowing_block_a_non_finite_scale() -> None:
     """A sum that overflows makes its block's scale inf, which every caller refuses (as
     int8_encode_into's scale of an inf); the other blocks are encoded as usual."""
-    largest = float(torch.finfo(torch.float32).max)
     q = torch.tensor([127, 0, 0, 0, 1, 2, 3, 4], dtype=torch.int8)
-    scale = torch.tensor([largest / 128, 1.0])
-    acc = torch.tensor([3e38, 0, 0, 0, 0, 0, 0, 0])
-    out_q, out_scale = scaled_add_encode(acc, q, scale, 4, 1.0, first=False)
+    scale = torch.tensor([LARGEST / 128, 1.0])
+    out_q, out_scale = weighted_sum_encode([q, q], [scale, scale], 4, [1.0, 1.0])
     assert out_scale[0] == float("inf")
-    assert out_scale[1] == 4 / 127 and out_q[4:].tolist() == [32, 64, 95, 127]
+    assert out_scale[1] == 8 / 127 and out_q[4:].tolist() == [32, 64, 95, 127]
 
 
 @FMA_ADD
-def test_int8_scaled_add_says_when_a_result_is_not_finite() -> None:
+def test_the_weighted_sums_say_when_a_result_is_not_finite() -> None:
     q = torch.tensor([127, -128, 1, 0], dtype=torch.int8)
-    largest = float(torch.finfo(torch.float32).max)
-    scale = torch.tensor([largest / 127.5])  # 127 x scale is finite, -128 x scale is not
+    scale = torch.tensor([LARGEST / 127.5])  # 127 x scale is finite, -128 x scale is not
     acc = torch.zeros(4)
-    assert not kernels.int8_scaled_add_into(acc, q, scale, 4, 1.0, first=True)
+    assert not kernels.int8_weighted_sum_into(acc, [q], [scale], 4, [1.0])
     assert acc[1] == float("-inf")
-    acc = torch.full((4,), 3e38)  # the sum of two finite values overflows
     q = torch.tensor([127, 0, 0, 0], dtype=torch.int8)
-    assert not kernels.int8_scaled_add_into(acc, q, scale, 4, 1.0, first=False)
-    assert kernels.int8_scaled_add_into(torch.zeros(4), q, scale, 4, 1.0, first=True)
+    assert kernels.int8_weighted_sum_into(acc, [q], [scale], 4, [1.0])
+    assert not kernels.int8_weighted_sum_into(acc, [q, q], [scale, scale], 4, [1.0, 1.0])
+    x = torch.tensor([3e38, 1.0, -0.0])
+    assert kernels.fp32_weighted_sum_into(acc[:3], [x], [1.0])
+    assert not kernels.fp32_weighted_sum_into(acc[:3], [x, x], [1.0, 1.0])
+    assert acc[0] == float("inf") and acc[1] == 2.0
+
+
+def test_the_weighted_sums_refuse_operands_that_do_not_fit() -> None:
+    """The kernels read raw addresses: every operand is checked first, in a ValueError."""
+    q, scale = torch.zeros(8, dtype=torch.int8), torch.ones(2)
+    with pytest.raises(ValueError, match="q_ns"):
+        kernels.int8_weighted_sum_into(torch.zeros(8), [q, q[:4]], [scale, scale], 4, [1, 1])
+    with pytest.raises(ValueError, match="scale_nbs"):
+        kernels.int8_weighted_sum_into(torch.zeros(8), [q], [scale[:1]], 4, [1.0])
+    with pytest.raises(ValueError, match="2 code tensors but 1 scale"):
+        kernels.int8_weighted_sum_into(torch.zeros(8), [q, q], [scale], 4, [1.0, 1.0])
+    with pytest.raises(ValueError, match="one weight for each of 2"):
+        weighted_sum_encode([q, q], [scale, scale], 4, [1.0])
+    with pytest.raises(ValueError, match="x_ns"):
+        kernels.fp32_weighted_sum_into(torch.zeros(8), [torch.zeros(8, dtype=torch.float64)], [1])
+    with pytest.raises(ValueError, match=r"x_ns.*shape \(4, 2\)"):
+        kernels.fp32_weighted_sum_into(torch.zeros(8), [torch.zeros(8).view(2, 4).t()], [1])
+    with pytest.raises(ValueError, match=r"one weight for each of 0 \(>= 1\)"):
+        kernels.fp32_weighted_sum_into(torch.zeros(8), [], [])
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)

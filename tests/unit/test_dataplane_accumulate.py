@@ -88,57 +88,65 @@ def test_encoded_mean_is_bit_identical_to_weighted_mean_then_encode(
     assert torch.equal(out_N, expected_mean)
 
 
+@pytest.mark.parametrize("codec_name", ["int8", "none"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_int8_is_exact_with_and_without_the_one_pass_add(
-    fused: bool, monkeypatch: pytest.MonkeyPatch
+def test_int8_and_fp32_are_exact_with_and_without_the_one_pass_sums(
+    codec_name: str, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """int8 chunks are decoded and added in one pass where that writes what torch writes
-    (cpu_kernels.fma_add_matches_torch), else decoded then added: the same bits either way."""
+    """A chunk's contributions are summed in one pass (and an int8 mean encoded in it) where
+    that writes what torch writes (cpu_kernels.fma_add_matches_torch), else decoded then
+    added one at a time: the same bits either way."""
     from diloco.codecs import cpu_kernels
 
     if fused and not cpu_kernels.fma_add_matches_torch():
-        pytest.skip("no one-pass add on this machine")
+        pytest.skip("no one-pass sums on this machine")
     monkeypatch.setattr(cpu_kernels, "fma_add_matches_torch", lambda: fused)
     calls: list[str] = []
-    for name in ("int8_scaled_add_into", "int8_scaled_add_encode_into"):
+    names = ("int8_weighted_sum_into", "int8_weighted_sum_encode_into", "fp32_weighted_sum_into")
+    for name in names:
         kernel = getattr(cpu_kernels, name)
         spy = lambda *args, _kernel=kernel, _name=name, **kwargs: (  # noqa: E731
             calls.append(_name) or _kernel(*args, **kwargs)
         )
         monkeypatch.setattr(cpu_kernels, name, spy)
-    codec, numel, weights = build_codec("int8", block_size=64), 20_011, [3.0, 1.0, 2.0]
+    codec, numel, weights = build_codec(codec_name, block_size=64), 20_011, [3.0, 1.0, 2.0]
     payloads = _payloads(codec, numel, 3, seed=9)
     expected = weighted_mean([codec.decode(p, numel) for p in payloads], weights)
     accumulator = LockstepAccumulator(codec, numel, chunk_bytes=4096)
     encoded = accumulator.encoded_mean(_contributions(payloads, weights))
     assert torch.equal(encoded, codec.encode(expected))
     chunks = -(-numel // accumulator.chunk_elements)
-    # Per chunk: the first two added in one pass each, the third added and encoded in one.
-    assert (
-        calls
-        == (["int8_scaled_add_into"] * 2 + ["int8_scaled_add_encode_into"] if fused else [])
-        * chunks
-    )
+    # Per chunk, one call for all three contributions: int8's sums encoded as formed.
+    kernel = "int8_weighted_sum_encode_into" if codec_name == "int8" else "fp32_weighted_sum_into"
+    assert calls == ([kernel] * chunks if fused else [])
+    calls.clear()
+    out_N = torch.full((numel,), float("nan"))
+    accumulator.mean_into(_contributions(payloads, weights), out_N)
+    assert torch.equal(out_N, expected)
+    kernel = "int8_weighted_sum_into" if codec_name == "int8" else "fp32_weighted_sum_into"
+    assert calls == ([kernel] * chunks if fused else [])
 
 
-def test_an_overflowing_sum_added_and_encoded_in_one_pass_is_refused_with_its_count() -> None:
-    """Where the last add and the encoding are one pass, a sum that overflows is refused as
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_overflowing_mean_encoded_as_it_is_summed_is_refused_with_its_count(
+    fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the sums and the encoding are one pass, a sum that overflows is refused as
     encoding it would be: ValueError counting the non-finite values of the true sum."""
     from diloco.codecs import cpu_kernels
 
-    if not cpu_kernels.fma_add_matches_torch():
-        pytest.skip("no one-pass add on this machine")
+    if fused and not cpu_kernels.fma_add_matches_torch():
+        pytest.skip("no one-pass sums on this machine")
+    monkeypatch.setattr(cpu_kernels, "fma_add_matches_torch", lambda: fused)
     codec, numel = build_codec("int8", block_size=4), 8
     chunked = chunk_codec(codec, numel)
-    largest = float(torch.finfo(torch.float32).max)
-    payload = codec.encode(torch.tensor([largest * 127 / 128, 0, 0, 0, 1, 2, 3, 4]))
+    payload = codec.encode(torch.tensor([FP32_MAX * 127 / 128, 0, 0, 0, 1, 2, 3, 4]))
     prefix, section = payload[: chunked.prefix_bytes], payload[chunked.prefix_bytes :]
-    acc_n = torch.tensor([3e38, 0, 0, 0, 0, 0, 0, 0])
     out = torch.zeros(chunked.payload_bytes, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"1 non-finite value\(s\) \(nan or inf\) among 8"):
-        chunked.add_and_encode_chunk(
-            prefix, section, 0, acc_n, 1.0, first=False, scratch_n=torch.empty(numel),
-            payload=out,
+        chunked.mean_chunk(
+            [prefix, prefix], [section, section], 0, [1.0, 1.0], torch.empty(numel),
+            scratch_n=torch.empty(numel), encode_into=out,
         )  # fmt: skip
 
 

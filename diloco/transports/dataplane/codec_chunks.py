@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -94,37 +95,29 @@ class ChunkCodec(Protocol):
         `scratch_n`, or a view of `section` where the wire holds them verbatim (none)."""
         ...
 
-    def add_chunk(
+    def mean_chunk(
         self,
-        prefix: torch.Tensor,
-        section: torch.Tensor,
+        prefixes: Sequence[torch.Tensor],
+        sections: Sequence[torch.Tensor],
         start: int,
+        alphas: Sequence[float],
         acc_n: torch.Tensor,
-        alpha: float,
         *,
-        first: bool,
         scratch_n: torch.Tensor,
+        encode_into: torch.Tensor | None = None,
     ) -> bool | None:
-        """acc_n = (0 if first else acc_n) + alpha * (the values of elements [start, start +
-        len(acc_n))), bit for bit what `acc_n.zero_()` (first) then `acc_n.add_(values,
-        alpha=alpha)` write; `scratch_n` (as long) may take the decoded values. True or False:
-        whether every value of acc_n is now finite, where that came free; None otherwise."""
-        ...
+        """acc_n = sum_k alphas[k] * (the values of contribution k's elements [start, start +
+        len(acc_n))), bit for bit what `acc_n.zero_()` then `acc_n.add_(values_k,
+        alpha=alphas[k])` for k = 0, 1, ... write; `scratch_n` (as long) may take decoded
+        values. With `encode_into` (a payload buffer), encode_chunk of the sums into it too,
+        bit for bit; acc_n may then be left as it was (int8 encodes the sums as it forms
+        them). True or False: whether every sum is finite, where that came free; None
+        otherwise.
 
-    def add_and_encode_chunk(
-        self,
-        prefix: torch.Tensor,
-        section: torch.Tensor,
-        start: int,
-        acc_n: torch.Tensor,
-        alpha: float,
-        *,
-        first: bool,
-        scratch_n: torch.Tensor,
-        payload: torch.Tensor,
-    ) -> None:
-        """add_chunk (no finite flag), then encode_chunk of the sum into `payload`, bit for
-        bit; `acc_n` may be left as it was (int8 encodes the sums without storing them)."""
+        Raises:
+            ContributionError: contribution k's section is not this codec's (k named).
+            ValueError: sums the codec cannot encode (as encode_chunk).
+        """
         ...
 
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
@@ -278,41 +271,40 @@ def _check_header(prefix: torch.Tensor, expected: Header, name: str) -> None:
     )
 
 
+class ContributionError(PayloadError):
+    """Contribution `index` of a mean_chunk call holds what its codec refuses."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
 class _DecodeThenAdd:
-    """`ChunkCodec.add_chunk` in torch: decode into the scratch, then add (after zeroing, when
-    first). For the codecs without a one-pass add."""
+    """`ChunkCodec.mean_chunk` in torch: each contribution decoded into the scratch, then
+    added (the first after zeroing). For the codecs and machines without a one-pass sum."""
 
-    def add_chunk(
+    def mean_chunk(
         self,
-        prefix: torch.Tensor,
-        section: torch.Tensor,
+        prefixes: Sequence[torch.Tensor],
+        sections: Sequence[torch.Tensor],
         start: int,
+        alphas: Sequence[float],
         acc_n: torch.Tensor,
-        alpha: float,
         *,
-        first: bool,
         scratch_n: torch.Tensor,
+        encode_into: torch.Tensor | None = None,
     ) -> bool | None:
-        values_n = self.decode_chunk(prefix, section, start, scratch_n)
-        if first:
-            acc_n.zero_()
-        acc_n.add_(values_n, alpha=alpha)
+        for k, (prefix, section, alpha) in enumerate(zip(prefixes, sections, alphas, strict=True)):
+            try:
+                values_n = self.decode_chunk(prefix, section, start, scratch_n)
+            except PayloadError as error:
+                raise ContributionError(k, str(error)) from None
+            if k == 0:
+                acc_n.zero_()
+            acc_n.add_(values_n, alpha=alpha)
+        if encode_into is not None:
+            self.encode_chunk(acc_n, encode_into, start)
         return None
-
-    def add_and_encode_chunk(
-        self,
-        prefix: torch.Tensor,
-        section: torch.Tensor,
-        start: int,
-        acc_n: torch.Tensor,
-        alpha: float,
-        *,
-        first: bool,
-        scratch_n: torch.Tensor,
-        payload: torch.Tensor,
-    ) -> None:
-        self.add_chunk(prefix, section, start, acc_n, alpha, first=first, scratch_n=scratch_n)
-        self.encode_chunk(acc_n, payload, start)
 
     def decode_chunk(
         self, prefix: torch.Tensor, section: torch.Tensor, start: int, scratch_n: torch.Tensor
@@ -351,6 +343,30 @@ class _CastChunks(_DecodeThenAdd):
             return wire_n
         scratch_n.copy_(wire_n)
         return scratch_n
+
+    def mean_chunk(
+        self,
+        prefixes: Sequence[torch.Tensor],
+        sections: Sequence[torch.Tensor],
+        start: int,
+        alphas: Sequence[float],
+        acc_n: torch.Tensor,
+        *,
+        scratch_n: torch.Tensor,
+        encode_into: torch.Tensor | None = None,
+    ) -> bool | None:
+        # fp32: every contribution added in one pass over acc_n, the finite check with it
+        # (cpu_kernels.fp32_weighted_sum_into), where that writes what torch does here.
+        if self.dtype != torch.float32 or not _sums_in_one_pass(acc_n, sections):
+            return super().mean_chunk(
+                prefixes, sections, start, alphas, acc_n, scratch_n=scratch_n,
+                encode_into=encode_into,
+            )  # fmt: skip
+        values = [section.view(torch.float32) for section in sections]
+        finite = cpu_kernels.fp32_weighted_sum_into(acc_n, values, alphas)
+        if encode_into is not None:
+            self.encode_chunk(acc_n, encode_into, start)
+        return finite
 
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         begin = HEADER_BYTES + self.itemsize * start
@@ -429,70 +445,42 @@ class _BlockChunks(_DecodeThenAdd):
             scratch_n.copy_(fp4_decode(section, scale_nb, count, self.block, codec.fmt))
         return scratch_n
 
-    def add_chunk(
+    def mean_chunk(
         self,
-        prefix: torch.Tensor,
-        section: torch.Tensor,
+        prefixes: Sequence[torch.Tensor],
+        sections: Sequence[torch.Tensor],
         start: int,
+        alphas: Sequence[float],
         acc_n: torch.Tensor,
-        alpha: float,
         *,
-        first: bool,
         scratch_n: torch.Tensor,
+        encode_into: torch.Tensor | None = None,
     ) -> bool | None:
-        # int8: decoded and added in one pass (cpu_kernels.int8_scaled_add_into), where it
-        # writes what torch does on this machine; the values never land in scratch_n.
-        if self._adds_in_one_pass(section, acc_n):
-            scale_nb = self._scales(prefix, start, acc_n.numel())
-            q_n = section.view(torch.int8)
-            return cpu_kernels.int8_scaled_add_into(
-                acc_n, q_n, scale_nb, self.block, alpha, first=first
-            )
-        return super().add_chunk(
-            prefix, section, start, acc_n, alpha, first=first, scratch_n=scratch_n
-        )
-
-    def add_and_encode_chunk(
-        self,
-        prefix: torch.Tensor,
-        section: torch.Tensor,
-        start: int,
-        acc_n: torch.Tensor,
-        alpha: float,
-        *,
-        first: bool,
-        scratch_n: torch.Tensor,
-        payload: torch.Tensor,
-    ) -> None:
-        # int8: the sums encoded as they are formed (cpu_kernels.int8_scaled_add_encode_into);
-        # a non-finite one (an overflow) is refused as encode_chunk refuses it, with its count.
+        # int8: every contribution decoded and added in one pass, each block's sums in L1
+        # (cpu_kernels.int8_weighted_sum_into), and with a payload to fill, encoded as they
+        # are formed, never written (int8_weighted_sum_encode_into), where that writes what
+        # torch does here. A non-finite sum (an overflow) is refused as encode_chunk
+        # refuses it, with its count: the sums are then written and encoded apart.
+        if not isinstance(self.codec, Int8Codec) or not _sums_in_one_pass(acc_n, sections):
+            return super().mean_chunk(
+                prefixes, sections, start, alphas, acc_n, scratch_n=scratch_n,
+                encode_into=encode_into,
+            )  # fmt: skip
         count = acc_n.numel()
-        if self._adds_in_one_pass(section, acc_n) and runs_fused(payload):
-            mean_scale_nb = self._scales(payload, start, count)
-            cpu_kernels.int8_scaled_add_encode_into(
-                acc_n,
-                section.view(torch.int8),
-                self._scales(prefix, start, count),
-                self.block,
-                alpha,
-                first=first,
-                out_q_n=self._codes(payload, start, count).view(torch.int8),
-                out_scale_nb=mean_scale_nb,
+        q_ns = [section.view(torch.int8) for section in sections]
+        scale_nbs = [self._scales(prefix, start, count) for prefix in prefixes]
+        if encode_into is not None and runs_fused(encode_into):
+            mean_scale_nb = self._scales(encode_into, start, count)
+            mean_q_n = self._codes(encode_into, start, count).view(torch.int8)
+            cpu_kernels.int8_weighted_sum_encode_into(
+                q_ns, scale_nbs, self.block, alphas, mean_q_n, mean_scale_nb
             )
             if scales_are_valid(mean_scale_nb):
-                return  # else acc_n, left as it was, gives the refusal its count below
-        super().add_and_encode_chunk(
-            prefix, section, start, acc_n, alpha, first=first, scratch_n=scratch_n,
-            payload=payload,
-        )  # fmt: skip
-
-    def _adds_in_one_pass(self, section: torch.Tensor, acc_n: torch.Tensor) -> bool:
-        return (
-            isinstance(self.codec, Int8Codec)
-            and runs_fused(section)
-            and acc_n.device.type == "cpu"
-            and cpu_kernels.fma_add_matches_torch()
-        )
+                return None
+        finite = cpu_kernels.int8_weighted_sum_into(acc_n, q_ns, scale_nbs, self.block, alphas)
+        if encode_into is not None:
+            self.encode_chunk(acc_n, encode_into, start)
+        return finite
 
     def _codes(self, payload: torch.Tensor, start: int, count: int) -> torch.Tensor:
         """The bytes of elements [start, start + count) in a payload's section."""
@@ -585,3 +573,13 @@ class _TopKChunks(_DecodeThenAdd):
 
     def verbatim_view(self, payload: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
         return None
+
+
+def _sums_in_one_pass(acc_n: torch.Tensor, sections: Sequence[torch.Tensor]) -> bool:
+    """Whether the one-pass weighted sums of cpu_kernels run here and write what torch's
+    zero_() then add_() write (`fma_add_matches_torch`, measured once per process)."""
+    return (
+        acc_n.device.type == "cpu"
+        and all(runs_fused(section) for section in sections)
+        and cpu_kernels.fma_add_matches_torch()
+    )
