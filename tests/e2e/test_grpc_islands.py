@@ -87,6 +87,9 @@ class Group:
 
 
 @pytest.mark.timeout(120)
+# About 20 s: make test-all. tests/conformance/test_transport.py and the other grpc runs here
+# cover the same in make test.
+@pytest.mark.slow
 def test_three_islands_and_a_coordinator_agree_every_round(
     tmp_path: Path, tls_pair: tuple[Path, Path]
 ) -> None:

@@ -193,6 +193,7 @@ def test_export_loads_with_from_pretrained_and_gives_the_same_logits(
     )
 
 
+@pytest.mark.slow  # about 15 s; tests/unit/test_plots_wandb.py covers both writers in make test
 def test_wandb_offline_and_loss_png(config: str, tmp_path: Path) -> None:
     pytest.importorskip("wandb", reason="the wandb extra: pip install -e '.[wandb]'")
     pytest.importorskip("matplotlib", reason="the plots extra: pip install -e '.[plots]'")

@@ -99,6 +99,7 @@ def test_multi_rank_islands_train_like_one_rank_islands_with_the_whole_batch(
     assert torch.allclose(stitched, whole, atol=1e-4)
 
 
+@pytest.mark.slow  # about 20 s; tests/unit/test_grad_accum.py checks the same sums in make test
 def test_gradient_accumulation_matches_the_bigger_batch(tmp_path: Path) -> None:
     local = ["--config", "configs/demo.yaml", *TINY, "transport.islands=2"]
     assert_ok(run_cli([*local, f"run.dir={tmp_path / 'whole'}", "data.batch_size=8"], RUN_S))

@@ -37,6 +37,8 @@ def initial_weights(run_dir: Path) -> str:
     return str(json.loads((run_dir / "fingerprint.json").read_text())["initial weights"])
 
 
+# About 20 s: make test-all. test_warm_start_from_a_state_dict_file runs a warm start in make test.
+@pytest.mark.slow
 def test_warm_start_from_a_checkpoint_starts_from_its_shared_parameters(
     config: str, tmp_path: Path
 ) -> None:
@@ -96,6 +98,9 @@ def test_a_warm_start_that_does_not_fit_names_the_key(config: str, tmp_path: Pat
     assert "run.init_from" in result.stderr and "does not fit the model" in result.stderr
 
 
+# About 30 s: make test-all. Resumes run in make test in tests/e2e/test_streaming_resume.py and
+# tests/integration/test_error_feedback_resume.py.
+@pytest.mark.slow
 def test_the_outer_features_resume_bit_exactly(config: str, tmp_path: Path) -> None:
     """6 rounds (2 warm ones of one step, momentum warm-up, cosine outer lr): killed after
     round 3 and run again, every round's hash is the uninterrupted run's."""
