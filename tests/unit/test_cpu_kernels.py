@@ -1,4 +1,5 @@
-"""The fused numba kernels give bit for bit what the torch references in int8.py and fp4.py give.
+"""The fused numba kernels give bit for bit what the torch references in int8.py and fp4.py give,
+and the coordinator's weighted sums (sum_kernels.py) what torch's zero_() and add_() write.
 
 Awkward sizes and block sizes (odd ones take the kernels' other path), all-zero blocks, one huge
 outlier, negative zeros, exact ties, and values spread over many orders of magnitude.
@@ -16,7 +17,7 @@ import torch
 
 pytest.importorskip("numba")
 
-from diloco.codecs import E2M1, E3M0, Fp4Format  # noqa: E402
+from diloco.codecs import E2M1, E3M0, Fp4Format, sum_kernels  # noqa: E402
 from diloco.codecs import cpu_kernels as kernels  # noqa: E402
 from diloco.codecs.fp4 import fp4_decode, fp4_encode  # noqa: E402
 from diloco.codecs.int8 import int8_decode, int8_encode  # noqa: E402
@@ -81,7 +82,7 @@ def test_int8_matches_reference(numel: int, block: int) -> None:
 
 
 FMA_ADD = pytest.mark.skipif(
-    not kernels.fma_add_matches_torch(),
+    not sum_kernels.fma_add_matches_torch(),
     reason="torch's CPU add with alpha does not round as one fused multiply-add here",
 )
 
@@ -127,7 +128,7 @@ def test_int8_weighted_sum_is_decode_then_torchs_adds(
     with torch_threads(threads):
         for q_ns, scale_nbs, _, alphas, expected in torch_sums(numel, block, count):
             got = torch.full((numel,), float("nan"))
-            finite = kernels.int8_weighted_sum_into(got, q_ns, scale_nbs, block, alphas)
+            finite = sum_kernels.int8_weighted_sum_into(got, q_ns, scale_nbs, block, alphas)
             assert_same(got, expected)
             assert finite == bool(torch.isfinite(expected).all())
 
@@ -160,7 +161,7 @@ def test_fp32_weighted_sum_is_torchs_adds(numel: int, threads: int, count: int) 
     with torch_threads(threads):
         for _, _, values, alphas, expected in torch_sums(numel, 16, count):
             got = torch.full((numel,), float("nan"))
-            finite = kernels.fp32_weighted_sum_into(got, values, alphas)
+            finite = sum_kernels.fp32_weighted_sum_into(got, values, alphas)
             assert_same(got, expected)
             assert finite == bool(torch.isfinite(expected).all())
 
@@ -169,7 +170,7 @@ def weighted_sum_encode(
     q_ns: list[torch.Tensor], scale_nbs: list[torch.Tensor], block: int, alphas: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out_q, out_scale = torch.full_like(q_ns[0], 99), torch.full_like(scale_nbs[0], float("nan"))
-    kernels.int8_weighted_sum_encode_into(q_ns, scale_nbs, block, alphas, out_q, out_scale)
+    sum_kernels.int8_weighted_sum_encode_into(q_ns, scale_nbs, block, alphas, out_q, out_scale)
     return out_q, out_scale
 
 
@@ -192,14 +193,14 @@ def test_the_weighted_sums_say_when_a_result_is_not_finite() -> None:
     q = torch.tensor([127, -128, 1, 0], dtype=torch.int8)
     scale = torch.tensor([LARGEST / 127.5])  # 127 x scale is finite, -128 x scale is not
     acc = torch.zeros(4)
-    assert not kernels.int8_weighted_sum_into(acc, [q], [scale], 4, [1.0])
+    assert not sum_kernels.int8_weighted_sum_into(acc, [q], [scale], 4, [1.0])
     assert acc[1] == float("-inf")
     q = torch.tensor([127, 0, 0, 0], dtype=torch.int8)
-    assert kernels.int8_weighted_sum_into(acc, [q], [scale], 4, [1.0])
-    assert not kernels.int8_weighted_sum_into(acc, [q, q], [scale, scale], 4, [1.0, 1.0])
+    assert sum_kernels.int8_weighted_sum_into(acc, [q], [scale], 4, [1.0])
+    assert not sum_kernels.int8_weighted_sum_into(acc, [q, q], [scale, scale], 4, [1.0, 1.0])
     x = torch.tensor([3e38, 1.0, -0.0])
-    assert kernels.fp32_weighted_sum_into(acc[:3], [x], [1.0])
-    assert not kernels.fp32_weighted_sum_into(acc[:3], [x, x], [1.0, 1.0])
+    assert sum_kernels.fp32_weighted_sum_into(acc[:3], [x], [1.0])
+    assert not sum_kernels.fp32_weighted_sum_into(acc[:3], [x, x], [1.0, 1.0])
     assert acc[0] == float("inf") and acc[1] == 2.0
 
 
@@ -207,19 +208,20 @@ def test_the_weighted_sums_refuse_operands_that_do_not_fit() -> None:
     """The kernels read raw addresses: every operand is checked first, in a ValueError."""
     q, scale = torch.zeros(8, dtype=torch.int8), torch.ones(2)
     with pytest.raises(ValueError, match="q_ns"):
-        kernels.int8_weighted_sum_into(torch.zeros(8), [q, q[:4]], [scale, scale], 4, [1, 1])
+        sum_kernels.int8_weighted_sum_into(torch.zeros(8), [q, q[:4]], [scale, scale], 4, [1, 1])
     with pytest.raises(ValueError, match="scale_nbs"):
-        kernels.int8_weighted_sum_into(torch.zeros(8), [q], [scale[:1]], 4, [1.0])
+        sum_kernels.int8_weighted_sum_into(torch.zeros(8), [q], [scale[:1]], 4, [1.0])
     with pytest.raises(ValueError, match="2 code tensors but 1 scale"):
-        kernels.int8_weighted_sum_into(torch.zeros(8), [q, q], [scale], 4, [1.0, 1.0])
+        sum_kernels.int8_weighted_sum_into(torch.zeros(8), [q, q], [scale], 4, [1.0, 1.0])
     with pytest.raises(ValueError, match="one weight for each of 2"):
         weighted_sum_encode([q, q], [scale, scale], 4, [1.0])
+    doubles = torch.zeros(8, dtype=torch.float64)
     with pytest.raises(ValueError, match="x_ns"):
-        kernels.fp32_weighted_sum_into(torch.zeros(8), [torch.zeros(8, dtype=torch.float64)], [1])
+        sum_kernels.fp32_weighted_sum_into(torch.zeros(8), [doubles], [1])
     with pytest.raises(ValueError, match=r"x_ns.*shape \(4, 2\)"):
-        kernels.fp32_weighted_sum_into(torch.zeros(8), [torch.zeros(8).view(2, 4).t()], [1])
+        sum_kernels.fp32_weighted_sum_into(torch.zeros(8), [torch.zeros(8).view(2, 4).t()], [1])
     with pytest.raises(ValueError, match=r"one weight for each of 0 \(>= 1\)"):
-        kernels.fp32_weighted_sum_into(torch.zeros(8), [], [])
+        sum_kernels.fp32_weighted_sum_into(torch.zeros(8), [], [])
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)

@@ -94,21 +94,21 @@ def test_int8_and_fp32_are_exact_with_and_without_the_one_pass_sums(
     codec_name: str, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A chunk's contributions are summed in one pass (and an int8 mean encoded in it) where
-    that writes what torch writes (cpu_kernels.fma_add_matches_torch), else decoded then
+    that writes what torch writes (sum_kernels.fma_add_matches_torch), else decoded then
     added one at a time: the same bits either way."""
-    from diloco.codecs import cpu_kernels
+    from diloco.codecs import sum_kernels
 
-    if fused and not cpu_kernels.fma_add_matches_torch():
+    if fused and not sum_kernels.fma_add_matches_torch():
         pytest.skip("no one-pass sums on this machine")
-    monkeypatch.setattr(cpu_kernels, "fma_add_matches_torch", lambda: fused)
+    monkeypatch.setattr(sum_kernels, "fma_add_matches_torch", lambda: fused)
     calls: list[str] = []
     names = ("int8_weighted_sum_into", "int8_weighted_sum_encode_into", "fp32_weighted_sum_into")
     for name in names:
-        kernel = getattr(cpu_kernels, name)
+        kernel = getattr(sum_kernels, name)
         spy = lambda *args, _kernel=kernel, _name=name, **kwargs: (  # noqa: E731
             calls.append(_name) or _kernel(*args, **kwargs)
         )
-        monkeypatch.setattr(cpu_kernels, name, spy)
+        monkeypatch.setattr(sum_kernels, name, spy)
     codec, numel, weights = build_codec(codec_name, block_size=64), 20_011, [3.0, 1.0, 2.0]
     payloads = _payloads(codec, numel, 3, seed=9)
     expected = weighted_mean([codec.decode(p, numel) for p in payloads], weights)
@@ -133,11 +133,11 @@ def test_an_overflowing_mean_encoded_as_it_is_summed_is_refused_with_its_count(
 ) -> None:
     """Where the sums and the encoding are one pass, a sum that overflows is refused as
     encoding it would be: ValueError counting the non-finite values of the true sum."""
-    from diloco.codecs import cpu_kernels
+    from diloco.codecs import sum_kernels
 
-    if fused and not cpu_kernels.fma_add_matches_torch():
+    if fused and not sum_kernels.fma_add_matches_torch():
         pytest.skip("no one-pass sums on this machine")
-    monkeypatch.setattr(cpu_kernels, "fma_add_matches_torch", lambda: fused)
+    monkeypatch.setattr(sum_kernels, "fma_add_matches_torch", lambda: fused)
     codec, numel = build_codec("int8", block_size=4), 8
     chunked = chunk_codec(codec, numel)
     payload = codec.encode(torch.tensor([FP32_MAX * 127 / 128, 0, 0, 0, 1, 2, 3, 4]))

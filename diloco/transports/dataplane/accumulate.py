@@ -15,7 +15,7 @@ where this gives +0.0; the accumulator follows the form in diloco/aggregate.py.)
 chunk's contributions are summed in one call (`ChunkCodec.mean_chunk`): for int8 and fp32,
 where a check at the first use shows the one-pass kernels write what torch's add writes on
 this machine, each run of elements has all its contributions added while its sums sit in L1
-(`cpu_kernels.int8_weighted_sum_into`, `fp32_weighted_sum_into`), which also says whether
+(`sum_kernels.int8_weighted_sum_into`, `fp32_weighted_sum_into`), which also says whether
 every sum is finite, so no pass checks it; an int8 mean is encoded as its sums are formed
 (`int8_weighted_sum_encode_into`): its fp32 chunk is never written. Measured on the 2-core
 box, 2 x 124M int8 values summed and encoded in 92-98 ms against 189-209 ms when each

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from diloco.codecs import cpu_kernels
+from diloco.codecs import cpu_kernels, sum_kernels
 from diloco.codecs.base import (
     DTYPE_FP8_E4M3,
     DTYPE_FP16,
@@ -356,14 +356,14 @@ class _CastChunks(_DecodeThenAdd):
         encode_into: torch.Tensor | None = None,
     ) -> bool | None:
         # fp32: every contribution added in one pass over acc_n, the finite check with it
-        # (cpu_kernels.fp32_weighted_sum_into), where that writes what torch does here.
+        # (sum_kernels.fp32_weighted_sum_into), where that writes what torch does here.
         if self.dtype != torch.float32 or not _sums_in_one_pass(acc_n, sections):
             return super().mean_chunk(
                 prefixes, sections, start, alphas, acc_n, scratch_n=scratch_n,
                 encode_into=encode_into,
             )  # fmt: skip
         values = [section.view(torch.float32) for section in sections]
-        finite = cpu_kernels.fp32_weighted_sum_into(acc_n, values, alphas)
+        finite = sum_kernels.fp32_weighted_sum_into(acc_n, values, alphas)
         if encode_into is not None:
             self.encode_chunk(acc_n, encode_into, start)
         return finite
@@ -457,7 +457,7 @@ class _BlockChunks(_DecodeThenAdd):
         encode_into: torch.Tensor | None = None,
     ) -> bool | None:
         # int8: every contribution decoded and added in one pass, each block's sums in L1
-        # (cpu_kernels.int8_weighted_sum_into), and with a payload to fill, encoded as they
+        # (sum_kernels.int8_weighted_sum_into), and with a payload to fill, encoded as they
         # are formed, never written (int8_weighted_sum_encode_into), where that writes what
         # torch does here. A non-finite sum (an overflow) is refused as encode_chunk
         # refuses it, with its count: the sums are then written and encoded apart.
@@ -472,12 +472,12 @@ class _BlockChunks(_DecodeThenAdd):
         if encode_into is not None and runs_fused(encode_into):
             mean_scale_nb = self._scales(encode_into, start, count)
             mean_q_n = self._codes(encode_into, start, count).view(torch.int8)
-            cpu_kernels.int8_weighted_sum_encode_into(
+            sum_kernels.int8_weighted_sum_encode_into(
                 q_ns, scale_nbs, self.block, alphas, mean_q_n, mean_scale_nb
             )
             if scales_are_valid(mean_scale_nb):
                 return None
-        finite = cpu_kernels.int8_weighted_sum_into(acc_n, q_ns, scale_nbs, self.block, alphas)
+        finite = sum_kernels.int8_weighted_sum_into(acc_n, q_ns, scale_nbs, self.block, alphas)
         if encode_into is not None:
             self.encode_chunk(acc_n, encode_into, start)
         return finite
@@ -576,10 +576,10 @@ class _TopKChunks(_DecodeThenAdd):
 
 
 def _sums_in_one_pass(acc_n: torch.Tensor, sections: Sequence[torch.Tensor]) -> bool:
-    """Whether the one-pass weighted sums of cpu_kernels run here and write what torch's
+    """Whether the one-pass weighted sums of sum_kernels run here and write what torch's
     zero_() then add_() write (`fma_add_matches_torch`, measured once per process)."""
     return (
         acc_n.device.type == "cpu"
         and all(runs_fused(section) for section in sections)
-        and cpu_kernels.fma_add_matches_torch()
+        and sum_kernels.fma_add_matches_torch()
     )
