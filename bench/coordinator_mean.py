@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 from diloco.codecs import build_codec, sum_kernels
+from diloco.codecs.base import all_finite
 from diloco.transports.dataplane.accumulate import LockstepAccumulator
 from diloco.transports.dataplane.codec_chunks import ChunkCodec, new_payload
 
@@ -62,7 +63,7 @@ def round_mean(chunked: ChunkCodec, wires: list[torch.Tensor], chunk: int) -> to
             prefixes, sections, start, alphas, target, scratch_n=scratch_n[: stop - start],
             encode_into=None if verbatim is not None else payload,
         )  # fmt: skip
-        if verbatim is not None and finite is None and not bool(torch.isfinite(target).all()):
+        if verbatim is not None and finite is None and not all_finite(target):
             raise ValueError("non-finite mean")
     return payload
 
