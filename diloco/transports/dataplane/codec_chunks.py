@@ -280,8 +280,12 @@ class ContributionError(PayloadError):
 
 
 class _DecodeThenAdd:
-    """`ChunkCodec.mean_chunk` in torch: each contribution decoded into the scratch, then
-    added (the first after zeroing). For the codecs and machines without a one-pass sum."""
+    """`ChunkCodec.mean_chunk`: in one pass where the codec has one-pass sums (`one_pass`) and
+    they write what torch writes here (`_sums_in_one_pass`), else in torch: each
+    contribution decoded into the scratch, then added (the first after zeroing)."""
+
+    one_pass = False
+    """Whether `_mean_in_one_pass` serves this codec (fp32, int8)."""
 
     def mean_chunk(
         self,
@@ -294,6 +298,8 @@ class _DecodeThenAdd:
         scratch_n: torch.Tensor,
         encode_into: torch.Tensor | None = None,
     ) -> bool | None:
+        if self.one_pass and _sums_in_one_pass(acc_n, sections):
+            return self._mean_in_one_pass(prefixes, sections, start, alphas, acc_n, encode_into)
         for k, (prefix, section, alpha) in enumerate(zip(prefixes, sections, alphas, strict=True)):
             try:
                 values_n = self.decode_chunk(prefix, section, start, scratch_n)
@@ -305,6 +311,17 @@ class _DecodeThenAdd:
         if encode_into is not None:
             self.encode_chunk(acc_n, encode_into, start)
         return None
+
+    def _mean_in_one_pass(
+        self,
+        prefixes: Sequence[torch.Tensor],
+        sections: Sequence[torch.Tensor],
+        start: int,
+        alphas: Sequence[float],
+        acc_n: torch.Tensor,
+        encode_into: torch.Tensor | None,
+    ) -> bool | None:
+        raise NotImplementedError  # the classes that set one_pass have their own
 
     def decode_chunk(
         self, prefix: torch.Tensor, section: torch.Tensor, start: int, scratch_n: torch.Tensor
@@ -321,6 +338,7 @@ class _CastChunks(_DecodeThenAdd):
             codec.name
         ]
         self.itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.one_pass = self.dtype == torch.float32
         self.name, self.numel, self.alignment = codec.name, numel, 1
         self.header = Header(codec.codec_id, DTYPE_IDS[self.dtype], 0, numel)
         self.prefix_bytes = HEADER_BYTES
@@ -344,24 +362,17 @@ class _CastChunks(_DecodeThenAdd):
         scratch_n.copy_(wire_n)
         return scratch_n
 
-    def mean_chunk(
+    def _mean_in_one_pass(
         self,
         prefixes: Sequence[torch.Tensor],
         sections: Sequence[torch.Tensor],
         start: int,
         alphas: Sequence[float],
         acc_n: torch.Tensor,
-        *,
-        scratch_n: torch.Tensor,
-        encode_into: torch.Tensor | None = None,
+        encode_into: torch.Tensor | None,
     ) -> bool | None:
         # fp32: every contribution added in one pass over acc_n, the finite check with it
-        # (sum_kernels.fp32_weighted_sum_into), where that writes what torch does here.
-        if self.dtype != torch.float32 or not _sums_in_one_pass(acc_n, sections):
-            return super().mean_chunk(
-                prefixes, sections, start, alphas, acc_n, scratch_n=scratch_n,
-                encode_into=encode_into,
-            )  # fmt: skip
+        # (sum_kernels.fp32_weighted_sum_into).
         values = [section.view(torch.float32) for section in sections]
         finite = sum_kernels.fp32_weighted_sum_into(acc_n, values, alphas)
         if encode_into is not None:
@@ -392,6 +403,7 @@ class _BlockChunks(_DecodeThenAdd):
         self.block = codec.block_size
         self.nb = num_blocks(numel, self.block)
         self.half_bytes = isinstance(codec, Fp4Codec)  # two codes per byte
+        self.one_pass = isinstance(codec, Int8Codec)
         self.alignment = math.lcm(self.block, 2) if self.half_bytes else self.block
         if isinstance(codec, Fp4Codec):
             dtype_id = codec.fmt.dtype_id
@@ -445,27 +457,20 @@ class _BlockChunks(_DecodeThenAdd):
             scratch_n.copy_(fp4_decode(section, scale_nb, count, self.block, codec.fmt))
         return scratch_n
 
-    def mean_chunk(
+    def _mean_in_one_pass(
         self,
         prefixes: Sequence[torch.Tensor],
         sections: Sequence[torch.Tensor],
         start: int,
         alphas: Sequence[float],
         acc_n: torch.Tensor,
-        *,
-        scratch_n: torch.Tensor,
-        encode_into: torch.Tensor | None = None,
+        encode_into: torch.Tensor | None,
     ) -> bool | None:
         # int8: every contribution decoded and added in one pass, each block's sums in L1
         # (sum_kernels.int8_weighted_sum_into), and with a payload to fill, encoded as they
-        # are formed, never written (int8_weighted_sum_encode_into), where that writes what
-        # torch does here. A non-finite sum (an overflow) is refused as encode_chunk
-        # refuses it, with its count: the sums are then written and encoded apart.
-        if not isinstance(self.codec, Int8Codec) or not _sums_in_one_pass(acc_n, sections):
-            return super().mean_chunk(
-                prefixes, sections, start, alphas, acc_n, scratch_n=scratch_n,
-                encode_into=encode_into,
-            )  # fmt: skip
+        # are formed, never written (int8_weighted_sum_encode_into). A non-finite sum (an
+        # overflow) is refused as encode_chunk refuses it, with its count: the sums are then
+        # written and encoded apart.
         count = acc_n.numel()
         q_ns = [section.view(torch.int8) for section in sections]
         scale_nbs = [self._scales(prefix, start, count) for prefix in prefixes]
