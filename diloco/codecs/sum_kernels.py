@@ -236,20 +236,33 @@ if available():
     # are unsigned (`_bounds`) so that the loops vectorize.
     @_inline
     def _int8_block_sums(q_at, scale_at, alphas, n, nb, b, start, width, sums):  # type: ignore[no-untyped-def]
+        sums[:width] = _ZERO
         for k in range(alphas.shape[0]):
-            q = carray(_int8_at(q_at[k]), n)  # type: ignore[call-arg]
-            s = carray(_f32_at(scale_at[k]), nb)[b]
-            alpha = alphas[k]
-            if k == 0:
-                for j in range(width):
-                    sums[j] = _fma(np.float32(q[start + j]) * s, alpha, _ZERO)
-            else:
-                for j in range(width):
-                    sums[j] = _fma(np.float32(q[start + j]) * s, alpha, sums[j])
+            q, s = carray(_int8_at(q_at[k]), n), carray(_f32_at(scale_at[k]), nb)[b]  # type: ignore[call-arg]
+            for j in range(width):
+                sums[j] = _fma(np.float32(q[start + j]) * s, alphas[k], sums[j])
+
+    @_inline
+    def _fp32_run_sums(x_at, alphas, n, start, width, sums):  # type: ignore[no-untyped-def]
+        sums[:width] = _ZERO
+        for k in range(alphas.shape[0]):
+            x = carray(_f32_at(x_at[k]), n)  # type: ignore[call-arg]
+            for j in range(width):
+                sums[j] = _fma(x[start + j], alphas[k], sums[j])
 
     # The kernels that write sums return the largest exponent field among them (an integer
     # max: it vectorizes, where a float reduction would not without fastmath); all ones means
     # an inf or a NaN.
+    @_inline
+    def _stored(sums, width, acc, start):  # type: ignore[no-untyped-def]
+        """Copy sums[:width] to acc[start:]; the largest exponent field among them."""
+        top = np.uint32(0)
+        for j in range(width):
+            r = sums[j]
+            acc[start + j] = r
+            top = max(top, _bits_of_f32(r) & _EXPONENT)  # type: ignore[call-arg]
+        return top
+
     @_kernel
     def _int8_weighted_sum(acc, q_at, scale_at, alphas, block, nb, b0, b1):  # type: ignore[no-untyped-def]
         n = acc.shape[0]
@@ -259,10 +272,7 @@ if available():
             start, stop = _bounds(b, block, n)
             width = stop - start
             _int8_block_sums(q_at, scale_at, alphas, n, nb, b, start, width, sums)
-            for j in range(width):
-                r = sums[j]
-                acc[start + j] = r
-                top = max(top, _bits_of_f32(r) & _EXPONENT)  # type: ignore[call-arg]
+            top = max(top, _stored(sums, width, acc, start))
         return top
 
     @_kernel
@@ -293,17 +303,6 @@ if available():
         for r in range(r0, r1):
             start, stop = _bounds(r, _SUM_RUN, n)
             width = stop - start
-            for k in range(alphas.shape[0]):
-                x = carray(_f32_at(x_at[k]), n)  # type: ignore[call-arg]
-                alpha = alphas[k]
-                if k == 0:
-                    for j in range(width):
-                        sums[j] = _fma(x[start + j], alpha, _ZERO)
-                else:
-                    for j in range(width):
-                        sums[j] = _fma(x[start + j], alpha, sums[j])
-            for j in range(width):
-                v = sums[j]
-                acc[start + j] = v
-                top = max(top, _bits_of_f32(v) & _EXPONENT)  # type: ignore[call-arg]
+            _fp32_run_sums(x_at, alphas, n, start, width, sums)
+            top = max(top, _stored(sums, width, acc, start))
         return top
