@@ -17,9 +17,10 @@ where a check at the first use shows the one-pass kernels write what torch's add
 this machine, each run of elements has all its contributions added while its sums sit in L1
 (`sum_kernels.int8_weighted_sum_into`, `fp32_weighted_sum_into`), which also says whether
 every sum is finite, so no pass checks it; an int8 mean is encoded as its sums are formed
-(`int8_weighted_sum_encode_into`): its fp32 chunk is never written. Measured on the 2-core
-box, 2 x 124M int8 values summed and encoded in 92-98 ms against 189-209 ms when each
-contribution was added into an fp32 chunk in turn; 4 x 25M in 29-38 ms against 70-72 ms.
+(`int8_weighted_sum_encode_into`): its fp32 chunk is never written. On the 2-core box an int8
+mean of 2 or 4 islands takes 1.7-2.9x less time than adding one island at a time, about
+half a memcpy of the islands' fp32 values; fp32 gains nothing measurable
+(bench/coordinator_mean.py, docs/results/streaming.md).
 
 Every element sees the same operations in the same order as in `weighted_mean`, on the same
 torch kernels (per element, torch's CPU add with alpha is one fused multiply-add whatever the
