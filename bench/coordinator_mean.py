@@ -1,24 +1,24 @@
-"""The coordinator's arithmetic of one round, next to plain torch and a memcpy in the same run.
+"""The coordinator's int8 arithmetic of one round, next to torch's and a memcpy in the same run.
 
 The data plane's coordinator forms the round's weighted mean chunk by chunk from the islands'
-payloads (`ChunkCodec.mean_chunk`, as `LockstepAccumulator` calls it) and, for a codec other
-than none, encodes it into the mean's payload. For each size, codec and island count, on
-payloads already in memory (no sockets: the arithmetic alone), one thread:
+int8 payloads and encodes it into the mean's payload (`ChunkCodec.mean_chunk`, as
+`LockstepAccumulator` calls it). For each size and island count, on payloads already in
+memory (no sockets: the arithmetic alone), one thread:
 
-  one-pass     mean_chunk as the coordinator runs it: every island's chunk summed in one pass
-               (sum_kernels.int8_weighted_sum_encode_into / fp32_weighted_sum_into)
-  one at a time  the same chunks added one island at a time: decode each island's chunk
-               (int8: the codec's CPU kernel), torch's zero_() then add_(values, alpha=w)
-               per island, a finite check (fp32), then the mean's encoding (int8: the codec's
-               kernel): the path taken where the one-pass sums do not run (no numba, or a
-               torch whose add is not one fused multiply-add)
-  memcpy       copying the islands' fp32 vectors once (N x 4 bytes an element): a floor
+  one-pass       mean_chunk as the coordinator runs it: every island's chunk summed in one
+                 pass and encoded as the sums are formed (sum_kernels)
+  one at a time  the same chunks added one island at a time: each island's chunk decoded (the
+                 codec's CPU kernel), torch's zero_() then add_(values, alpha=w) per island,
+                 then the mean's chunk encoded (the codec's kernel): the path taken where the
+                 one-pass sums do not run (no numba, or a torch whose add is not one fused
+                 multiply-add), and the way every chunk was summed before
+  memcpy         copying the islands' fp32 vectors once (N x 4 bytes an element): a floor
 
 Both paths give the same bytes (checked here on every run, and by the unit tests). Median of
 --reps after a warm-up.
 
     OMP_NUM_THREADS=1 python bench/coordinator_mean.py [--sizes 25e6 124e6] [--islands 2 4]
-                                                       [--codecs none int8] [--reps 5]
+                                                       [--reps 5]
 """
 
 from __future__ import annotations
@@ -33,19 +33,17 @@ from collections.abc import Callable
 import torch
 
 from diloco.codecs import build_codec, sum_kernels
-from diloco.codecs.base import all_finite
 from diloco.transports.dataplane.accumulate import LockstepAccumulator
 from diloco.transports.dataplane.codec_chunks import ChunkCodec, new_payload
 
 
-def payloads(codec_name: str, numel: int, count: int) -> list[torch.Tensor]:
-    codec, generator = build_codec(codec_name), torch.Generator().manual_seed(0)
+def payloads(numel: int, count: int) -> list[torch.Tensor]:
+    codec, generator = build_codec("int8"), torch.Generator().manual_seed(0)
     return [codec.encode(torch.randn(numel, generator=generator) * 1e-3) for _ in range(count)]
 
 
 def round_mean(chunked: ChunkCodec, wires: list[torch.Tensor], chunk: int) -> torch.Tensor:
-    """The mean's payload (codec none: its fp32 body), built chunk by chunk as the
-    coordinator builds it."""
+    """The mean's payload, built chunk by chunk as the coordinator builds it."""
     numel, count = chunked.numel, len(wires)
     prefixes = [wire[: chunked.prefix_bytes] for wire in wires]
     alphas = [1.0 / count] * count
@@ -57,14 +55,10 @@ def round_mean(chunked: ChunkCodec, wires: list[torch.Tensor], chunk: int) -> to
         sections = [
             wire[chunked.prefix_bytes + begin : chunked.prefix_bytes + end] for wire in wires
         ]
-        verbatim = chunked.verbatim_view(payload, start, stop)
-        target = acc_n[: stop - start] if verbatim is None else verbatim
-        finite = chunked.mean_chunk(
-            prefixes, sections, start, alphas, target, scratch_n=scratch_n[: stop - start],
-            encode_into=None if verbatim is not None else payload,
+        chunked.mean_chunk(
+            prefixes, sections, start, alphas, acc_n[: stop - start],
+            scratch_n=scratch_n[: stop - start], encode_into=payload,
         )  # fmt: skip
-        if verbatim is not None and finite is None and not all_finite(target):
-            raise ValueError("non-finite mean")
     return payload
 
 
@@ -82,31 +76,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", type=float, default=[25e6, 124e6])
     parser.add_argument("--islands", nargs="+", type=int, default=[2, 4])
-    parser.add_argument("--codecs", nargs="+", default=["none", "int8"])
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if not sum_kernels.fma_add_matches_torch():
         raise SystemExit("no one-pass sums here (numba missing, or torch's add differs)")
-    print(f"# coordinator mean, in memory; {platform.processor() or platform.machine()}, "
+    print(f"# coordinator int8 mean, in memory; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, 1 thread; median of {args.reps}\n")  # fmt: skip
-    print("| elements | islands | codec | one-pass s | one at a time s | one at a time / one-pass "
+    print("| elements | islands | one-pass s | one at a time s | one at a time / one-pass "
           "| memcpy s | one-pass / memcpy |")  # fmt: skip
-    print("| --- " * 8 + "|")
-    chunk = LockstepAccumulator(build_codec("none"), 1 << 30).chunk_elements
+    print("| --- " * 7 + "|")
+    chunk = LockstepAccumulator(build_codec("int8"), 1 << 30).chunk_elements
     for numel in map(int, args.sizes):
         for count in args.islands:
             memcpy_s = memcpy_seconds(numel, count, args.reps)
-            for codec_name in args.codecs:
-                one_pass_s, one_at_a_time_s = mean_seconds(
-                    codec_name, numel, count, chunk, args.reps
-                )
-                print(
-                    f"| {numel / 1e6:g}M | {count} | {codec_name} | {one_pass_s:.3f} | "
-                    f"{one_at_a_time_s:.3f} | {one_at_a_time_s / one_pass_s:.2f}x | "
-                    f"{memcpy_s:.3f} | {one_pass_s / memcpy_s:.2f}x |",
-                    flush=True,
-                )
+            one_pass_s, one_at_a_time_s = mean_seconds(numel, count, chunk, args.reps)
+            print(
+                f"| {numel / 1e6:g}M | {count} | {one_pass_s:.3f} | {one_at_a_time_s:.3f} | "
+                f"{one_at_a_time_s / one_pass_s:.2f}x | {memcpy_s:.3f} | "
+                f"{one_pass_s / memcpy_s:.2f}x |",
+                flush=True,
+            )
 
 
 def memcpy_seconds(numel: int, count: int, reps: int) -> float:
@@ -120,12 +110,10 @@ def memcpy_seconds(numel: int, count: int, reps: int) -> float:
     return median_s(copy_all, reps)
 
 
-def mean_seconds(
-    codec_name: str, numel: int, count: int, chunk: int, reps: int
-) -> tuple[float, float]:
+def mean_seconds(numel: int, count: int, chunk: int, reps: int) -> tuple[float, float]:
     """Seconds of the one-pass mean and of the one-island-at-a-time mean (same bytes out)."""
-    wires = payloads(codec_name, numel, count)
-    chunked = LockstepAccumulator(build_codec(codec_name), numel).chunked
+    wires = payloads(numel, count)
+    chunked = LockstepAccumulator(build_codec("int8"), numel).chunked
 
     def run() -> torch.Tensor:
         return round_mean(chunked, wires, chunk)
@@ -137,7 +125,7 @@ def mean_seconds(
     finally:
         sum_kernels._MATCHES_TORCH[:] = [True]
     if not torch.equal(one_pass, one_at_a_time):
-        raise SystemExit(f"{codec_name}: the two paths differ")
+        raise SystemExit("the two paths differ")
     return one_pass_s, one_at_a_time_s
 
 

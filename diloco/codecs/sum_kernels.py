@@ -1,14 +1,17 @@
 """The grpc coordinator's weighted sums of the islands' values, compiled with numba.
 
-`int8_weighted_sum_into`, `int8_weighted_sum_encode_into` and `fp32_weighted_sum_into` take
-any number of contributions in one call and write what torch's `acc.zero_()` then
-`acc.add_(v_k, alpha=alpha_k)` for k = 0, 1, ... write, where torch's CPU add is one fused
-multiply-add per element (`fma_add_matches_torch` checks that once per process, on values
-that tell the two apart; callers take the torch path where it is False). Per run of elements
-(an int8 block, or 512 fp32 values), the sums sit in a scratch in L1 while every
-contribution is added: each contribution is read once and the sums written once (or, encoded
-as they are formed, never). The int8 values are formed in registers as
-cpu_kernels.int8_decode_into forms them, and the int8 encoding is cpu_kernels'.
+`int8_weighted_sum_into` and `int8_weighted_sum_encode_into` take any number of int8
+contributions in one call and write what torch's `acc.zero_()` then `acc.add_(v_k,
+alpha=alpha_k)` for k = 0, 1, ... write (v_k: the decoded values), where torch's CPU add is
+one fused multiply-add per element (`fma_add_matches_torch` checks that once per process, on
+values that tell the two apart; callers take the torch path where it is False). Per block,
+the sums sit in a scratch in L1 while every contribution is added: each contribution is read
+once and the sums written once (or, encoded as they are formed, never). The values are formed
+in registers as cpu_kernels.int8_decode_into forms them, and the encoding is cpu_kernels'.
+
+An fp32 version (the same one-pass sums for codec none) measured no faster than torch's
+passes, in memory or in the round, and would load numba (about 70 MiB of RSS) into a
+coordinator that needs none: not kept (docs/results/streaming.md).
 
 Built on cpu_kernels.py (its intrinsics, `_parallel` over torch's threads, `available()`).
 """
@@ -30,8 +33,6 @@ from diloco.codecs.cpu_kernels import (
 
 # The exponent field of an fp32: all ones exactly for an inf or a NaN.
 _EXPONENT_BITS = 0x7F800000
-# Elements of each run whose fp32 sums stay in L1 while every contribution is added (2 KiB).
-_SUM_RUN = 512
 
 
 def int8_weighted_sum_into(
@@ -87,27 +88,11 @@ def int8_weighted_sum_encode_into(
     )
 
 
-def fp32_weighted_sum_into(
-    acc_n: torch.Tensor, x_ns: Sequence[torch.Tensor], alphas: Sequence[float]
-) -> bool:
-    """acc_n = sum_k alphas[k] * x_ns[k], bit for bit what torch's `acc_n.zero_()` then
-    `acc_n.add_(x_ns[k], alpha=alphas[k])` for k = 0, 1, ... write (see
-    `fma_add_matches_torch`), in one pass over `acc_n` instead of one a contribution: the
-    sums of each run of elements stay in L1 while every contribution is added. True when
-    every sum is finite (no pass to check)."""
-    acc = _array(acc_n, torch.float32, acc_n.numel(), "acc_n")
-    x_at = _addresses([_array(x, torch.float32, acc.size, "x_ns[k]") for x in x_ns])
-    weights = _weights(alphas, len(x_ns))
-    runs = _blocks(acc.size, _SUM_RUN)
-    tops = _parallel(_fp32_weighted_sum, runs, acc.size, acc, x_at, weights)
-    return max(tops, default=0) != _EXPONENT_BITS
-
-
 _MATCHES_TORCH: list[bool] = []
 
 
 def fma_add_matches_torch() -> bool:
-    """Whether the scaled add above writes, bit for bit, what torch's CPU add with alpha writes
+    """Whether the weighted sums above write, bit for bit, what torch's CPU add with alpha writes
     on this machine (its vector loops use a fused multiply-add; a build or CPU where torch
     rounds the product first would differ). Measured once per process (about 0.1 s after the
     kernels load) on values that tell the two apart: subnormal and overflowing products,
@@ -132,19 +117,11 @@ def _compare_with_torch() -> bool:
         q_ns.append(q_n)
         scale_nbs.append(scale_nb)
         decoded.append(decoded_n)
-    plain = [torch.randn(n, generator=generator) for _ in range(3)]
-    plain[0][:64] = torch.tensor([-0.0, 0.0] * 32)
-    plain[1][:64] = torch.tensor([-0.0] * 64)
-    plain[0][64:66] = torch.tensor([3.4e38, -3.4e38])
-    plain[1][64:66] = torch.tensor([3.4e38, 1e-45])
     for alphas in ([1 / 3, 0.7, 2.5], [1e-3, 7 / 1009, 1.0], [0.25]):
         count = len(alphas)
         got_n = torch.full((n,), float("nan"))
         finite = int8_weighted_sum_into(got_n, q_ns[:count], scale_nbs[:count], block, alphas)
         if not _same_sums(got_n, decoded[:count], alphas, finite):
-            return False
-        finite = fp32_weighted_sum_into(got_n, plain[:count], alphas)
-        if not _same_sums(got_n, plain[:count], alphas, finite):
             return False
     return True
 
@@ -230,8 +207,8 @@ if available():
 
     # The weighted sums: sums[j] = fma(v_k[j], alpha_k, sums[j]) for k = 0, 1, ..., starting
     # from +0.0, as torch's zero_() then add_(v_k, alpha=alpha_k) compute them (its vector
-    # loops use a fused multiply-add; a -0.0 product added to +0.0 gives +0.0). A block's (or
-    # a run's) sums live in a scratch of a few KiB that stays in L1 while every contribution
+    # loops use a fused multiply-add; a -0.0 product added to +0.0 gives +0.0). A block's sums
+    # live in a scratch (1 KiB for blocks of 256) that stays in L1 while every contribution
     # is added: the contributions are read once, the sums written once or not at all. Indices
     # are unsigned (`_bounds`) so that the loops vectorize.
     @_inline
@@ -242,27 +219,8 @@ if available():
             for j in range(width):
                 sums[j] = _fma(np.float32(q[start + j]) * s, alphas[k], sums[j])
 
-    @_inline
-    def _fp32_run_sums(x_at, alphas, n, start, width, sums):  # type: ignore[no-untyped-def]
-        sums[:width] = _ZERO
-        for k in range(alphas.shape[0]):
-            x = carray(_f32_at(x_at[k]), n)  # type: ignore[call-arg]
-            for j in range(width):
-                sums[j] = _fma(x[start + j], alphas[k], sums[j])
-
-    # The kernels that write sums return the largest exponent field among them (an integer
-    # max: it vectorizes, where a float reduction would not without fastmath); all ones means
-    # an inf or a NaN.
-    @_inline
-    def _stored(sums, width, acc, start):  # type: ignore[no-untyped-def]
-        """Copy sums[:width] to acc[start:]; the largest exponent field among them."""
-        top = np.uint32(0)
-        for j in range(width):
-            r = sums[j]
-            acc[start + j] = r
-            top = max(top, _bits_of_f32(r) & _EXPONENT)  # type: ignore[call-arg]
-        return top
-
+    # The largest exponent field among the sums is returned (an integer max: it vectorizes,
+    # where a float reduction would not without fastmath); all ones means an inf or a NaN.
     @_kernel
     def _int8_weighted_sum(acc, q_at, scale_at, alphas, block, nb, b0, b1):  # type: ignore[no-untyped-def]
         n = acc.shape[0]
@@ -272,7 +230,10 @@ if available():
             start, stop = _bounds(b, block, n)
             width = stop - start
             _int8_block_sums(q_at, scale_at, alphas, n, nb, b, start, width, sums)
-            top = max(top, _stored(sums, width, acc, start))
+            for j in range(width):
+                r = sums[j]
+                acc[start + j] = r
+                top = max(top, _bits_of_f32(r) & _EXPONENT)  # type: ignore[call-arg]
         return top
 
     @_kernel
@@ -294,15 +255,3 @@ if available():
                 continue
             for j in range(width):
                 out_q[start + j] = _int8_code(sums[j], s)
-
-    @_kernel
-    def _fp32_weighted_sum(acc, x_at, alphas, r0, r1):  # type: ignore[no-untyped-def]
-        n = acc.shape[0]
-        sums = np.empty(_SUM_RUN, np.float32)
-        top = np.uint32(0)
-        for r in range(r0, r1):
-            start, stop = _bounds(r, _SUM_RUN, n)
-            width = stop - start
-            _fp32_run_sums(x_at, alphas, n, start, width, sums)
-            top = max(top, _stored(sums, width, acc, start))
-        return top

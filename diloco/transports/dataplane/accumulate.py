@@ -12,15 +12,16 @@ every participant, in rank order, then chunk j + 1):
 
 (`weighted_mean`'s older form started from `d_0 * (w_0 / W)`: the same values, but a -0.0
 where this gives +0.0; the accumulator follows the form in diloco/aggregate.py.) The
-chunk's contributions are summed in one call (`ChunkCodec.mean_chunk`): for int8 and fp32,
-where a check at the first use shows the one-pass kernels write what torch's add writes on
-this machine, each run of elements has all its contributions added while its sums sit in L1
-(`sum_kernels.int8_weighted_sum_into`, `fp32_weighted_sum_into`), which also says whether
-every sum is finite, so no pass checks it; an int8 mean is encoded as its sums are formed
-(`int8_weighted_sum_encode_into`): its fp32 chunk is never written. On the 2-core box an int8
-mean of 2 or 4 islands takes 1.7-2.9x less time than adding one island at a time, about
-half a memcpy of the islands' fp32 values; fp32 gains nothing measurable
-(bench/coordinator_mean.py, docs/results/streaming.md).
+chunk's contributions are summed in one call (`ChunkCodec.mean_chunk`). For int8, where a
+check at the first use shows the one-pass kernels write what torch's add writes on this
+machine, each block has all its contributions added while its sums sit in L1
+(`sum_kernels.int8_weighted_sum_into`, which also says whether every sum is finite, so no
+pass checks it), and a mean to encode is encoded as its sums are formed
+(`int8_weighted_sum_encode_into`): its fp32 chunk is never written. On the 2-core box that
+takes 2.1-2.8x less time than adding one island at a time, under a memcpy of the islands'
+fp32 values (bench/coordinator_mean.py). Other codecs are added one island at a time in
+torch (fp32's one-pass sums measured no faster, and would load numba into a coordinator
+that needs none).
 
 Every element sees the same operations in the same order as in `weighted_mean`, on the same
 torch kernels (per element, torch's CPU add with alpha is one fused multiply-add whatever the

@@ -285,7 +285,7 @@ class _DecodeThenAdd:
     contribution decoded into the scratch, then added (the first after zeroing)."""
 
     one_pass = False
-    """Whether `_mean_in_one_pass` serves this codec (fp32, int8)."""
+    """Whether `_mean_in_one_pass` serves this codec (int8)."""
 
     def mean_chunk(
         self,
@@ -338,7 +338,6 @@ class _CastChunks(_DecodeThenAdd):
             codec.name
         ]
         self.itemsize = torch.empty((), dtype=self.dtype).element_size()
-        self.one_pass = self.dtype == torch.float32
         self.name, self.numel, self.alignment = codec.name, numel, 1
         self.header = Header(codec.codec_id, DTYPE_IDS[self.dtype], 0, numel)
         self.prefix_bytes = HEADER_BYTES
@@ -361,23 +360,6 @@ class _CastChunks(_DecodeThenAdd):
             return wire_n
         scratch_n.copy_(wire_n)
         return scratch_n
-
-    def _mean_in_one_pass(
-        self,
-        prefixes: Sequence[torch.Tensor],
-        sections: Sequence[torch.Tensor],
-        start: int,
-        alphas: Sequence[float],
-        acc_n: torch.Tensor,
-        encode_into: torch.Tensor | None,
-    ) -> bool | None:
-        # fp32: every contribution added in one pass over acc_n, the finite check with it
-        # (sum_kernels.fp32_weighted_sum_into).
-        values = [section.view(torch.float32) for section in sections]
-        finite = sum_kernels.fp32_weighted_sum_into(acc_n, values, alphas)
-        if encode_into is not None:
-            self.encode_chunk(acc_n, encode_into, start)
-        return finite
 
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         begin = HEADER_BYTES + self.itemsize * start
