@@ -2,9 +2,10 @@
 64M fp32 parameters (256 MiB), codec none, on loopback.
 
 Each island is a process that holds what an island holds: the model's parameters and their
-gradients (a loss that touches every parameter: dense gradients, as a transformer's), AdamW
-and its two moments, and `OuterSync` (the anchor; the pseudo-gradient, its payload and the
-mean during a sync) over a `GrpcTransport`. The coordinator is a `CoordinatorServer` in a
+gradients (a loss that touches every parameter: dense gradients, as a transformer's), the
+inner loop's AdamW (`ChunkedAdamW`; `--torch-adamw`: torch's) and its two moments, and
+`OuterSync` (the anchor; the pseudo-gradient, its payload and the mean during a sync) over a
+`GrpcTransport`. The coordinator is a `CoordinatorServer` in a
 process of its own, persisting its state every round as a real one does (its folder in a
 temporary directory). Per process: the resident set after imports and setup (the baseline:
 torch, grpc, the server, torch's lazy imports, no model yet), then the peak (Linux VmHWM,
@@ -18,6 +19,7 @@ the data plane).
 
     python bench/grpc_memory.py [--numel 64e6] [--rounds 3] [--paths dataplane grpc-stream]
                                 [--tensors 1] [--no-persist] [--malloc-defaults]
+                                [--torch-adamw]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 import torch.multiprocessing as mp
 
 from diloco.codecs import build_codec
+from diloco.inner.chunked_adamw import ChunkedAdamW
 from diloco.os_memory import return_freed_buffers_to_the_os
 from diloco.outer.optimizers import SgdOuter
 from diloco.outer.sync import OuterHyperparams, OuterSync
@@ -107,7 +110,14 @@ def _coordinator(
 
 
 def _island(
-    rank: int, numel: int, tensors: int, rounds: int, path: str, port: int, out: Any
+    rank: int,
+    numel: int,
+    tensors: int,
+    torch_adamw: bool,
+    rounds: int,
+    path: str,
+    port: int,
+    out: Any,
 ) -> None:
     torch.set_num_threads(1)
     codec = build_codec("none")
@@ -126,7 +136,8 @@ def _island(
     baseline = _status_kb("VmRSS")
     _reset_peak()
     model = Wide(numel, tensors)
-    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # the island's inner optimizer (diloco/inner/trainer.py), or torch's own for comparison
+    adamw = (torch.optim.AdamW if torch_adamw else ChunkedAdamW)(model.parameters(), lr=1e-3)
     outer = SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
     sync = OuterSync(model.parameters(), transport, codec, outer, OuterHyperparams(inner_steps=1))
     transport.join([], {"model": "wide", "parameters": str(numel)})  # as an island's
@@ -158,10 +169,12 @@ def measure(
     persist: bool,
     malloc_defaults: bool = False,
     tensors: int = 1,
+    torch_adamw: bool = False,
 ) -> dict[str, Figures]:
     """process -> its figures; `persist`: the coordinator saves its state; `malloc_defaults`:
     the coordinator keeps glibc's dynamic mmap threshold (diloco/os_memory.py);
-    `tensors`: how many tensors the islands' model has (`Wide`)."""
+    `tensors`: how many tensors the islands' model has (`Wide`); `torch_adamw`: the islands
+    step with `torch.optim.AdamW` instead of the inner loop's `ChunkedAdamW`."""
     context = mp.get_context("spawn")
     out, done = context.Queue(), context.Event()
     with tempfile.TemporaryDirectory() as folder:
@@ -173,7 +186,10 @@ def measure(
         kind, port = out.get(timeout=600)
         assert kind == "port"
         islands = [
-            context.Process(target=_island, args=(rank, numel, tensors, rounds, path, port, out))
+            context.Process(
+                target=_island,
+                args=(rank, numel, tensors, torch_adamw, rounds, path, port, out),
+            )
             for rank in range(ISLANDS)
         ]
         for island in islands:
@@ -211,12 +227,19 @@ def main() -> None:
         action="store_true",
         help="the coordinator keeps glibc's dynamic mmap threshold (what it did before)",
     )
+    parser.add_argument(
+        "--torch-adamw",
+        action="store_true",
+        help="the islands step with torch.optim.AdamW (two temporaries of each parameter's "
+        "size) instead of the inner loop's ChunkedAdamW",
+    )
     args = parser.parse_args()
     numel = int(args.numel)
     payload_mib = build_codec("none").payload_bytes(numel) / MIB
     print(
         f"# peak RSS of {ISLANDS} islands and a coordinator, {numel / 1e6:.0f}M fp32 parameters "
-        f"in {args.tensors} tensor(s), codec none (payload {payload_mib:.0f} MiB), "
+        f"in {args.tensors} tensor(s), {'torch.' if args.torch_adamw else 'Chunked'}AdamW, "
+        f"codec none (payload {payload_mib:.0f} MiB), "
         f"{args.rounds} rounds; loopback"
     )
     print()
@@ -229,7 +252,13 @@ def main() -> None:
     for path in args.paths:
         started = time.perf_counter()
         figures = measure(
-            numel, args.rounds, path, not args.no_persist, args.malloc_defaults, args.tensors
+            numel,
+            args.rounds,
+            path,
+            not args.no_persist,
+            args.malloc_defaults,
+            args.tensors,
+            args.torch_adamw,
         )
         for name, (baseline, peak, train_peak, sync_peak) in sorted(figures.items()):
             phases = [

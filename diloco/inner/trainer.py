@@ -2,8 +2,9 @@
 
 Weight decay applies to matrices only, not to biases and norm gains (as in nanoGPT); the
 learning rate follows `warmup_cosine_lr`; the gradient's global norm is clipped; on a GPU the
-forward runs under bf16 autocast and AdamW is fused. The losses stay on the device until the
-round ends, so a step never waits for the host.
+forward runs under bf16 autocast and AdamW is fused; on a CPU, AdamW steps large parameters
+a slice at a time (`chunked_adamw`: the same results, less memory). The losses stay on the
+device until the round ends, so a step never waits for the host.
 
 With gradient accumulation (`inner.grad_accum`) one step takes several micro-batches: each
 loss is scaled by 1/grad_accum and its gradient accumulated, the island's ranks synchronise
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from diloco.inner.chunked_adamw import ChunkedAdamW
 from diloco.inner.config import InnerConfig
 from diloco.inner.schedule import warmup_cosine_lr
 from diloco.parallel.state import local_state, restore_dtensor_state_
@@ -157,7 +159,9 @@ class InnerTrainer:
         self.step_count = int(state["step_count"])
 
     def _new_optimizer(self) -> torch.optim.AdamW:
-        return torch.optim.AdamW(
+        # on a CPU, torch's AdamW stepping large parameters a slice at a time (the same
+        # results, without two temporaries of each parameter's size); on a GPU, fused.
+        return ChunkedAdamW(
             param_groups(self.model, self.config.weight_decay),
             lr=self.config.lr,
             betas=(self.config.beta1, self.config.beta2),
