@@ -98,8 +98,9 @@ def _grpc_island(
         barrier.wait()
         start = time.perf_counter()
         # As OuterSync: the spent pseudo-gradient takes the decoded mean (a codec none mean is
-        # read into the payload, and stays there).
-        result = transport.average_into(payload, 1.0, round, sha, spent)
+        # read into the payload, and stays there); the payload is one OuterSync has checked
+        # (its pass over the pseudo-gradient comes before the transport, as here).
+        result = transport.average_into(payload, 1.0, round, sha, spent, checked_finite=True)
         times.append(time.perf_counter() - start)
         barrier.wait()  # every island has its mean: the coordinator settles its outer step
         assert result.participants == n and result.adopt is None

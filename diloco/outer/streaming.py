@@ -48,7 +48,12 @@ from diloco.outer.stream_state import (
     load_fragment,
 )
 from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
-from diloco.transports.base import AverageResult, SharedStateSource, Transport
+from diloco.transports.base import (
+    AverageResult,
+    SharedStateSource,
+    Transport,
+    average_checked,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,8 +186,8 @@ class StreamingSync:
             if isinstance(fragment.transport, SharedStateSource)
             else None
         )
-        future = self._worker.submit(
-            fragment.transport.average, payload, weight, fragment.syncs, sha
+        future = self._worker.submit(  # checked: delta_N is finite (above)
+            average_checked, fragment.transport, payload, weight, fragment.syncs, sha
         )
         pending = InFlight(index, step + self.plan.overlap_steps, delta_N, future)
         if self.plan.eager and fragment.last is not None and self.plan.overlap_steps > 0:

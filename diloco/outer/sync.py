@@ -27,7 +27,12 @@ from diloco.os_memory import TRIM_FROM_BYTES, trim_heaps
 from diloco.outer.error_feedback import compensate, new_residual
 from diloco.outer.shards import ParamShard, WholeParams
 from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
-from diloco.transports.base import DecodesMeanInto, SharedStateSource, Transport
+from diloco.transports.base import (
+    DecodesMeanInto,
+    SharedStateSource,
+    Transport,
+    average_checked,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +146,8 @@ class OuterSync:
         del delta_N
         # Only transports that keep the group's state check the hash: no hashing otherwise.
         sha = self.params_sha256() if isinstance(self.transport, SharedStateSource) else None
-        if isinstance(self.transport, DecodesMeanInto) and spare_N is not None:
-            result = self.transport.average_into(payload, tokens, self.round, sha, spare_N)
-        else:
-            result = self.transport.average(
-                payload, weight=tokens, round=self.round, params_sha256=sha
-            )
+        # checked: the pseudo-gradient is finite (above)
+        result = average_checked(self.transport, payload, tokens, self.round, sha, spare_N)
         done_round = self.round
         if result.adopt is not None:
             log.warning(

@@ -114,11 +114,35 @@ class DecodesMeanInto(Protocol):
         weight: float,
         round: int,
         params_sha256: str | None,
-        spare_N: torch.Tensor,
+        spare_N: torch.Tensor | None,
+        *,
+        checked_finite: bool = False,
     ) -> AverageResult:
         """`average(payload, weight, round, params_sha256)`; the result's mean may be `spare_N`
-        (fp32, one value per element; the caller hands it over: it is overwritten)."""
+        (fp32, one value per element; the caller hands it over: it is overwritten; None: no
+        spare buffer). `checked_finite`: the caller has checked that the payload decodes to
+        finite values (OuterSync does, before it encodes), so the transport need not."""
         ...
+
+
+def average_checked(
+    transport: Transport,
+    payload: torch.Tensor,
+    weight: float,
+    round: int,
+    params_sha256: str | None,
+    spare_N: torch.Tensor | None = None,
+) -> AverageResult:
+    """`transport.average` of a payload its caller has checked: the encoding of a finite
+    pseudo-gradient (codecs refuse to encode what would not decode to finite values). A
+    transport that would check it again (`DecodesMeanInto`: grpc, whose island reads its
+    payload once more before sending it) is told, and takes `spare_N` for the mean; a payload
+    that is bad after all is still refused by the coordinator, naming its island."""
+    if isinstance(transport, DecodesMeanInto):
+        return transport.average_into(
+            payload, weight, round, params_sha256, spare_N, checked_finite=True
+        )
+    return transport.average(payload, weight=weight, round=round, params_sha256=params_sha256)
 
 
 class GroupMismatchError(ConfigError):

@@ -311,6 +311,35 @@ def test_a_payload_found_bad_while_it_streams_is_refused_and_never_averaged(
         running.server.stop(0)
 
 
+@pytest.mark.timeout(60)
+def test_a_payload_said_to_be_checked_is_not_read_again_and_still_never_averaged_if_bad(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`average_into(..., checked_finite=True)` (OuterSync, whose pseudo-gradient is checked
+    before it is encoded) skips the island's own pass over the payload; a caller that says so
+    of a bad payload gets it refused by the coordinator on the data plane instead, naming the
+    non-finite values, and the shared state does not move. (Without it the pass runs:
+    the tests above make it find payloads bad.)"""
+    from diloco.transports.grpc import client as client_module
+
+    running = Running(tmp_path, "none", islands=1)
+    try:
+        island = running.client(0, islands=1)
+        island.join([], FINGERPRINT)
+        assert island.shared_state(initial_state()) is None
+        before = running.coordinator.state_sha256()
+        checks: list[int] = []
+        monkeypatch.setattr(client_module, "decodes_finite", lambda *a: checks.append(1) or True)
+        payload = nan_payload(running.codec)
+        with pytest.raises(PayloadRefusedError, match="non-finite"):
+            island.average_into(payload, 10.0, 0, before, None, checked_finite=True)
+        assert checks == []
+        assert running.coordinator.state_sha256() == before
+        assert running.coordinator.stats.refused_payloads == 1
+    finally:
+        running.server.stop(0)
+
+
 def raw_average(coordinator: Running, header_bytes: int, body: bytes) -> grpc.RpcError:
     """An Average call that announces `header_bytes` and sends `body`; returns its error."""
     stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(coordinator.settings.address))

@@ -237,6 +237,7 @@ class LendingSpare(Recording):
     def __init__(self, codec: object, numel: int):
         super().__init__(codec, numel)
         self.spares: list[torch.Tensor] = []
+        self.checked: list[bool] = []
 
     def average_into(
         self,
@@ -244,10 +245,15 @@ class LendingSpare(Recording):
         weight: float,
         round: int,
         params_sha256: str | None,
-        spare_N: torch.Tensor,
+        spare_N: torch.Tensor | None,
+        *,
+        checked_finite: bool = False,
     ) -> object:
-        self.spares.append(spare_N)
+        self.checked.append(checked_finite)
         result = self.average(payload, weight, round, params_sha256)
+        if spare_N is None:
+            return result
+        self.spares.append(spare_N)
         spare_N.copy_(result.mean)  # type: ignore[attr-defined]
         return dataclasses.replace(result, mean=spare_N)  # type: ignore[type-var]
 
@@ -272,6 +278,8 @@ def test_a_spent_pseudo_gradient_is_handed_over_for_the_mean(codec_name: str) ->
             expected = 0 if codec_name == "none" else 1
             assert len(transport.spares) == expected
             assert all(s.shape == (numel,) and s.dtype == torch.float32 for s in transport.spares)
+            # OuterSync checked the pseudo-gradient: the transport need not read it again
+            assert transport.checked == [True]
     assert steps[0] == steps[1]
 
 
