@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import torch
 
-STEP_CHUNK = 1 << 20
-"""Elements of the Nesterov update formed at once (4 MiB of fp32); a multiple of any SIMD width."""
+STEP_CHUNK = 1 << 18
+"""Elements stepped at once (1 MiB of fp32 per vector); a multiple of any SIMD width. Every
+operation of the step runs on one chunk of the momentum, the mean and the anchor while they
+sit in the cache, instead of a pass over each whole vector per operation: 0.74x the time at
+25M elements on the 2-core box (44.7 to 33.0 ms; 4 MiB chunks 39.9 ms, 64 KiB 37.9 ms)."""
 
 
 @torch.no_grad()
@@ -30,16 +33,15 @@ def nesterov_step_(
     if mu == 0.0:
         anchor_N.add_(mean_delta_N, alpha=-lr)
         return
-    momentum_N.mul_(mu).add_(mean_delta_N)
-    if not nesterov:
-        anchor_N.add_(momentum_N, alpha=-lr)
-        return
-    # Same operations as torch.optim.SGD, so the two agree bit for bit; the update vector is
-    # formed a chunk at a time, so the step allocates STEP_CHUNK values, not a vector of N (a
-    # model's size of memory on a coordinator that holds only the state, issue 14). Each element
-    # goes through the same elementwise kernels either way, and chunks start at multiples of
-    # STEP_CHUNK, so vectorised and scalar tails fall on the same elements as unchunked.
+    # Same operations as torch.optim.SGD, so the two agree bit for bit, a chunk at a time: each
+    # element goes through the same elementwise kernels either way, and chunks start at
+    # multiples of STEP_CHUNK, so vectorised and scalar tails fall on the same elements as
+    # unchunked. The Nesterov update is formed a chunk at a time too: the step allocates
+    # STEP_CHUNK values, not a vector of N (a model's size of memory on a coordinator that
+    # holds only the state, issue 14).
     for start in range(0, anchor_N.numel(), STEP_CHUNK):
         end = min(start + STEP_CHUNK, anchor_N.numel())
-        update = mean_delta_N[start:end].add(momentum_N[start:end], alpha=mu)
-        anchor_N[start:end].add_(update, alpha=-lr)
+        momentum_n, mean_n = momentum_N[start:end], mean_delta_N[start:end]
+        momentum_n.mul_(mu).add_(mean_n)
+        update_n = mean_n.add(momentum_n, alpha=mu) if nesterov else momentum_n
+        anchor_N[start:end].add_(update_n, alpha=-lr)

@@ -141,10 +141,14 @@ def test_golden_trajectory() -> None:
         )
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_step_over_several_chunks_matches_torch_sgd_bit_for_bit(threads: int) -> None:
-    """Past STEP_CHUNK elements the update is formed chunk by chunk (no N-sized temporary);
-    every element still comes out as torch.optim.SGD's, whatever the thread count."""
+def test_a_step_over_several_chunks_matches_torch_sgd_bit_for_bit(
+    threads: int, nesterov: bool
+) -> None:
+    """Past STEP_CHUNK elements the step runs chunk by chunk (no N-sized temporary); every
+    element still comes out as torch.optim.SGD's, whatever the thread count, with Nesterov
+    momentum and with heavy ball."""
     from diloco.outer.nesterov import STEP_CHUNK
 
     numel = 2 * STEP_CHUNK + 12_345  # a ragged last chunk
@@ -154,8 +158,8 @@ def test_a_step_over_several_chunks_matches_torch_sgd_bit_for_bit(threads: int) 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ours, _ = _our_trajectory(anchor, deltas, lr=0.7, mu=0.9, nesterov=True)
-        reference = _sgd_trajectory(anchor, deltas, lr=0.7, mu=0.9, nesterov=True)
+        ours, _ = _our_trajectory(anchor, deltas, lr=0.7, mu=0.9, nesterov=nesterov)
+        reference = _sgd_trajectory(anchor, deltas, lr=0.7, mu=0.9, nesterov=nesterov)
     finally:
         torch.set_num_threads(before)
     for step, (got, want) in enumerate(zip(ours, reference, strict=True)):
