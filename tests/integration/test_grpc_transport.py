@@ -7,6 +7,7 @@ coordinator's state hash before and after.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -278,6 +279,20 @@ def test_a_payload_found_bad_while_its_header_waits_is_refused_at_once(
     assert_refused_once_and_unchanged(coordinator, before)
 
 
+@contextlib.contextmanager
+def round_of_one(tmp_path: Path) -> Iterator[tuple[Running, Any, str]]:
+    """A coordinator whose rounds take one island, that island joined and seeded: (the
+    running coordinator, the island, the shared state's hash)."""
+    running = Running(tmp_path, "none", islands=1)
+    try:
+        island = running.client(0, islands=1)
+        island.join([], FINGERPRINT)
+        assert island.shared_state(initial_state()) is None
+        yield running, island, running.coordinator.state_sha256()
+    finally:
+        running.server.stop(0)
+
+
 @pytest.mark.timeout(60)
 def test_a_payload_found_bad_while_it_streams_is_refused_and_never_averaged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -287,12 +302,7 @@ def test_a_payload_found_bad_while_it_streams_is_refused_and_never_averaged(
     never takes the payload (the round goes on without it), and the island says why."""
     from diloco.transports.grpc import client as client_module
 
-    running = Running(tmp_path, "none", islands=1)
-    try:
-        island = running.client(0, islands=1)
-        island.join([], FINGERPRINT)
-        assert island.shared_state(initial_state()) is None
-        before = running.coordinator.state_sha256()
+    with round_of_one(tmp_path) as (running, island, before):
         sent: list[int] = []
         exchange = client_module.IslandDataPlane.exchange
 
@@ -307,8 +317,6 @@ def test_a_payload_found_bad_while_it_streams_is_refused_and_never_averaged(
         assert sent == [1]  # it went on the data plane first
         # Not averaged: the round closed without a participant (a zero mean, no momentum yet).
         assert running.coordinator.state_sha256() == before
-    finally:
-        running.server.stop(0)
 
 
 @pytest.mark.timeout(60)
@@ -322,12 +330,7 @@ def test_a_payload_said_to_be_checked_is_not_read_again_and_still_never_averaged
     the tests above make it find payloads bad.)"""
     from diloco.transports.grpc import client as client_module
 
-    running = Running(tmp_path, "none", islands=1)
-    try:
-        island = running.client(0, islands=1)
-        island.join([], FINGERPRINT)
-        assert island.shared_state(initial_state()) is None
-        before = running.coordinator.state_sha256()
+    with round_of_one(tmp_path) as (running, island, before):
         checks: list[int] = []
         monkeypatch.setattr(client_module, "decodes_finite", lambda *a: checks.append(1) or True)
         payload = nan_payload(running.codec)
@@ -336,8 +339,6 @@ def test_a_payload_said_to_be_checked_is_not_read_again_and_still_never_averaged
         assert checks == []
         assert running.coordinator.state_sha256() == before
         assert running.coordinator.stats.refused_payloads == 1
-    finally:
-        running.server.stop(0)
 
 
 def raw_average(coordinator: Running, header_bytes: int, body: bytes) -> grpc.RpcError:
