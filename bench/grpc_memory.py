@@ -5,17 +5,16 @@ Each island is a process that holds what an island holds: the model's parameters
 gradients (a loss that touches every parameter: dense gradients, as a transformer's), the
 inner loop's AdamW (`ChunkedAdamW`; `--torch-adamw`: torch's) and its two moments, and
 `OuterSync` (the anchor; the pseudo-gradient, its payload and the mean during a sync) over a
-`GrpcTransport`. The coordinator is a `CoordinatorServer` in a
-process of its own, persisting its state every round as a real one does (its folder in a
-temporary directory). Per process: the resident set after imports and setup (the baseline:
-torch, grpc, the server, torch's lazy imports, no model yet), then the peak (Linux VmHWM,
-reset after the baseline) over `--rounds` rounds of one inner step each; the table gives the
-peak over the payload, the whole process's and above its baseline, and for an island the
-peaks of its two phases apart (VmHWM reset before each): the training step (AdamW's own
-temporaries included: `--tensors` splits the model) and the sync (what the outer step and
-the transport add). One row per path: the data plane (transport.grpc.dataplane, the
-default) and the grpc stream (dataplane.enabled=false: the path every payload took before
-the data plane).
+`GrpcTransport`. The coordinator is a `CoordinatorServer` in a process of its own, persisting
+its state every round as a real one does (its folder in a temporary directory). Per process:
+the resident set after imports and setup (the baseline: torch, grpc, the server, torch's lazy
+imports, no model yet), then the peak (Linux VmHWM, reset after the baseline) over `--rounds`
+rounds of one inner step each; the table gives the peak over the payload, the whole
+process's and above its baseline, and for an island the peaks of its two phases apart (VmHWM
+reset before each): the training step (AdamW's own temporaries included: `--tensors` splits
+the model) and the sync (what the outer step and the transport add). One row per path: the
+data plane (transport.grpc.dataplane, the default) and the grpc stream
+(dataplane.enabled=false: the path every payload took before the data plane).
 
     python bench/grpc_memory.py [--numel 64e6] [--rounds 3] [--paths dataplane grpc-stream]
                                 [--tensors 1] [--no-persist] [--malloc-defaults]

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 CHUNK_NUMEL = 1 << 20
-"""Values per slice: two temporaries of 4 MiB, and about 5 us of Python per slice (about
-0.1 ms a step per 25M parameters against a step of seconds on a CPU)."""
+"""Values per slice: two temporaries of 4 MiB, and torch's few Python calls per slice (25
+slices for 25M values); the whole step measured 0.39x to 0.66x torch's time for 64M values,
+its temporaries no longer faulted in afresh (bench/chunked_adamw.py)."""
 
 
 def _sliceable(param: torch.Tensor, state: list[torch.Tensor], group: dict[str, Any]) -> bool:
