@@ -28,6 +28,7 @@ from diloco.transports.dataplane.client import DataPlaneClient
 from diloco.transports.dataplane.config import DataPlaneConfig
 from diloco.transports.dataplane.framing import (
     ANSWER_HEADER_BYTES,
+    TRAILER,
     DataPlaneError,
     ExchangeAborted,
     ExchangeRefused,
@@ -505,6 +506,69 @@ def test_one_island_cannot_hold_more_than_its_share_of_connections(
     )
     first.join(timeout=30)
     assert server.refusals() == {"island-busy": 1}
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_an_island_is_done_with_its_answer_only_once_it_closes_the_stream(
+    start_server: ServerFactory, pem: tuple[Path, Path], tls: bool
+) -> None:
+    """The sink hears that an island is done with its answer (`answered`, which the
+    coordinator's outer step waits for) when the island closes the connection, and the island
+    uses the answer (decodes it) before it closes: so a coordinator that shares the island's
+    machine does not step while the island decodes. The island's exchange slot is given back
+    as soon as its answer is sent: its next exchange may start meanwhile (one slot here)."""
+    settings = DataPlaneConfig(
+        max_connections_per_island=1, hello_timeout_s=5.0, inactivity_timeout_s=5.0
+    )
+    server, codec = start_server(settings, tls=tls), build_codec("int8")
+    client, payloads = _client(pem, tls), _payloads(codec, 2)
+    exchange, tickets = _group(server, codec, {0: 1.0})
+    next_exchange, next_tickets = _group(server, codec, {0: 1.0}, round=1)
+    size = codec.payload_bytes(NUMEL)
+    seen: dict[str, Any] = {}
+
+    def use(answer: torch.Tensor) -> torch.Tensor:
+        seen["done while held"] = exchange.answers_sent(0.3)
+        seen["next"] = client.exchange(
+            server.address, next_tickets[0].to_bytes(), payloads[1], answer_bytes=size,
+            timeout_s=30,
+        )  # fmt: skip
+        return codec.decode(answer, NUMEL)
+
+    mean = client.exchange(
+        server.address, tickets[0].to_bytes(), payloads[0], answer_bytes=size, timeout_s=30,
+        use_answer=use,
+    )  # fmt: skip
+    assert seen["done while held"] is False
+    assert exchange.answers_sent(5.0) and next_exchange.answers_sent(5.0)
+    expected = codec.encode(weighted_mean([codec.decode(payloads[0], NUMEL)], [1.0]))
+    assert torch.equal(mean, codec.decode(expected, NUMEL))
+    assert torch.equal(seen["next"], codec.encode(codec.decode(payloads[1], NUMEL)))
+    assert server.refusals() == {}
+
+
+def test_an_island_that_keeps_its_stream_open_delays_nothing_past_the_servers_bound(
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diloco.transports.dataplane import server as server_module
+
+    monkeypatch.setattr(server_module, "_DONE_WAIT_S", 0.5)
+    server, codec = start_server(tls=False), build_codec("none")
+    exchange, tickets = _group(server, codec, {0: 1.0})
+    payload = _payloads(codec, 1)[0]
+    with _raw_connect(server) as sock:
+        sock.sendall(pack_hello(tickets[0].to_bytes()))
+        sock.sendall(payload.numpy().tobytes() + TRAILER)
+        head = sock.recv(ANSWER_HEADER_BYTES, socket.MSG_WAITALL)
+        assert parse_answer_header(head) == (Status.OK, payload.numel())
+        left = payload.numel()
+        while left and (got := len(sock.recv(min(left, 1 << 20)))):
+            left -= got
+        assert left == 0  # the whole answer, and the stream is kept open
+        started = time.monotonic()
+        assert not exchange.answers_sent(0.2)  # the stream is still open
+        assert exchange.answers_sent(5.0)  # and never closed: the server's bound ends the wait
+        assert 0.2 <= time.monotonic() - started < 3.0
 
 
 def test_the_client_refuses_a_tls_server_of_another_name(

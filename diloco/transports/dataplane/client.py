@@ -84,8 +84,10 @@ class DataPlaneClient:
         timeout_s: float,
         answer_into: torch.Tensor | None = None,
         before_trailer: Callable[[], None] | None = None,
+        use_answer: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Send `payload` (a contiguous uint8 CPU tensor) on `ticket`; return the answer.
+        """Send `payload` (a contiguous uint8 CPU tensor) on `ticket`; return the answer, or
+        what `use_answer` makes of it.
 
         Args:
             ticket: the wire form the control plane handed out (`Ticket.to_bytes()`).
@@ -97,6 +99,10 @@ class DataPlaneClient:
             before_trailer: called once the payload's bytes are sent, before its trailer;
                 what it raises ends the exchange there (the server, missing the trailer,
                 drops the stream) and reaches the caller.
+            use_answer: applied to the answer before the connection closes (the island's
+                decoding of the mean): the server takes the close as the island's word that
+                it is done with the answer, and a coordinator sharing this machine starts its
+                outer step only then, not while the island decodes.
 
         Raises:
             ExchangeAborted, ExchangeRefused, StreamError, DataPlaneError: see the module
@@ -114,7 +120,8 @@ class DataPlaneClient:
                 # may still be in the receive buffer.
                 self._raise_status(conn)
                 raise
-            return self._receive(conn, answer_bytes, answer_into, deadline, early)
+            answer = self._receive(conn, answer_bytes, answer_into, deadline, early)
+            return answer if use_answer is None else use_answer(answer)
         finally:
             conn.close()
 

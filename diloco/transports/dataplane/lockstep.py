@@ -5,8 +5,9 @@ headers are in: its participants and their weights. It issues one ticket per par
 registers each with the data-plane server and this sink. Each participant's connection calls
 `on_payload`; the last one to arrive runs the accumulator over every participant's stream in
 rank order (diloco/transports/dataplane/accumulate.py), and every connection then answers
-with the same encoded mean and tells the sink once it is sent (`answered`; the coordinator's
-outer step waits for that: `answers_sent`). If any participant fails, or one never connects
+with the same encoded mean and tells the sink once the island is done with it (`answered`:
+the island closed the stream after decoding it, see server.py; the coordinator's outer step
+waits for that: `answers_sent`). If any participant fails, or one never connects
 before the deadline, every connection answers ABORTED and `outcome()` says who failed: the
 control plane then issues a new attempt without that island (the others resend).
 """
@@ -101,14 +102,16 @@ class LockstepExchange:
         return self._wait_answer()
 
     def answered(self, ticket: Ticket) -> None:
-        """The connection of `ticket` is done: its answer was sent, or could not be."""
+        """The connection of `ticket` is done: its answer was sent and the island closed the
+        stream (or did not within the server's bound), or it could not be sent."""
         with self._cond:
             self._answered.add(ticket.fields.island)
             self._cond.notify_all()
 
     def answers_sent(self, timeout_s: float) -> bool:
-        """Wait up to `timeout_s` for every participant's answer to be sent; whether they
-        were (False too for an exchange that failed: no mean was sent)."""
+        """Wait up to `timeout_s` for every participant to be done with its answer (see
+        `answered`); whether they all were (False too for an exchange that failed: no mean was
+        sent)."""
         limit = self.clock() + timeout_s
         with self._cond:
             while not self._answered >= self.weights.keys():

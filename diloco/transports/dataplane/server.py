@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 _ACCEPT_POLL_S = 0.2
 _DRAIN_BYTES = 1 << 20
 _LINGER_S = 1.0
+_DONE_WAIT_S = 5.0
+"""The longest an answered connection waits for its island to close it (an island closes
+once it has decoded the answer: see `_exchange`); no longer than the coordinator's outer step
+waits for the answers (grpc/state_keeper.py, ANSWERS_FIRST_S)."""
 
 
 class ExchangeSink(Protocol):
@@ -249,26 +253,26 @@ class DataPlaneServer:
         (log.warning if warn else log.info)("data plane: refused (%s) %s", reason, message)
 
     def _serve(self, sock: socket.socket, peer: object) -> None:
-        island = None
+        release: Callable[[], None] | None = None
         conn = sock
         try:
             try:
                 conn = self._secure(sock)
                 expected = self._hello(conn)
-                island = self._claim_island(expected.ticket)
+                release = self._claim_island(expected.ticket)
             finally:
                 with self._lock:
                     self._pending -= 1
-            self._exchange(conn, expected)
+            self._exchange(conn, expected, release)
         except _Refused as refused:
             self._count(refused.reason, f"{peer!r}: {refused}")
             if refused.tell_peer:
                 _send_quietly(conn, refusal_frame(Status.REFUSED, str(refused)))
         finally:
+            if release is not None:
+                release()
             with self._lock:
                 self._open -= 1
-                if island is not None:
-                    self._per_island[island] -= 1
             conn.close()
 
     def _secure(self, sock: socket.socket) -> socket.socket:
@@ -319,7 +323,8 @@ class DataPlaneServer:
             conn, memoryview(buffer), deadline=deadline, inactivity_s=timeout_s, what="hello"
         )
 
-    def _claim_island(self, ticket: Ticket) -> int:
+    def _claim_island(self, ticket: Ticket) -> Callable[[], None]:
+        """Take one of the island's exchange slots; returns what gives it back (once)."""
         island = ticket.fields.island
         with self._lock:
             if self._per_island[island] >= self.settings.max_connections_per_island:
@@ -330,17 +335,35 @@ class DataPlaneServer:
                     True,
                 )
             self._per_island[island] += 1
-        return island
+        claimed = [True]
 
-    def _exchange(self, conn: socket.socket, expected: _Expected) -> None:
+        def release() -> None:
+            with self._lock:
+                if claimed:
+                    claimed.clear()
+                    self._per_island[island] -= 1
+
+        return release
+
+    def _exchange(
+        self, conn: socket.socket, expected: _Expected, release: Callable[[], None]
+    ) -> None:
+        """Read the payload into the sink, send its answer, then tell the sink once the island
+        is done with the answer: an island closes its connection when it has decoded it, so a
+        coordinator that shares a machine with islands (one of them hosts it) starts its outer
+        step after their decoding rather than during it (`_DONE_WAIT_S` at most)."""
         ticket, inactivity_s = expected.ticket, self.settings.inactivity_timeout_s
         reader = PayloadReader(conn, ticket.fields.payload_bytes, expected.deadline, inactivity_s)
         try:
-            self._answer(conn, expected, reader)
+            answered = self._answer(conn, expected, reader)
+            release()  # the island's next exchange may begin while this one closes
+            if answered:
+                _drain_until_closed(conn, _DONE_WAIT_S)
         finally:
             expected.sink.answered(ticket)
 
-    def _answer(self, conn: socket.socket, expected: _Expected, reader: PayloadReader) -> None:
+    def _answer(self, conn: socket.socket, expected: _Expected, reader: PayloadReader) -> bool:
+        """Whether an OK answer was sent whole."""
         ticket, inactivity_s = expected.ticket, self.settings.inactivity_timeout_s
         try:
             answer = expected.sink.on_payload(ticket, reader)
@@ -349,7 +372,7 @@ class DataPlaneServer:
             with self._lock:
                 self.exchanges_aborted += 1
             _send_quietly(conn, refusal_frame(Status.ABORTED, str(aborted)))
-            return
+            return False
         except DataPlaneError as error:
             raise _Refused(error.reason, f"island {ticket.fields.island}: {error}", True) from None
         except Exception as error:  # a sink's bug must not kill the server; the island retries
@@ -366,9 +389,10 @@ class DataPlaneServer:
             )
         except DataPlaneError as error:
             self._count(f"answer-{error.reason}", f"island {ticket.fields.island}: {error}")
-            return
+            return False
         with self._lock:
             self.exchanges_completed += 1
+        return True
 
 
 def _send_quietly(conn: socket.socket, frame: bytes) -> None:
@@ -380,8 +404,15 @@ def _send_quietly(conn: socket.socket, frame: bytes) -> None:
         conn.settimeout(_LINGER_S)
         conn.sendall(frame)
         conn.shutdown(socket.SHUT_WR)
-        scratch, until = bytearray(1 << 16), time.monotonic() + _LINGER_S
+    _drain_until_closed(conn, _LINGER_S)
+
+
+def _drain_until_closed(conn: socket.socket, limit_s: float) -> None:
+    """Wait up to `limit_s` for the peer to close its end, dropping what it sends meanwhile;
+    a broken connection or the limit ends the wait quietly."""
+    with contextlib.suppress(OSError, ssl.SSLError):
+        scratch, until = bytearray(1 << 16), time.monotonic() + limit_s
         while (left := until - time.monotonic()) > 0:
             conn.settimeout(left)
             if conn.recv_into(scratch) == 0:
-                break
+                return

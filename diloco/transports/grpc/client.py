@@ -391,9 +391,12 @@ class GrpcTransport:
             try:
                 # The check ends before the payload's trailer (the answer, read into the
                 # payload's buffer, comes after it): a bad payload is not taken here.
-                mean_payload = self._dataplane.exchange(
-                    reply, payload, expected, timeout_s, before_trailer=finite.require
-                )
+                # Decoded before the connection closes: the coordinator hears then that this
+                # island is done with the answer (and only then takes its outer step).
+                mean = self._dataplane.exchange(
+                    reply, payload, expected, timeout_s, before_trailer=finite.require,
+                    use_answer=lambda answer: home.decode(self.codec, answer, self.numel),
+                )  # fmt: skip
             except _NotFinite:
                 # Its exchange failed (the coordinator drops this island from it, and the
                 # round goes on): too late to be refused on grpc, the round may be closed.
@@ -408,7 +411,6 @@ class GrpcTransport:
                     spent = True  # from now on this island can only wait for the mean
                     log.warning("%s: the payload's buffer holds part of the answer", what)
                 continue
-            mean = home.decode(self.codec, mean_payload, self.numel)
             return AverageResult(mean, reply.participants, sent, expected)
 
     def _give_up_by(self, deadline: float, what: str, last_error: str) -> None:

@@ -83,7 +83,8 @@ class GroupEnd:
     reason: str = ""
     message: str = ""
     answers_sent: AnswersSent | None = None
-    """With a mean: waits for every participant's answer to leave (the outer step waits)."""
+    """With a mean: waits for every participant to be done with its answer (the outer step
+waits)."""
 
 
 @dataclass(frozen=True)

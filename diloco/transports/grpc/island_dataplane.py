@@ -59,10 +59,11 @@ class IslandDataPlane:
         answer_bytes: int,
         timeout_s: float,
         before_trailer: Callable[[], None] | None = None,
+        use_answer: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Send `payload` (contiguous uint8, CPU) on the reply's ticket; the mean's payload,
-        in `payload`'s own buffer (module docstring). `before_trailer`: as
-        `DataPlaneClient.exchange`'s.
+        in `payload`'s own buffer (module docstring), or what `use_answer` makes of it.
+        `before_trailer`, `use_answer`: as `DataPlaneClient.exchange`'s.
 
         Raises:
             AnswerBroken: the answer broke after it had begun: `payload` holds part of it.
@@ -79,4 +80,5 @@ class IslandDataPlane:
             timeout_s=timeout_s,
             answer_into=answer,
             before_trailer=before_trailer,
+            use_answer=use_answer,
         )
