@@ -9,9 +9,12 @@ the sums sit in a scratch in L1 while every contribution is added: each contribu
 once and the sums written once (or, encoded as they are formed, never). The values are formed
 in registers as cpu_kernels.int8_decode_into forms them, and the encoding is cpu_kernels'.
 
-An fp32 version (the same one-pass sums for codec none) measured no faster than torch's
-passes, in memory or in the round, and would load numba (about 70 MiB of RSS) into a
-coordinator that needs none: not kept (docs/results/streaming.md).
+`f32_weighted_sum_into` is the same one-pass sum of fp32 contributions (codec none): each
+contribution read once and the sums written once, where torch's zero_(), add_() per
+contribution and the finiteness pass move the sums through memory 2N + 2 times. On the
+2-core AMD box of earlier measurements it was no faster than torch's passes; on the 2-core
+Intel box (2 MiB of L2 a core) it takes 0.5x their time in memory and 0.9x the round's
+(docs/results/streaming.md).
 
 Built on cpu_kernels.py (its intrinsics, `_parallel` over torch's threads, `available()`).
 """
@@ -88,6 +91,24 @@ def int8_weighted_sum_encode_into(
     )
 
 
+def f32_weighted_sum_into(
+    acc_n: torch.Tensor, x_ns: Sequence[torch.Tensor], alphas: Sequence[float]
+) -> bool:
+    """acc_n = sum_k alphas[k] * x_ns[k], in the order given, each step rounded once: what
+    torch's `acc_n.zero_()` then `acc_n.add_(x_ns[k], alpha=alphas[k])` for k = 0, 1, ...
+    write (check `fma_add_matches_torch` before relying on that), in one pass: per block the
+    sums stay in L1 while every contribution is added. True when every sum is finite."""
+    acc = _array(acc_n, torch.float32, acc_n.numel(), "acc_n")
+    x_at = _addresses([_array(x, torch.float32, acc.size, "x_ns[k]") for x in x_ns])
+    weights = _weights(alphas, len(x_ns))
+    blocks = _blocks(acc.size, _F32_BLOCK)
+    tops = _parallel(_f32_weighted_sum, blocks, acc.size, acc, x_at, weights, _F32_BLOCK)
+    return max(tops, default=0) != _EXPONENT_BITS
+
+
+_F32_BLOCK = 1024
+"""Elements whose sums one pass keeps in L1 (4 KiB) while every contribution is added."""
+
 _MATCHES_TORCH: list[bool] = []
 
 
@@ -117,11 +138,20 @@ def _compare_with_torch() -> bool:
         q_ns.append(q_n)
         scale_nbs.append(scale_nb)
         decoded.append(decoded_n)
+    # The fp32 sums take the decoded values themselves (subnormal, huge and zero products),
+    # with signed zeros and an inf in the mix.
+    values = [decoded_n.clone() for decoded_n in decoded]
+    values[0][8:12] = torch.tensor([-0.0, 0.0, -0.0, float("inf")])
+    values[1][8:12] = torch.tensor([-0.0, -0.0, 0.0, 1.0])
     for alphas in ([1 / 3, 0.7, 2.5], [1e-3, 7 / 1009, 1.0], [0.25]):
         count = len(alphas)
         got_n = torch.full((n,), float("nan"))
         finite = int8_weighted_sum_into(got_n, q_ns[:count], scale_nbs[:count], block, alphas)
         if not _same_sums(got_n, decoded[:count], alphas, finite):
+            return False
+        got_n.fill_(float("nan"))
+        finite = f32_weighted_sum_into(got_n, values[:count], alphas)
+        if not _same_sums(got_n, values[:count], alphas, finite):
             return False
     return True
 
@@ -234,6 +264,33 @@ if available():
                 r = sums[j]
                 acc[start + j] = r
                 top = max(top, _bits_of_f32(r) & _EXPONENT)  # type: ignore[call-arg]
+        return top
+
+    # The fp32 sums: the first contribution's products start a block's sums (fma onto +0.0,
+    # as torch's add onto zero_() does), the middle ones are added in the scratch, and the
+    # last one's are added on the way out to `acc`: for two contributions, two passes over a
+    # block in L1 and no pass over the sums alone.
+    @_kernel
+    def _f32_weighted_sum(acc, x_at, alphas, block, b0, b1):  # type: ignore[no-untyped-def]
+        n, last = acc.shape[0], alphas.shape[0] - 1
+        sums = np.zeros(block, np.float32)
+        top = np.uint32(0)
+        first = carray(_f32_at(x_at[0]), n)  # type: ignore[call-arg]
+        final = carray(_f32_at(x_at[last]), n)
+        for b in range(b0, b1):
+            start, stop = _bounds(b, block, n)
+            width = stop - start
+            if last > 0:
+                for j in range(width):
+                    sums[j] = _fma(first[start + j], alphas[0], _ZERO)
+            for k in range(1, last):
+                x = carray(_f32_at(x_at[k]), n)
+                for j in range(width):
+                    sums[j] = _fma(x[start + j], alphas[k], sums[j])
+            for j in range(width):
+                r = _fma(final[start + j], alphas[last], sums[j])
+                acc[start + j] = r
+                top = max(top, _bits_of_f32(r) & _EXPONENT)
         return top
 
     @_kernel

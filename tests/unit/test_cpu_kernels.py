@@ -134,6 +134,40 @@ def test_int8_weighted_sum_is_decode_then_torchs_adds(
 
 
 @FMA_ADD
+@pytest.mark.parametrize("count", [1, 2, 4])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("numel", SIZES + [1023, 1025, 300_007])
+def test_f32_weighted_sum_is_torchs_adds(numel: int, threads: int, count: int) -> None:
+    """acc = sum_k alpha_k * x_k for fp32 contributions, as torch's zero_() / add_() write it,
+    bit for bit (signed zeros, subnormal and overflowing products, a NaN and an inf), whatever
+    acc held, over block tails; the flag says whether every sum is finite."""
+    values = [awkward(numel, 7, seed=k) * 10.0 ** (12 * k) for k in range(count)]
+    if numel > 20:
+        values[0][13:16] = torch.tensor([-0.0, float("inf"), 0.0])
+        values[-1][13:17] = torch.tensor([-0.0, 1.0, -0.0, float("nan")])
+    with torch_threads(threads):
+        for alphas in ([1 / 3, 0.7, 7 / 1009, 2.5], [1e-3, 1.0, 3e30, 1 / 7]):
+            expected = torch.zeros(numel)
+            for values_n, alpha in zip(values, alphas, strict=False):
+                expected.add_(values_n, alpha=alpha)
+            got = torch.full((numel,), float("nan"))
+            finite = sum_kernels.f32_weighted_sum_into(got, values, alphas[:count])
+            assert_same(got, expected)
+            assert finite == bool(torch.isfinite(expected).all())
+            if numel > 20:
+                assert not finite  # the inf or the NaN planted above
+
+
+def test_f32_weighted_sum_refuses_mismatched_operands() -> None:
+    if not sum_kernels.available():
+        pytest.skip("numba is not installed")
+    with pytest.raises(ValueError, match="one weight for each of 2"):
+        sum_kernels.f32_weighted_sum_into(torch.zeros(4), [torch.ones(4)] * 2, [1.0])
+    with pytest.raises(ValueError, match="x_ns"):
+        sum_kernels.f32_weighted_sum_into(torch.zeros(4), [torch.ones(5)], [1.0])
+
+
+@FMA_ADD
 @pytest.mark.parametrize("count", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("block", BLOCKS)

@@ -76,8 +76,9 @@ def test_encoded_mean_is_bit_identical_to_weighted_mean_then_encode(
     payloads = _payloads(codec, numel, count, seed=numel + count)
     decoded = [codec.decode(p, numel) for p in payloads]
     expected_mean = weighted_mean(decoded, weights)
-    # 4096 bytes: chunks of 1024 elements (or whole blocks), so every case spans several.
-    accumulator = LockstepAccumulator(codec, numel, chunk_bytes=4096)
+    # 1024 wire bytes: chunks of at most 1024 elements (whole blocks), so every case spans
+    # several, for every codec.
+    accumulator = LockstepAccumulator(codec, numel, chunk_bytes=1024)
     assert accumulator.chunk_elements < numel
 
     encoded = accumulator.encoded_mean(_contributions(payloads, weights))
@@ -124,20 +125,38 @@ def test_int8_is_exact_with_and_without_the_one_pass_sums(
     assert calls == (["int8_weighted_sum_into"] * chunks if fused else [])
 
 
-def test_an_fp32_mean_never_loads_the_sum_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Codec none is summed by torch: a coordinator that averages fp32 payloads never loads
-    numba for it (about 70 MiB of RSS, for sums no faster than torch's)."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp32_is_exact_with_and_without_the_one_pass_sums(
+    fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Codec none's chunks are summed in one pass too (sum_kernels.f32_weighted_sum_into,
+    which says whether the sums are finite: no pass checks them) where that writes what torch
+    writes, else added one island at a time: the same bits either way, and a non-finite
+    contribution still refused by its rank."""
     from diloco.codecs import sum_kernels
 
-    def refuse() -> bool:
-        raise AssertionError("the fp32 mean asked for the one-pass sums")
-
-    monkeypatch.setattr(sum_kernels, "fma_add_matches_torch", refuse)
-    codec, numel, weights = build_codec("none"), 5003, [1.0, 2.0]
-    payloads = _payloads(codec, numel, 2, seed=4)
+    if fused and not sum_kernels.fma_add_matches_torch():
+        pytest.skip("no one-pass sums on this machine")
+    monkeypatch.setattr(sum_kernels, "fma_add_matches_torch", lambda: fused)
+    calls: list[int] = []
+    kernel = sum_kernels.f32_weighted_sum_into
+    spy = lambda acc_n, x_ns, alphas: calls.append(len(x_ns)) or kernel(acc_n, x_ns, alphas)  # noqa: E731
+    monkeypatch.setattr(sum_kernels, "f32_weighted_sum_into", spy)
+    codec, numel, weights = build_codec("none"), 5003, [1.0, 2.0, 0.5]
+    payloads = _payloads(codec, numel, 3, seed=4)
     expected = weighted_mean([codec.decode(p, numel) for p in payloads], weights)
-    encoded = LockstepAccumulator(codec, numel).encoded_mean(_contributions(payloads, weights))
+    accumulator = LockstepAccumulator(codec, numel, chunk_bytes=4096)
+    encoded = accumulator.encoded_mean(_contributions(payloads, weights))
     assert torch.equal(encoded, codec.encode(expected))
+    chunks = -(-numel // accumulator.chunk_elements)
+    assert calls == ([3] * chunks if fused else [])
+    bad = payloads[1].clone()
+    bad[HEADER_BYTES + 4 * 4001 : HEADER_BYTES + 4 * 4002] = torch.tensor([float("nan")]).view(
+        torch.uint8
+    )
+    with pytest.raises(ParticipantFailed, match="island 1: .*non-finite") as failed:
+        accumulator.encoded_mean(_contributions([payloads[0], bad, payloads[2]], weights))
+    assert failed.value.reason == "refused"
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -480,3 +499,21 @@ def test_a_failing_participant_aborts_everyone_and_is_named() -> None:
     assert "island 1: closed after" in str(answers[0])
     outcome = exchange.outcome(0)
     assert outcome is not None and outcome.failure is not None and outcome.failure.rank == 1
+
+
+def test_a_chunk_is_sized_by_each_participants_wire_bytes() -> None:
+    """`chunk_bytes` counts each participant's wire bytes: an int8 chunk holds 4x the
+    elements of an fp32 one for the same buffer, and no chunk more elements than chunk_bytes
+    (its fp32 working copies at most 4x chunk_bytes)."""
+    numel, chunk_bytes = 1 << 20, 64 << 10
+    elements = {
+        name: LockstepAccumulator(build_codec(name), numel, chunk_bytes=chunk_bytes).chunk_elements
+        for name in ("none", "bf16", "int8", "fp4")
+    }
+    assert elements["none"] == chunk_bytes // 4
+    assert elements["bf16"] == chunk_bytes // 2
+    assert elements["int8"] == chunk_bytes  # its scales come first, in the prefix
+    assert elements["fp4"] == chunk_bytes  # half a byte each: capped by the element count
+    for name, count in elements.items():
+        chunked = chunk_codec(build_codec(name), numel)
+        assert chunked.section_offset(count) - chunked.section_offset(0) <= chunk_bytes

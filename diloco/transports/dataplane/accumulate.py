@@ -19,9 +19,10 @@ machine, each block has all its contributions added while its sums sit in L1
 pass checks it), and a mean to encode is encoded as its sums are formed
 (`int8_weighted_sum_encode_into`): its fp32 chunk is never written. On the 2-core box that
 takes 2.1-2.8x less time than adding one island at a time, under a memcpy of the islands'
-fp32 values (bench/coordinator_mean.py). Other codecs are added one island at a time in
-torch (fp32's one-pass sums measured no faster, and would load numba into a coordinator
-that needs none).
+fp32 values (bench/coordinator_mean.py). fp32 payloads (codec none) are summed in one
+pass the same way (`sum_kernels.f32_weighted_sum_into`: 0.55x the time of torch's passes
+on the Intel box, where on the AMD box of earlier runs it was no faster). Other codecs are
+added one island at a time in torch.
 
 Every element sees the same operations in the same order as in `weighted_mean`, on the same
 torch kernels (per element, torch's CPU add with alpha is one fused multiply-add whatever the
@@ -100,7 +101,8 @@ class LockstepAccumulator:
     ):
         """
         Args:
-            chunk_bytes: fp32 bytes of one chunk (rounded to whole blocks).
+            chunk_bytes: each participant's wire bytes in one chunk (rounded to whole
+                blocks; at most as many elements, so the fp32 working chunks are at most 4x).
             prefetch: read each participant a chunk ahead in a thread of its own (prefetch.py);
                 False reads chunk j of each participant only when it is accumulated.
             buffers: where `encoded_mean` takes its payload (a buffer of an earlier round
@@ -114,7 +116,13 @@ class LockstepAccumulator:
         self.buffers = buffers
         self.chunked: ChunkCodec = chunk_codec(codec, numel)
         step = math.lcm(self.chunked.alignment, _VECTOR_ALIGNMENT)
-        self.chunk_elements = max(step, (chunk_bytes // 4) // step * step)
+        # Sized by the wire bytes, not the fp32 values: a chunk of int8 codes then holds 4x the
+        # elements of an fp32 one, which measured 0.82x to 0.94x the round's time (124M and 25M,
+        # 2 and 4 islands) for the same buffer per participant; fp32 chunks over 4 MiB were
+        # slower (docs/results/streaming.md).
+        per_element = max(self.chunked.section_offset(numel), 1) / numel  # prefix apart
+        elements = min(chunk_bytes, int(chunk_bytes / per_element))
+        self.chunk_elements = max(step, elements // step * step)
 
     @property
     def payload_bytes(self) -> int:

@@ -285,7 +285,7 @@ class _DecodeThenAdd:
     contribution decoded into the scratch, then added (the first after zeroing)."""
 
     one_pass = False
-    """Whether `_mean_in_one_pass` serves this codec (int8)."""
+    """Whether `_mean_in_one_pass` serves this codec (int8, and fp32: codec none)."""
 
     def mean_chunk(
         self,
@@ -339,6 +339,7 @@ class _CastChunks(_DecodeThenAdd):
         ]
         self.itemsize = torch.empty((), dtype=self.dtype).element_size()
         self.name, self.numel, self.alignment = codec.name, numel, 1
+        self.one_pass = self.dtype == torch.float32
         self.header = Header(codec.codec_id, DTYPE_IDS[self.dtype], 0, numel)
         self.prefix_bytes = HEADER_BYTES
         self.payload_bytes = HEADER_BYTES + self.itemsize * numel
@@ -360,6 +361,23 @@ class _CastChunks(_DecodeThenAdd):
             return wire_n
         scratch_n.copy_(wire_n)
         return scratch_n
+
+    def _mean_in_one_pass(
+        self,
+        prefixes: Sequence[torch.Tensor],
+        sections: Sequence[torch.Tensor],
+        start: int,
+        alphas: Sequence[float],
+        acc_n: torch.Tensor,
+        encode_into: torch.Tensor | None,
+    ) -> bool | None:
+        # fp32: every contribution added in one pass, each block's sums in L1
+        # (sum_kernels.f32_weighted_sum_into), which also says whether they are all finite.
+        values = [section.view(torch.float32) for section in sections]
+        finite = sum_kernels.f32_weighted_sum_into(acc_n, values, alphas)
+        if encode_into is not None:
+            self.encode_chunk(acc_n, encode_into, start)
+        return finite
 
     def encode_chunk(self, x_n: torch.Tensor, payload: torch.Tensor, start: int) -> None:
         begin = HEADER_BYTES + self.itemsize * start

@@ -42,8 +42,9 @@ class DataPlaneConfig:
     read takes up to 4 MiB at once, so a stream that stops partway through one is noticed
     within twice this)."""
     chunk_bytes: int = 4 << 20
-    """Target size of one chunk of fp32 values the coordinator decodes and accumulates at a
-    time (rounded to whole codec blocks); its memory is O(chunk_bytes x islands)."""
+    """Target size of one chunk of each island's payload bytes that the coordinator decodes
+    and accumulates at a time (rounded to whole codec blocks; at most as many elements, so its
+    fp32 working chunks are at most 4x this); its memory is O(chunk_bytes x islands)."""
     socket_buffer_bytes: int = 0
     """SO_SNDBUF / SO_RCVBUF asked of the kernel for every data-plane socket (capped by
     net.core.wmem_max / rmem_max); 0 keeps the kernel's autotuning, which grows each buffer
