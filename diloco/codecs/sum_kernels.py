@@ -13,8 +13,8 @@ in registers as cpu_kernels.int8_decode_into forms them, and the encoding is cpu
 contribution read once and the sums written once, where torch's zero_(), add_() per
 contribution and the finiteness pass move the sums through memory 2N + 2 times. On the
 2-core AMD box of earlier measurements it was no faster than torch's passes; on the 2-core
-Intel box (2 MiB of L2 a core) it takes 0.5x their time in memory and 0.9x the round's
-(docs/results/streaming.md).
+Intel box (2 MiB of L2 a core) it takes 0.68x to 0.73x their time in memory
+(bench/coordinator_mean.py) and about 0.9x the round's (docs/results/streaming.md).
 
 Built on cpu_kernels.py (its intrinsics, `_parallel` over torch's threads, `available()`).
 """

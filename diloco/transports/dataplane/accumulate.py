@@ -17,11 +17,11 @@ check at the first use shows the one-pass kernels write what torch's add writes 
 machine, each block has all its contributions added while its sums sit in L1
 (`sum_kernels.int8_weighted_sum_into`, which also says whether every sum is finite, so no
 pass checks it), and a mean to encode is encoded as its sums are formed
-(`int8_weighted_sum_encode_into`): its fp32 chunk is never written. On the 2-core box that
-takes 2.1-2.8x less time than adding one island at a time, under a memcpy of the islands'
-fp32 values (bench/coordinator_mean.py). fp32 payloads (codec none) are summed in one
-pass the same way (`sum_kernels.f32_weighted_sum_into`: 0.55x the time of torch's passes
-on the Intel box, where on the AMD box of earlier runs it was no faster). Other codecs are
+(`int8_weighted_sum_encode_into`): its fp32 chunk is never written. On the 2-core boxes that
+takes 2.1-3.8x less time than adding one island at a time, under a memcpy of the islands'
+fp32 values (bench/coordinator_mean.py). fp32 payloads (codec none) are summed in one pass
+the same way (`sum_kernels.f32_weighted_sum_into`: 0.68x to 0.73x the time of torch's
+passes on the Intel box; on the AMD box of earlier runs it was no faster). Other codecs are
 added one island at a time in torch.
 
 Every element sees the same operations in the same order as in `weighted_mean`, on the same
