@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from diloco.codecs import build_codec
+from diloco.codecs import build_codec, sum_kernels
 from diloco.codecs.base import empty
 from diloco.transports.dataplane.accumulate import LockstepAccumulator
 from diloco.transports.dataplane.client import DataPlaneClient
@@ -109,6 +109,9 @@ def _coordinator(
         torch.set_num_threads(threads)
     tls = server_context(*pem) if pem else None
     server = DataPlaneServer(settings, key=KEY, run_id=RUN, tls=tls, insecure=pem is None)
+    # The one-pass sum kernels load at setup, as the grpc coordinator loads them at its start
+    # (DataPlaneHost.start): a fixed 77 MiB or so, not a share of the round's memory.
+    sum_kernels.fma_add_matches_torch()
     server.start()
     accumulator = LockstepAccumulator(
         build_codec(codec_name), numel, chunk_bytes=settings.chunk_bytes
