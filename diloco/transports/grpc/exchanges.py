@@ -84,7 +84,7 @@ class GroupEnd:
     message: str = ""
     answers_sent: AnswersSent | None = None
     """With a mean: waits for every participant to be done with its answer (the outer step
-waits)."""
+    waits)."""
 
 
 @dataclass(frozen=True)
