@@ -15,10 +15,12 @@ reset before each): the training step (AdamW's own temporaries included: `--tens
 the model) and the sync (what the outer step and the transport add). One row per path: the
 data plane (transport.grpc.dataplane, the default) and the grpc stream
 (dataplane.enabled=false: the path every payload took before the data plane).
+`--offload-state`: the islands and the coordinator keep the outer momentum in files between
+outer steps (outer.offload_state; diloco/offload.py), in the temporary directory (on a disk).
 
     python bench/grpc_memory.py [--numel 64e6] [--rounds 3] [--paths dataplane grpc-stream]
                                 [--tensors 1] [--no-persist] [--malloc-defaults]
-                                [--torch-adamw]
+                                [--torch-adamw] [--offload-state]
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def _coordinator(
     path: str,
     folder: str | None,
     keep_malloc_defaults: bool,
+    offload_state: bool,
     out: Any,
     done: Any,
 ) -> None:
@@ -97,7 +100,14 @@ def _coordinator(
     rules = RoundRules(run_id="memory", rounds=rounds, islands=ISLANDS, min_islands=ISLANDS)
     outer = SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
     state_dir = None if folder is None else Path(folder) / "coordinator"
-    coordinator = Coordinator(rules, build_codec("none"), outer, pinned={}, state_dir=state_dir)
+    coordinator = Coordinator(
+        rules,
+        build_codec("none"),
+        outer,
+        pinned={},
+        state_dir=state_dir,
+        offload_state=offload_state,
+    )
     server = CoordinatorServer(coordinator, _settings("127.0.0.1:0", path), TOKEN).start()
     baseline = _status_kb("VmRSS")
     _reset_peak()
@@ -116,6 +126,7 @@ def _island(
     rounds: int,
     path: str,
     port: int,
+    offload_dir: str | None,
     out: Any,
 ) -> None:
     torch.set_num_threads(1)
@@ -138,9 +149,12 @@ def _island(
     # the island's inner optimizer (diloco/inner/trainer.py), or torch's own for comparison
     adamw = (torch.optim.AdamW if torch_adamw else ChunkedAdamW)(model.parameters(), lr=1e-3)
     outer = SgdOuter(lr=0.7, momentum=0.9, nesterov=True)
-    sync = OuterSync(model.parameters(), transport, codec, outer, OuterHyperparams(inner_steps=1))
+    hyper = OuterHyperparams(inner_steps=1)
+    where = None if offload_dir is None else Path(offload_dir)
+    sync = OuterSync(model.parameters(), transport, codec, outer, hyper, offload_dir=where)
     transport.join([], {"model": "wide", "parameters": str(numel)})  # as an island's
     transport.shared_state(sync.shared_state())
+    sync.release_offloaded_state()  # as islands/resume.py does: the seed read the momentum
     setup_peak, train_peak, sync_peak = _status_kb("VmHWM"), 0, 0
     for _ in range(rounds):  # each phase's own peak: VmHWM reset before it
         _reset_peak()
@@ -169,17 +183,28 @@ def measure(
     malloc_defaults: bool = False,
     tensors: int = 1,
     torch_adamw: bool = False,
+    offload_state: bool = False,
 ) -> dict[str, Figures]:
     """process -> its figures; `persist`: the coordinator saves its state; `malloc_defaults`:
     the coordinator keeps glibc's dynamic mmap threshold (diloco/os_memory.py);
     `tensors`: how many tensors the islands' model has (`Wide`); `torch_adamw`: the islands
-    step with `torch.optim.AdamW` instead of the inner loop's `ChunkedAdamW`."""
+    step with `torch.optim.AdamW` instead of the inner loop's `ChunkedAdamW`; `offload_state`:
+    the outer momentum in files between outer steps (needs `persist`: the coordinator's folder)."""
     context = mp.get_context("spawn")
     out, done = context.Queue(), context.Event()
     with tempfile.TemporaryDirectory() as folder:
         coordinator = context.Process(
             target=_coordinator,
-            args=(numel, rounds, path, folder if persist else None, malloc_defaults, out, done),
+            args=(
+                numel,
+                rounds,
+                path,
+                folder if persist else None,
+                malloc_defaults,
+                offload_state,
+                out,
+                done,
+            ),
         )
         coordinator.start()
         kind, port = out.get(timeout=600)
@@ -187,7 +212,17 @@ def measure(
         islands = [
             context.Process(
                 target=_island,
-                args=(rank, numel, tensors, torch_adamw, rounds, path, port, out),
+                args=(
+                    rank,
+                    numel,
+                    tensors,
+                    torch_adamw,
+                    rounds,
+                    path,
+                    port,
+                    f"{folder}/island-{rank}" if offload_state else None,
+                    out,
+                ),
             )
             for rank in range(ISLANDS)
         ]
@@ -232,13 +267,24 @@ def main() -> None:
         help="the islands step with torch.optim.AdamW (two temporaries of each parameter's "
         "size) instead of the inner loop's ChunkedAdamW",
     )
+    parser.add_argument(
+        "--offload-state",
+        action="store_true",
+        help="the islands and the coordinator keep the outer momentum in files between outer "
+        "steps (outer.offload_state)",
+    )
     args = parser.parse_args()
+    if args.offload_state and args.no_persist:
+        parser.error(
+            "--offload-state keeps the coordinator's momentum in its folder: drop --no-persist"
+        )
     numel = int(args.numel)
     payload_mib = build_codec("none").payload_bytes(numel) / MIB
     print(
         f"# peak RSS of {ISLANDS} islands and a coordinator, {numel / 1e6:.0f}M fp32 parameters "
         f"in {args.tensors} tensor(s), {'torch.' if args.torch_adamw else 'Chunked'}AdamW, "
         f"codec none (payload {payload_mib:.0f} MiB), "
+        f"outer state {'in files' if args.offload_state else 'in memory'}, "
         f"{args.rounds} rounds; loopback"
     )
     print()
@@ -258,6 +304,7 @@ def main() -> None:
             args.malloc_defaults,
             args.tensors,
             args.torch_adamw,
+            args.offload_state,
         )
         for name, (baseline, peak, train_peak, sync_peak) in sorted(figures.items()):
             phases = [

@@ -63,6 +63,7 @@ def run_coordinator(config: IslandConfig) -> dict[str, Any]:
         group_settings=group_settings(config),
         run_dir=Path(config.run.dir),
         device=torch.device("cpu"),
+        offload_state=outer.offload_state,
         announce=lambda message: print(f"diloco coordinator: {message}", flush=True),
     )
     server = start_coordinator(setup, read_token(config.transport.grpc))

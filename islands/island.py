@@ -174,6 +174,7 @@ def _build(
         group_settings=group_settings(config),
         run_dir=Path(config.run.dir),
         device=device,
+        offload_state=outer.offload_state,
         store=store,
         group=island_ranks.mesh.shard_group,
         lane=shard_lane(island_ranks),
@@ -270,6 +271,8 @@ def _hosted_islands(
         error_feedback_decay=outer.error_feedback_decay,
     )
     flops_per_token = train_flops_per_token(prototype)
+    if outer.offload_state and device.type != "cpu":
+        raise ConfigError("outer.offload_state works with islands on the CPU (run.device=cpu)")
     hosted: list[HostedIsland] = []
     for rank, replica, transport, source, selector in zip(
         ranks, replicas, transports, sources, selectors, strict=True
@@ -286,13 +289,25 @@ def _hosted_islands(
                 selector=selector,
                 outer=None
                 if lanes is not None
-                else OuterSync(replica.shard, transport, codec, optimizer, hyper),
+                else OuterSync(
+                    replica.shard,
+                    transport,
+                    codec,
+                    optimizer,
+                    hyper,
+                    _offload_dir(config, rank, split) if outer.offload_state else None,
+                ),
                 stream=stream,
                 flops_per_token=flops_per_token,
                 split=split,
             )
         )
     return hosted
+
+
+def _offload_dir(config: IslandConfig, island: int, split: BatchSplit) -> Path:
+    """Where a rank of an island keeps its outer state with outer.offload_state."""
+    return Path(config.run.dir) / "outer-state" / f"island-{island}-rank-{split.island_rank}"
 
 
 def _data_vocab_size(config: IslandConfig) -> int | None:

@@ -159,6 +159,7 @@ def _catch_up_with_group(runtime: Runtime) -> int:
         if start is not None or time.monotonic() > deadline:
             break
         time.sleep(1.0)  # a lane may be closing the round the others have closed
+    lead.release_offloaded_state()  # read if this island seeded the group
     if start is None:
         raise RuntimeError(
             f"the island's ranks cannot start at one round {offered} (their shards' groups "

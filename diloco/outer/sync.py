@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from diloco.codecs.base import Codec, all_finite
 from diloco.codecs.floating import NoneCodec, none_payload_to_fill
 from diloco.errors import TrainingDiverged
+from diloco.offload import OffloadedState, check_sliceable
 from diloco.os_memory import TRIM_FROM_BYTES, trim_heaps
 from diloco.outer.error_feedback import compensate, new_residual
 from diloco.outer.shards import ParamShard, WholeParams
@@ -75,6 +77,8 @@ class OuterSync:
         optimizer: the outer step (`diloco.outer.optimizers`; the same object every island of
             the process, and the coordinator's state keeper, use).
         hyper: H and error feedback.
+        offload_dir: keep the outer optimizer's state in files in this folder between outer
+            steps (`outer.offload_state`, diloco/offload.py); None: in memory.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class OuterSync:
         codec: Codec,
         optimizer: OuterOptimizer,
         hyper: OuterHyperparams,
+        offload_dir: Path | None = None,
     ):
         self.shard = params if isinstance(params, ParamShard) else WholeParams(list(params))
         self.transport = transport
@@ -93,6 +98,12 @@ class OuterSync:
         self.anchor_N = self.shard.read()
         # The outer optimizer's state (SGD: the momentum buffer), shared by the group.
         self.outer_state: dict[str, torch.Tensor] = optimizer.init_state(self.anchor_N)
+        self.offloaded: OffloadedState | None = None
+        if offload_dir is not None:
+            check_sliceable(optimizer)
+            if self.anchor_N.device.type != "cpu":
+                raise ValueError("the outer state can be kept on disk by islands on the CPU only")
+            self.offloaded = OffloadedState(offload_dir, self.outer_state, self.numel)
         # This island's own error-feedback residual (never shared); None without error feedback.
         self.residual_N = torch.zeros_like(self.anchor_N) if hyper.error_feedback else None
         if hyper.error_feedback and codec.name == "none":
@@ -129,6 +140,8 @@ class OuterSync:
         # back before the sync allocates its payload (diloco/os_memory.py).
         if 4 * self.numel >= TRIM_FROM_BYTES:
             trim_heaps()
+        if self.offloaded is not None:
+            self.offloaded.release()  # read since the last round (a checkpoint, a download)
         payload, delta_N = self._pseudo_gradient()
         if not all_finite(delta_N):
             raise TrainingDiverged(
@@ -158,7 +171,12 @@ class OuterSync:
             )
             self.adopt(result.adopt)
         else:
-            self.optimizer.step_(self.anchor_N, result.mean, self.outer_state, self.round)
+            if self.offloaded is not None:
+                self.offloaded.step_in_slices(
+                    self.optimizer, self.anchor_N, result.mean, self.round
+                )
+            else:
+                self.optimizer.step_(self.anchor_N, result.mean, self.outer_state, self.round)
             if not all_finite(self.anchor_N):
                 raise TrainingDiverged(
                     f"round {self.round}: the shared parameters are not finite after the outer "
@@ -210,6 +228,13 @@ class OuterSync:
         """The shared state this island holds (what a transport hands a newcomer)."""
         return SharedState(self.round, self.anchor_N, self.outer_state)
 
+    def release_offloaded_state(self) -> None:
+        """With the outer state in files (outer.offload_state): drop from memory what a reader
+        of `shared_state()` brought in (a transport seeding the group with it); the sync and
+        `state_dict` drop their own reads. No-op otherwise."""
+        if self.offloaded is not None:
+            self.offloaded.release()
+
     def adopt(self, state: SharedState) -> None:
         """Replace the shared state with the group's; the local replica restarts from it.
 
@@ -232,7 +257,9 @@ class OuterSync:
     def state_dict(self) -> dict[str, Any]:
         state = {
             "anchor": self.anchor_N.cpu(),
-            "outer_state": {name: t.cpu() for name, t in self.outer_state.items()},
+            "outer_state": {name: t.cpu() for name, t in self.outer_state.items()}
+            if self.offloaded is None
+            else self.offloaded.copies(),
             "round": self.round,
         }
         if self.residual_N is not None:
@@ -262,6 +289,9 @@ class OuterSync:
                     f"the outer optimizer state {name!r} holds {value.numel()} elements, "
                     f"the model has {self.numel}"
                 )
+        if self.offloaded is not None:
+            self.offloaded.load(state)
+            return
         device = self.anchor_N.device
         loaded = {name: value.to(device).clone() for name, value in state.items()}
         self.outer_state.clear()

@@ -199,6 +199,9 @@ class TransportSetup:
     run_dir: Path
     """run.dir: the coordinator keeps its state in run_dir/coordinator/."""
     device: torch.device
+    offload_state: bool = False
+    """outer.offload_state: a coordinator keeps the outer optimizer's state in files between
+    outer steps (in run_dir/coordinator/outer-state/; diloco/offload.py)."""
     store: Any = None
     """A torch.distributed store made by the caller (tests own theirs)."""
     group: Any = None

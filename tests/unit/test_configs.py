@@ -120,6 +120,7 @@ FROZEN_KEYS = [
     "outer.topk_fraction",
     "outer.error_feedback",
     "outer.error_feedback_decay",
+    "outer.offload_state",
     "outer.reset_inner_optimizer",
     "outer.fragments",
     "outer.overlap_steps",

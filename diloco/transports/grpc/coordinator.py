@@ -73,6 +73,8 @@ class Coordinator:
         optimizer: the outer step (the same rule every island applies).
         pinned: fingerprint entries fixed by the coordinator's own config (may be empty).
         state_dir: where the state is persisted (None: in memory only).
+        offload_state: keep the outer optimizer's state in files in `state_dir` between outer
+            steps (outer.offload_state; diloco/offload.py).
         clock: monotonic seconds (tests move it by hand).
         lane: the lane this coordinator averages ("": the main one; grpc/lanes.py).
     """
@@ -85,6 +87,7 @@ class Coordinator:
         *,
         pinned: Mapping[str, str],
         state_dir: Path | None,
+        offload_state: bool = False,
         clock: Callable[[], float] = time.monotonic,
         lane: str = "",
     ):
@@ -93,7 +96,7 @@ class Coordinator:
         self.clock = clock
         self.lane = lane
         self.membership = Membership(rules.islands, rules.run_id, pinned, rules.deadline_ceiling_s)
-        self.keeper = StateKeeper(optimizer, codec, state_dir)
+        self.keeper = StateKeeper(optimizer, codec, state_dir, offload_state=offload_state)
         self.stats = CoordinatorStats()
         self.status_feed = StatusFeed()  # a no-op until status_feed.attach_status
         self.started = time.time()

@@ -79,6 +79,7 @@ def start_coordinator(setup: TransportSetup, token: str) -> CoordinatorServer:
         setup.optimizer,
         pinned=pinned_fingerprint(setup),
         state_dir=coordinator_dir(setup.run_dir),
+        offload_state=setup.offload_state,
     )
     server = CoordinatorServer(coordinator, setup.config.grpc, token)
     attach_status(server, setup, token, coordinator_dir(setup.run_dir))

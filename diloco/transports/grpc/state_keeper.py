@@ -6,6 +6,10 @@ bit-identical to theirs. The step, the hash and the save run in a background thr
 islands are done with a round's answers; `settle` waits for them before anything reads the
 state.
 
+With `offload_state` (outer.offload_state) the outer optimizer's state lives in files in the
+state folder between uses (diloco/offload.py): the step takes it a slice at a time, a download
+and a save drop what they read; the coordinator holds the anchor and the round's mean.
+
 Readers (`read_chunks`) copy the state chunk by chunk under a lock the step also takes, and
 fail with `StateChanged` if a step happened meanwhile (the caller retries): a slow or stalled
 download never holds a copy of the whole state, and never sees half of two rounds.
@@ -25,6 +29,7 @@ import torch
 from diloco.checkpoint import list_checkpoints, newest_intact, save_checkpoint
 from diloco.codecs.base import Codec
 from diloco.codecs.floating import NoneCodec
+from diloco.offload import OffloadedState, check_sliceable
 from diloco.shared_state import OuterOptimizer, SharedState, params_sha256
 from diloco.transports.dataplane.buffers import ReusedBuffers
 from diloco.transports.dataplane.codec_chunks import decode_into
@@ -50,9 +55,18 @@ class StateKeeper:
     optimizer: the outer step (the composition root's one object).
     codec: the run's codec (the mean is decoded from its payload).
     state_dir: where the state is persisted after every round (None: not persisted).
+    offload_state: keep the outer optimizer's state in files in `state_dir`/outer-state between
+        uses (needs a `state_dir` and an optimizer that steps in slices: sgd).
     """
 
-    def __init__(self, optimizer: OuterOptimizer, codec: Codec, state_dir: Path | None):
+    def __init__(
+        self,
+        optimizer: OuterOptimizer,
+        codec: Codec,
+        state_dir: Path | None,
+        *,
+        offload_state: bool = False,
+    ):
         self.optimizer = optimizer
         self.codec = codec
         self.state_dir = state_dir
@@ -66,6 +80,13 @@ class StateKeeper:
         # The decoded mean of each round, in the last round's buffer: no model-sized vector
         # to fault in per round. Codec none needs none (its mean is a view of the payload).
         self._decoded = None if isinstance(codec, NoneCodec) else ReusedBuffers(keep=1)
+        self._offload_dir: Path | None = None
+        self._offloaded: OffloadedState | None = None
+        if offload_state:
+            if state_dir is None:
+                raise ValueError("a coordinator keeps its outer state on disk in its state folder")
+            check_sliceable(optimizer)
+            self._offload_dir = state_dir / "outer-state"
 
     @property
     def numel(self) -> int:
@@ -74,7 +95,12 @@ class StateKeeper:
     def seed(self, state: SharedState, persist: dict[str, Any], *, owned: bool = False) -> None:
         """Take `state` as the group's (a copy of it, unless `owned`: nothing else holds it, as
         a state read from the wire); `persist` goes into the saved file."""
-        self.state = state if owned else state.copy()
+        if self._offload_dir is not None and not owned:  # the outer state goes to its files
+            anchor = state.anchor.detach().to(torch.float32).cpu().clone()
+            state = SharedState(state.round, anchor, state.outer_state)
+        elif not owned:
+            state = state.copy()
+        self.state = self._kept(state)
         self.sha = params_sha256(self.state.anchor)
         self.generation += 1
         self._save(persist)
@@ -123,7 +149,7 @@ class StateKeeper:
             StateChanged: a round's step changed the state since `generation`.
         """
         assert self.state is not None
-        for _, tensor in self.state.tensors():
+        for name, tensor in self.state.tensors():
             flat = tensor.reshape(-1)
             per_chunk = max(1, CHUNK_BYTES // flat.element_size())
             for start in range(0, max(1, flat.numel()), per_chunk):
@@ -132,6 +158,7 @@ class StateKeeper:
                         raise StateChanged("the shared state changed during the download")
                     piece = flat[start : start + per_chunk]
                     data = piece.contiguous().numpy().tobytes()
+                    self._release(name, start, start + per_chunk)
                 yield data
 
     def _step(
@@ -156,7 +183,13 @@ class StateKeeper:
             mean_N = decode_into(self.codec, mean_payload, numel, spare_N)
             outer_state = dict(state.outer_state)
             with self._lock:
-                self.optimizer.step_(state.anchor, mean_N, outer_state, state.round)
+                if self._offloaded is not None:
+                    self._offloaded.step_in_slices(
+                        self.optimizer, state.anchor, mean_N, state.round
+                    )
+                    outer_state = self._offloaded.state
+                else:
+                    self.optimizer.step_(state.anchor, mean_N, outer_state, state.round)
                 self.state = SharedState(state.round + 1, state.anchor, outer_state)
                 self.generation += 1
             self.sha = params_sha256(self.state.anchor)
@@ -179,6 +212,24 @@ class StateKeeper:
             **persist,
         }
         save_checkpoint(self.state_dir, self.state.round, state, keep=2)
+        if self._offloaded is not None:
+            self._offloaded.release()  # read by the save
+
+    def _kept(self, state: SharedState) -> SharedState:
+        """`state` as the keeper holds it: with offload_state, its outer state in the files."""
+        if self._offload_dir is None:
+            return state
+        numel = state.anchor.numel()
+        if self._offloaded is None or self._offloaded.numel != numel:
+            self._offloaded = OffloadedState(self._offload_dir, dict(state.outer_state), numel)
+        else:
+            self._offloaded.load(state.outer_state)
+        return SharedState(state.round, state.anchor, self._offloaded.state)
+
+    def _release(self, name: str, start: int, end: int) -> None:
+        """Drop elements [start, end) of the outer state's `name` from memory, if in a file."""
+        if self._offloaded is not None and name in self._offloaded.files:
+            self._offloaded.files[name].release(start, min(end, self._offloaded.numel))
 
     def restore(self) -> dict[str, Any] | None:
         """Load the newest intact saved state; returns what was saved with it (or None)."""
@@ -193,7 +244,8 @@ class StateKeeper:
             raise RuntimeError(
                 f"the coordinator state in {self.state_dir} is corrupt (hash differs)"
             )
-        self.state = SharedState(int(saved["round"]), anchor, dict(saved["outer_state"]))
+        restored = SharedState(int(saved["round"]), anchor, dict(saved["outer_state"]))
+        self.state = self._kept(restored)
         self.sha = str(saved["sha256"])
         self.generation += 1
         return saved
