@@ -111,6 +111,13 @@ class OffloadedState:
         for vector in self.files.values():
             vector.release()
 
+    def release_read(self, tensor: torch.Tensor, start: int, end: int) -> None:
+        """Drop elements [start, end) of `tensor` from memory if it is one of the files' (a
+        reader's hook: `diloco.checkpoint.save_checkpoint`'s `after_read`, a download)."""
+        for vector in self.files.values():
+            if vector.tensor.data_ptr() == tensor.data_ptr():
+                vector.release(start, min(end, vector.numel))
+
     def copies(self) -> dict[str, torch.Tensor]:
         """The state in memory (a checkpoint's copy), the files dropped again once read."""
         copied = {name: tensor.clone() for name, tensor in self.state.items()}

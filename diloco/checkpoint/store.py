@@ -7,7 +7,10 @@ that refers to them; a sha256 over both is stored with them and checked on load,
 file is detected and skipped for the newest intact one (`newest_intact`).
 
 Files are named `round-000012.safetensors` (the number of completed outer rounds) and written
-atomically (`write_atomic`); the newest `keep` are kept.
+atomically (`write_atomic`); the newest `keep` are kept. The file is written here, a tensor a
+chunk at a time (`_write_safetensors`: the format's header, then each tensor's bytes), so that
+a caller whose tensors live in files (`diloco/offload.py`) can drop each chunk from memory once
+read (`after_read`); safetensors itself reads what it wrote.
 safetensors: https://github.com/huggingface/safetensors
 """
 
@@ -17,13 +20,14 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from diloco.checkpoint.atomic import remove_strays, write_atomic
 
@@ -32,6 +36,23 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^round-(\d{6,})\.safetensors$")
 _OLD_NAME = re.compile(r"^round-(\d{6,})\.pt$")
 _FORMAT = "diloco-checkpoint-1"
+_CHUNK_BYTES = 4 << 20
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+"""torch dtype -> its name in a safetensors header (the dtypes a training state holds)."""
+
+AfterRead = Callable[[torch.Tensor, int, int], None]
+"""Called with a tensor and the range [start, end) of its elements just read."""
 
 
 class DamagedCheckpoint(ValueError):
@@ -42,16 +63,25 @@ def checkpoint_path(directory: Path, round: int) -> Path:
     return directory / f"round-{round:06d}.safetensors"
 
 
-def save_checkpoint(directory: Path, round: int, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` as the checkpoint of `round` atomically; keep the newest `keep`."""
+def save_checkpoint(
+    directory: Path,
+    round: int,
+    state: dict[str, Any],
+    keep: int,
+    after_read: AfterRead | None = None,
+) -> Path:
+    """Write `state` as the checkpoint of `round` atomically; keep the newest `keep`.
+
+    `after_read(tensor, start, end)` is called after each chunk of a tensor of `state` is read
+    (twice per chunk: for the checksum, then for the file)."""
     remove_strays(directory)
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(state, "", tensors)
     meta = json.dumps(tree, sort_keys=True)
-    metadata = {"format": _FORMAT, "meta": meta, "sha256": _digest(meta, tensors)}
+    metadata = {"format": _FORMAT, "meta": meta, "sha256": _digest(meta, tensors, after_read)}
     final = write_atomic(
         checkpoint_path(directory, round),
-        lambda path: save_file(tensors, str(path), metadata=metadata),
+        lambda path: _write_safetensors(path, tensors, metadata, after_read),
     )
     for old in list_checkpoints(directory)[:-keep]:
         checkpoint_path(directory, old).unlink(missing_ok=True)
@@ -123,13 +153,61 @@ def _metadata(path: Path) -> dict[str, str]:
     return metadata if isinstance(metadata, dict) else {}
 
 
-def _digest(meta: str, tensors: dict[str, torch.Tensor]) -> str:
+def _digest(
+    meta: str, tensors: dict[str, torch.Tensor], after_read: AfterRead | None = None
+) -> str:
     digest = hashlib.sha256(meta.encode())
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        for chunk in _chunks(tensor, after_read):
+            digest.update(chunk)
     return digest.hexdigest()
+
+
+def _chunks(tensor: torch.Tensor, after_read: AfterRead | None) -> Any:
+    """The bytes of a contiguous `tensor`, `_CHUNK_BYTES` at a time (each element whole)."""
+    size = tensor.element_size()
+    raw = tensor.reshape(-1).view(torch.uint8)
+    step = max(size, _CHUNK_BYTES // size * size)
+    for start in range(0, raw.numel(), step):
+        end = min(start + step, raw.numel())
+        yield raw[start:end].numpy().data
+        if after_read is not None:
+            after_read(tensor, start // size, end // size)
+
+
+def _write_safetensors(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    after_read: AfterRead | None,
+) -> None:
+    """A safetensors file: an 8-byte little-endian header size, the JSON header (each tensor's
+    dtype, shape and [begin, end) in the data; the metadata), padded with spaces to 8 bytes,
+    then every tensor's bytes back to back, in the header's order."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        tensor = tensors[name]
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"cannot checkpoint a tensor of {tensor.dtype} ({name})")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for name in names:
+            for chunk in _chunks(tensors[name].contiguous(), after_read):
+                handle.write(chunk)
 
 
 def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:

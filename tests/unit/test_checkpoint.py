@@ -136,11 +136,11 @@ def test_crash_during_save_keeps_the_previous_checkpoint(
 
     save_checkpoint(tmp_path, 1, _state(1.0), keep=1)
 
-    def dying_save(tensors: Any, path: str, metadata: Any = None) -> None:
+    def dying_save(path: Path, tensors: Any, metadata: Any, after_read: Any) -> None:
         Path(path).write_bytes(b"partial")
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(store, "save_file", dying_save)
+    monkeypatch.setattr(store, "_write_safetensors", dying_save)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, 2, _state(2.0), keep=1)
     monkeypatch.undo()
@@ -216,3 +216,52 @@ def test_write_atomic_keeps_the_old_file_when_the_writer_dies(tmp_path: Path) ->
         write_atomic(target, dies)
     assert target.read_text() == "old"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_file_is_safetensors_with_every_dtype_a_state_holds(tmp_path: Path) -> None:
+    """safetensors' own reader takes the file back bit for bit: each dtype, a scalar, an empty
+    tensor, a tensor longer than one write chunk; the header is padded to 8 bytes."""
+    from safetensors.torch import load_file
+
+    import diloco.checkpoint.store as store
+
+    tensors = {
+        "f32": torch.randn(store._CHUNK_BYTES // 4 + 3),  # two chunks, the last partial
+        "bf16": torch.randn(7).to(torch.bfloat16),
+        "f16": torch.randn(2, 3).to(torch.float16),
+        "f64": torch.randn(3, dtype=torch.float64),
+        "i64": torch.tensor([-1, 2**40]),
+        "i32": torch.tensor([3], dtype=torch.int32),
+        "i16": torch.tensor([-4], dtype=torch.int16),
+        "i8": torch.tensor([-5], dtype=torch.int8),
+        "u8": torch.tensor([250], dtype=torch.uint8),
+        "bool": torch.tensor([True, False]),
+        "scalar": torch.tensor(1.5),
+        "empty": torch.zeros(0, 4),
+    }
+    read: dict[str, list[tuple[int, int]]] = {}
+    save_checkpoint(
+        tmp_path,
+        1,
+        {"state": tensors},
+        keep=1,
+        after_read=lambda t, a, b: read.setdefault(
+            next(n for n, x in tensors.items() if x.data_ptr() == t.data_ptr()), []
+        ).append((a, b)),
+    )
+    path = tmp_path / "round-000001.safetensors"
+    loaded = load_file(str(path))
+    for name, tensor in tensors.items():
+        assert loaded[f".state.{name}"].dtype == tensor.dtype
+        assert torch.equal(loaded[f".state.{name}"], tensor), name
+    assert int.from_bytes(path.read_bytes()[:8], "little") % 8 == 0
+    step = store._CHUNK_BYTES // 4
+    big = tensors["f32"].numel()
+    assert read["f32"] == [(0, step), (step, big)] * 2  # the checksum's pass, then the file's
+    assert load_checkpoint(tmp_path, 1)["state"]["bf16"].dtype == torch.bfloat16
+
+
+def test_a_tensor_of_a_dtype_safetensors_cannot_hold_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="complex64"):
+        save_checkpoint(tmp_path, 1, {"z": torch.zeros(2, dtype=torch.complex64)}, keep=1)
+    assert list_checkpoints(tmp_path) == []

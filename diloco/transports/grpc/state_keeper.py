@@ -149,7 +149,7 @@ class StateKeeper:
             StateChanged: a round's step changed the state since `generation`.
         """
         assert self.state is not None
-        for name, tensor in self.state.tensors():
+        for _, tensor in self.state.tensors():
             flat = tensor.reshape(-1)
             per_chunk = max(1, CHUNK_BYTES // flat.element_size())
             for start in range(0, max(1, flat.numel()), per_chunk):
@@ -158,7 +158,8 @@ class StateKeeper:
                         raise StateChanged("the shared state changed during the download")
                     piece = flat[start : start + per_chunk]
                     data = piece.contiguous().numpy().tobytes()
-                    self._release(name, start, start + per_chunk)
+                    if self._offloaded is not None:
+                        self._offloaded.release_read(tensor, start, start + per_chunk)
                 yield data
 
     def _step(
@@ -211,9 +212,9 @@ class StateKeeper:
             "outer_state": dict(self.state.outer_state),
             **persist,
         }
-        save_checkpoint(self.state_dir, self.state.round, state, keep=2)
-        if self._offloaded is not None:
-            self._offloaded.release()  # read by the save
+        # With the outer state in files, each chunk the save reads is dropped at once.
+        release = None if self._offloaded is None else self._offloaded.release_read
+        save_checkpoint(self.state_dir, self.state.round, state, keep=2, after_read=release)
 
     def _kept(self, state: SharedState) -> SharedState:
         """`state` as the keeper holds it: with offload_state, its outer state in the files."""
@@ -225,11 +226,6 @@ class StateKeeper:
         else:
             self._offloaded.load(state.outer_state)
         return SharedState(state.round, state.anchor, self._offloaded.state)
-
-    def _release(self, name: str, start: int, end: int) -> None:
-        """Drop elements [start, end) of the outer state's `name` from memory, if in a file."""
-        if self._offloaded is not None and name in self._offloaded.files:
-            self._offloaded.files[name].release(start, min(end, self._offloaded.numel))
 
     def restore(self) -> dict[str, Any] | None:
         """Load the newest intact saved state; returns what was saved with it (or None)."""
