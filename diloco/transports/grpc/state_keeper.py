@@ -100,9 +100,10 @@ class StateKeeper:
             state = SharedState(state.round, anchor, state.outer_state)
         elif not owned:
             state = state.copy()
-        self.state = self._kept(state)
+        with self._lock:  # the files are written in place: no download reads them meanwhile
+            self.state = self._kept(state)
+            self.generation += 1
         self.sha = params_sha256(self.state.anchor)
-        self.generation += 1
         self._save(persist)
 
     def step_in_background(
