@@ -243,6 +243,11 @@ def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(run_dir / "metrics.jsonl")
 
 
+def params_hashes(run_dir: Path) -> list[str]:
+    """The params_sha256 of each round of run_dir/metrics.jsonl."""
+    return [row["params_sha256"] for row in metrics_rows(run_dir)]
+
+
 def wait_for(condition: Callable[[], bool], timeout_s: float = 30) -> None:
     """Block until `condition()` holds; AssertionError after `timeout_s`. For what another
     thread finishes after the call a test made has returned (a server's counters: the island

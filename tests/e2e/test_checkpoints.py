@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from harness import TINY, CliResult, assert_ok, metrics_rows, run_cli
+from harness import TINY, CliResult, assert_ok, metrics_rows, params_hashes, run_cli
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -46,10 +46,6 @@ def run(config: str, run_dir: Path, *extra: str) -> CliResult:
     return run_cli(
         ["--config", config, *TINY, *ROUNDS, f"run.dir={run_dir}", *extra], timeout_s=150
     )
-
-
-def hashes(run_dir: Path) -> list[str]:
-    return [row["params_sha256"] for row in metrics_rows(run_dir)]
 
 
 def one_line(result: CliResult) -> str:
@@ -88,7 +84,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     assert_ok(result)
     assert "skipping a damaged checkpoint" in result.stderr
     assert "round-000004.safetensors" in result.stderr
-    assert hashes(damaged) == hashes(straight)
+    assert params_hashes(damaged) == params_hashes(straight)
 
 
 def test_no_intact_checkpoint_is_exit_2_naming_the_folder(

@@ -15,6 +15,7 @@ from harness import (
     finish_all,
     free_port,
     metrics_rows,
+    params_hashes,
     run_cli,
     start_cli,
 )
@@ -39,10 +40,6 @@ def config(tmp_path: Path) -> str:
     return str(path)
 
 
-def hashes(run_dir: Path) -> list[str]:
-    return [row["params_sha256"] for row in metrics_rows(run_dir)]
-
-
 @pytest.mark.timeout(120)
 def test_local_islands_with_the_state_on_disk_match_the_state_in_memory(
     config: str, tmp_path: Path
@@ -50,7 +47,7 @@ def test_local_islands_with_the_state_on_disk_match_the_state_in_memory(
     memory, disk = tmp_path / "memory", tmp_path / "disk"
     assert_ok(run_cli(["--config", config, *COMMON, f"run.dir={memory}"], timeout_s=100))
     assert_ok(run_cli(["--config", config, *COMMON, OFFLOAD, f"run.dir={disk}"], timeout_s=100))
-    assert len(hashes(memory)) == 4 and hashes(disk) == hashes(memory)
+    assert len(params_hashes(memory)) == 4 and params_hashes(disk) == params_hashes(memory)
     for island in (0, 1):
         momentum = disk / "outer-state" / f"island-{island}-rank-0" / "momentum.f32"
         assert momentum.stat().st_size > 0
@@ -69,7 +66,7 @@ def test_a_killed_run_with_the_state_on_disk_resumes_bit_exactly(
     assert first.returncode == -9, first.describe()
     assert 2 <= len(metrics_rows(killed)) < 4
     assert_ok(run_cli(command, timeout_s=120))
-    assert hashes(killed) == hashes(straight)
+    assert params_hashes(killed) == params_hashes(straight)
 
 
 @pytest.mark.timeout(240)
@@ -93,9 +90,9 @@ def test_grpc_islands_and_coordinator_with_the_state_on_disk_match_local_islands
     coordinator = start_cli(["--config", config, *grpc, "transport.grpc.role=coordinator"])
     islands = [start_cli(["--config", config, *grpc, f"transport.rank={r}"]) for r in (0, 1)]
     assert_ok(*finish_all([*islands, coordinator], timeout_s=200))
-    expected = hashes(tmp_path / "local")
+    expected = params_hashes(tmp_path / "local")
     for island in (0, 1):
-        assert hashes(tmp_path / "grpc" / f"island-{island}") == expected
+        assert params_hashes(tmp_path / "grpc" / f"island-{island}") == expected
     summary = json.loads((tmp_path / "grpc" / "coordinator" / "summary.json").read_text())
     assert summary["params_sha256"] == expected[-1]
     assert (tmp_path / "grpc" / "coordinator" / "outer-state" / "momentum.f32").is_file()

@@ -15,6 +15,7 @@ from harness import (
     finish_all,
     free_port,
     metrics_rows,
+    params_hashes,
     run_cli,
     start_cli,
 )
@@ -44,10 +45,6 @@ def config(tmp_path: Path) -> str:
     return str(path)
 
 
-def hashes(run_dir: Path) -> list[str]:
-    return [row["params_sha256"] for row in metrics_rows(run_dir)]
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_local_islands_resume_bit_exactly(optimizer: str, config: str, tmp_path: Path) -> None:
@@ -66,8 +63,8 @@ def test_local_islands_resume_bit_exactly(optimizer: str, config: str, tmp_path:
     assert first.returncode == -9, first.describe()
     assert 2 <= len(metrics_rows(killed)) < 5
     assert_ok(run_cli(command, cwd=PLUGINS, timeout_s=120))
-    assert hashes(killed) == hashes(straight)
-    assert len(set(hashes(straight))) == 5  # the anchor moved every round
+    assert params_hashes(killed) == params_hashes(straight)
+    assert len(set(params_hashes(straight))) == 5  # the anchor moved every round
 
 
 @pytest.mark.timeout(240)
@@ -88,7 +85,7 @@ def test_torch_islands_hold_the_same_anchor(config: str, tmp_path: Path) -> None
         start_cli(["--config", config, *common, f"transport.rank={rank}"]) for rank in (0, 1)
     ]
     assert_ok(*finish_all(processes, timeout_s=150))
-    first, second = (hashes(tmp_path / f"island-{rank}") for rank in (0, 1))
+    first, second = (params_hashes(tmp_path / f"island-{rank}") for rank in (0, 1))
     assert len(first) == 3 and first == second
 
 
@@ -122,7 +119,7 @@ def test_grpc_islands_and_coordinator_hold_the_same_anchor(
     ]
     results = finish_all([*islands, coordinator], timeout_s=240)
     assert_ok(*results)
-    first, second = (hashes(tmp_path / f"island-{rank}") for rank in (0, 1))
+    first, second = (params_hashes(tmp_path / f"island-{rank}") for rank in (0, 1))
     assert len(first) == 3 and first == second
     summary = json.loads((tmp_path / "coordinator" / "summary.json").read_text())
     assert summary["params_sha256"] == first[-1]
