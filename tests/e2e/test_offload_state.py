@@ -109,3 +109,35 @@ def test_settings_the_state_on_disk_cannot_work_with_are_refused(
     assert result.returncode == 2, result.describe()
     assert "Traceback" not in result.stderr
     assert "outer.offload_state" in result.stderr, result.describe()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_hivemind_islands_with_the_state_on_disk_agree(config: str, tmp_path: Path) -> None:
+    """Two hivemind islands keeping the momentum in files: the same hash every round (a peer
+    serves its state from another thread; the files are ordinary tensors to it)."""
+    pytest.importorskip("hivemind")
+    peers = tmp_path / "peers.txt"
+    common = [
+        "--config",
+        config,
+        *COMMON,
+        OFFLOAD,
+        "outer.rounds=3",
+        "transport.kind=hivemind",
+        "transport.run_id=e2e-offload",
+        "transport.hivemind.host_maddrs=[/ip4/127.0.0.1/tcp/0]",
+        "transport.hivemind.use_relay=false",
+        "transport.hivemind.matchmaking_s=20",
+        "transport.hivemind.averaging_timeout_s=90",
+        f"run.dir={tmp_path / 'run'}",
+    ]
+    joins = [
+        f"transport.hivemind.address_file={peers}",
+        f"transport.hivemind.initial_peers_file={peers}",
+    ]
+    islands = [start_cli([*common, f"transport.rank={r}", joins[r]]) for r in (0, 1)]
+    assert_ok(*finish_all(islands, timeout_s=280))
+    first, second = (params_hashes(tmp_path / "run" / f"island-{r}") for r in (0, 1))
+    assert len(first) == 3 and first == second
+    assert (tmp_path / "run" / "outer-state" / "island-1-rank-0" / "momentum.f32").is_file()
