@@ -20,6 +20,7 @@ step count is a scalar a slice-wise step would advance once per slice): `check_s
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from collections.abc import Iterator, Mapping
@@ -56,7 +57,8 @@ class FileVector:
         self.numel = numel
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         nbytes = max(4 * numel, mmap.PAGESIZE)  # a mapping is never empty
-        os.ftruncate(self._fd, nbytes)  # zeros, and no disk block until written
+        os.ftruncate(self._fd, nbytes)  # zeros
+        _reserve(self._fd, nbytes, path)
         self._map = mmap.mmap(self._fd, nbytes)  # MAP_SHARED: writes land in the file
         self.tensor = torch.frombuffer(self._map, dtype=torch.float32, count=numel)
 
@@ -141,6 +143,24 @@ class OffloadedState:
             optimizer.step_(anchor_N[start:end], mean_N[start:end], sliced, round)
             for vector in self.files.values():
                 vector.release(start, end)
+
+
+def _reserve(fd: int, nbytes: int, path: Path) -> None:
+    """Allocate the file's blocks now: a write through the mapping to a full disk would kill
+    the process (SIGBUS) in the middle of a round; this fails here, saying so."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it
+            return
+        os.close(fd)
+        raise OSError(
+            error.errno,
+            f"cannot reserve {nbytes / 2**20:.0f} MiB for the outer state in {path} "
+            f"(outer.offload_state): {error.strerror}",
+        ) from None
 
 
 def slices(numel: int, size: int | None = None) -> Iterator[tuple[int, int]]:

@@ -219,3 +219,20 @@ def test_a_coordinator_keeps_its_state_on_disk_in_its_folder_only() -> None:
             state_dir=None,
             offload_state=True,
         )
+
+
+def test_a_disk_without_room_for_the_state_is_said_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's blocks are reserved when it is made: a full disk fails there, naming the
+    file and the key, not with a SIGBUS mid-round."""
+    import errno
+    import os
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"outer.offload_state.*No space left") as raised:
+        FileVector(tmp_path / "momentum.f32", 1 << 20)
+    assert "momentum.f32" in str(raised.value) and "4 MiB" in str(raised.value)
