@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +165,7 @@ def _digest(
     return digest.hexdigest()
 
 
-def _chunks(tensor: torch.Tensor, after_read: AfterRead | None) -> Any:
+def _chunks(tensor: torch.Tensor, after_read: AfterRead | None) -> Iterator[memoryview]:
     """The bytes of a contiguous `tensor`, `_CHUNK_BYTES` at a time (each element whole)."""
     size = tensor.element_size()
     raw = tensor.reshape(-1).view(torch.uint8)
